@@ -1,0 +1,134 @@
+"""Pass 6: pack examples into rows with TRL's own packing, so the bundle holds exactly the rows
+the trainer will see.
+
+Packed rows keep their segment lengths; position ids restart at each segment. A row of three
+examples (lengths 3, 2, 3) and the attention it must get:
+
+    tokens        a0 a1 a2 b0 b1 c0 c1 c2
+    position_ids   0  1  2  0  1  0  1  2
+    attention     a0 a1 a2 b0 b1 c0 c1 c2
+        a0         1
+        a1         1  1
+        a2         1  1  1
+        b0                  1
+        b1                  1  1
+        c0                        1
+        c1                        1  1
+        c2                        1  1  1
+
+Position ids are boundary *metadata*; whether the attention kernel honours them is proven at run
+time by the contamination probe (runtime/probe.py), not assumed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from compiler.tokens import IGNORE_INDEX
+
+
+@dataclass
+class Packed:
+    input_ids: np.ndarray  # int32 [T]
+    labels: np.ndarray  # int32 [T]
+    row_offsets: np.ndarray  # int64 [R+1]
+    seq_lengths: np.ndarray  # int32 [S]
+    seq_offsets: np.ndarray  # int64 [R+1]
+    record: dict
+
+    @property
+    def rows(self) -> int:
+        return len(self.row_offsets) - 1
+
+    def row_lengths(self) -> np.ndarray:
+        return np.diff(self.row_offsets)
+
+    def row_supervised(self) -> np.ndarray:
+        mask = (self.labels != IGNORE_INDEX).astype(np.int64)
+        cumulative = np.concatenate([[0], np.cumsum(mask)])
+        return cumulative[self.row_offsets[1:]] - cumulative[self.row_offsets[:-1]]
+
+    def row_segments(self) -> np.ndarray:
+        return np.diff(self.seq_offsets)
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {
+            "input_ids": self.input_ids, "labels": self.labels, "row_offsets": self.row_offsets,
+            "seq_lengths": self.seq_lengths, "seq_offsets": self.seq_offsets,
+        }
+
+
+def _flat(arrays: list[np.ndarray], dtype) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat = np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype=dtype)
+    return flat, offsets
+
+
+def unpacked(input_ids: list[np.ndarray], labels: list[np.ndarray]) -> Packed:
+    """One example per row (strategy none, and the eval set)."""
+    ids, offsets = _flat(input_ids, np.int32)
+    lab, _ = _flat(labels, np.int32)
+    seq_lengths = np.diff(offsets).astype(np.int32)
+    seq_offsets = np.arange(len(input_ids) + 1, dtype=np.int64)
+    record = {"strategy": "none", "rows": len(input_ids), "examples": len(input_ids),
+              "overflow_tokens_dropped": 0, "orphaned_supervised_tokens": 0, "boundary_safe": True}
+    return Packed(ids, lab, offsets, seq_lengths, seq_offsets, record)
+
+
+def pack(input_ids: list[np.ndarray], labels: list[np.ndarray], strategy: str, seq_length: int, seed: int) -> Packed:
+    if strategy == "none":
+        packed = unpacked(input_ids, labels)
+        packed.record["seq_length"] = seq_length
+        return packed
+    from datasets import Dataset, disable_progress_bars
+    from trl.data_utils import pack_dataset
+
+    disable_progress_bars()
+    # TRL shuffles before packing so unrelated examples share rows; a seeded permutation does the
+    # same here and keeps the result a pure function of the inputs
+    order = np.random.default_rng(seed).permutation(len(input_ids))
+    dataset = Dataset.from_dict({
+        "input_ids": [input_ids[i].tolist() for i in order],
+        "labels": [labels[i].tolist() for i in order],
+    })
+    lengths = np.fromiter((len(a) for a in input_ids), dtype=np.int64, count=len(input_ids))
+    overflow = int(np.maximum(lengths - seq_length, 0).sum()) if strategy == "bfd" else 0
+    orphaned = 0
+    if strategy == "bfd_split":
+        # TRL splits a long sequence into seq_length fragments; every fragment after the first has
+        # lost its prompt, so the answer tokens in it are trained without their context
+        orphaned = int(sum(int(np.sum(lab[seq_length:] != IGNORE_INDEX)) for lab in labels if len(lab) > seq_length))
+    result = pack_dataset(dataset, seq_length, strategy).with_format("arrow")
+    table = result.data.table if hasattr(result.data, "table") else result.data
+    ids_col = table.column("input_ids").combine_chunks()
+    lab_col = table.column("labels").combine_chunks()
+    flat_ids = ids_col.flatten().to_numpy().astype(np.int32)
+    flat_labels = lab_col.flatten().to_numpy().astype(np.int32)
+    row_lengths = ids_col.value_lengths().to_numpy().astype(np.int64)
+    row_offsets = np.concatenate([[0], np.cumsum(row_lengths)]).astype(np.int64)
+    if "seq_lengths" in table.column_names:
+        seq_col = table.column("seq_lengths").combine_chunks()
+        seq_lengths = seq_col.flatten().to_numpy().astype(np.int32)
+        seq_offsets = np.concatenate([[0], np.cumsum(seq_col.value_lengths().to_numpy())]).astype(np.int64)
+    else:  # wrapped: no boundaries survive, the whole row is one sequence
+        seq_lengths = row_lengths.astype(np.int32)
+        seq_offsets = np.arange(len(row_lengths) + 1, dtype=np.int64)
+    record = {
+        "strategy": strategy,
+        "seq_length": seq_length,
+        "rows": int(len(row_lengths)),
+        "examples": len(input_ids),
+        "ideal_rows": int(-(-int(lengths.sum()) // seq_length)),
+        "overflow_tokens_dropped": overflow,
+        "orphaned_supervised_tokens": orphaned,
+        "boundary_safe": strategy != "wrapped",
+    }
+    return Packed(flat_ids, flat_labels, row_offsets, seq_lengths, seq_offsets, record)
+
+
+def position_ids(seq_lengths) -> np.ndarray:
+    """Positions restarting at 0 at each segment: [3, 2] -> [0 1 2 0 1]."""
+    return np.concatenate([np.arange(n) for n in seq_lengths]) if len(seq_lengths) else np.zeros(0, np.int64)

@@ -1,0 +1,433 @@
+"""Pass 1: the typed spec.
+
+Every model is frozen and forbids unknown keys, at every level, so a typo is an error rather
+than a silently ignored knob. Loading collects every problem and reports them all at once, each
+with the file, the key path, what was found and what is allowed.
+
+The learning objective (`objective`) and what the update may move (`parameterization`) are two
+separate fields, validated separately: LoRA is a way to run SFT, not an alternative to it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sftc.errors import SpecError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- what the update may move --------------------------------------------------------------
+
+
+class FullParameterization(Strict):
+    """Every trainable weight may move."""
+
+    kind: Literal["full"] = "full"
+
+
+class LoraParameterization(Strict):
+    """Low-rank adapters in the named layers; base weights stay frozen."""
+
+    kind: Literal["lora"] = "lora"
+    rank: int = Field(16, gt=0, description="LoRA rank r.")
+    alpha: int = Field(32, gt=0, description="LoRA scaling alpha (effective scale alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear", description="'all-linear' (every linear layer but the output head) or module names."
+    )
+    merge_on_export: bool = Field(False, description="Also export base weights with the adapter merged in.")
+
+
+class QuantizationConfig(Strict):
+    """How the frozen base is stored for QLoRA (bitsandbytes)."""
+
+    bits: Literal[4] = Field(4, description="Storage bits of the frozen base.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too.")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the 4-bit weights are dequantized to for matmuls."
+    )
+
+
+class QLoraParameterization(LoraParameterization):
+    """LoRA adapters over a frozen base stored in 4-bit."""
+
+    kind: Literal["qlora"] = "qlora"  # type: ignore[assignment]
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+
+
+Parameterization = Annotated[
+    Union[FullParameterization, LoraParameterization, QLoraParameterization], Field(discriminator="kind")
+]
+
+
+# --- inputs ----------------------------------------------------------------------------------
+
+
+class ModelSpec(Strict):
+    path: str = Field(description="Local model directory or hub id, loaded with from_pretrained.")
+    revision: str | None = Field(None, description="Hub revision (commit, tag or branch); recorded in the lock.")
+    tokenizer: str | None = Field(None, description="Tokenizer directory or hub id; defaults to model.path.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Training dtype of the weights.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = Field(
+        "sdpa", description="Attention kernel; packed training is refused unless it honours example boundaries."
+    )
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint. Off unless needed.")
+
+
+class FieldMap(Strict):
+    """Which row field holds what."""
+
+    prompt: str = Field("prompt", description="Field with the user's request (prompt_completion).")
+    completion: str = Field("completion", description="Field with the desired answer (prompt_completion).")
+    messages: str = Field("messages", description="Field with the [{role, content}] list (conversational).")
+    text: str = Field("text", description="Field with raw text (text format, continued pretraining).")
+    group: str = Field(description="Group key for the leakage-resistant split: thread, policy document, tenant.")
+
+
+class DataSpec(Strict):
+    files: list[str] = Field(min_length=1, description="Input files: .jsonl, .json (a list of rows) or .parquet.")
+    format: Literal["prompt_completion", "conversational", "text"] = Field(
+        description="Row shape. 'text' is for continued_pretraining."
+    )
+    fields: FieldMap
+    max_reject_fraction: float = Field(
+        0.05, ge=0.0, le=1.0, description="Compile fails if more than this fraction of rows is rejected."
+    )
+
+
+class SplitSpec(Strict):
+    eval_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="Share of groups held out (by group, never by row).")
+    seed: int = Field(13, description="Seed of the group hash that decides each group's side.")
+    eval_groups: list[str] | None = Field(None, description="Explicit held-out groups; overrides eval_fraction.")
+    near_duplicates: float | None = Field(
+        0.85, gt=0.0, le=1.0,
+        description="Prompts at least this similar (word-shingle Jaccard) are merged into one group; null turns it off.",
+    )
+
+
+class TemplateSpec(Strict):
+    chat: str | None = Field(None, description="Chat template file (templates/chat/*.jinja); null uses the tokenizer's.")
+    system: str | None = Field(None, description="System message prepended to every conversation.")
+    terminator: str | None = Field(
+        None, description="End-of-turn string that must be supervised; default: detected from the template."
+    )
+
+
+class TokenizeSpec(Strict):
+    max_length: int = Field(512, gt=8, description="Tokens per example after templating; longer rows are truncated.")
+    on_truncated_answer: Literal["reject", "error"] = Field(
+        "reject", description="A row whose answer loses tokens to truncation is rejected and counted, or fails compile."
+    )
+
+
+class PackingSpec(Strict):
+    strategy: Literal["none", "bfd", "bfd_split", "wrapped"] = Field(
+        "bfd", description="TRL packing strategy; 'none' pads each example alone."
+    )
+    seq_length: int | None = Field(None, gt=8, description="Packed row length; defaults to tokenize.max_length.")
+    allow_mixing: bool = Field(
+        False, description="Acknowledge that 'wrapped' lets one example read another; required for 'wrapped'."
+    )
+
+
+class BatchSpec(Strict):
+    per_device: int = Field(4, gt=0, description="Rows per device per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer update.")
+    world_size: int = Field(1, gt=0, description="Data-parallel processes (nodes x processes per node).")
+
+    @property
+    def examples_per_update(self) -> int:
+        return examples_per_update(self.per_device, self.grad_accum, self.world_size)
+
+
+def examples_per_update(per_device: int, grad_accum: int, world_size: int) -> int:
+    """Rows the optimizer sees per update. Packed rows differ in supervised tokens: track both."""
+    return per_device * grad_accum * world_size
+
+
+class OptimizerSpec(Strict):
+    name: Literal["adamw_torch"] = Field("adamw_torch", description="Optimizer.")
+    lr: float = Field(gt=0.0, description="Peak learning rate. No default: choose it for the update surface.")
+    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay (recorded even when 0).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+    eps: float = Field(1e-8, gt=0.0, description="Adam epsilon.")
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping norm; null disables.")
+
+
+class ScheduleSpec(Strict):
+    kind: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine", description="LR schedule.")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of steps spent warming up.")
+    epochs: float | None = Field(None, gt=0.0, description="Passes over the packed train rows.")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer updates; overrides epochs.")
+
+    @model_validator(mode="after")
+    def _one_length(self) -> "ScheduleSpec":
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("set schedule.epochs or schedule.max_steps")
+        return self
+
+
+class CheckpointSpec(Strict):
+    every_steps: int = Field(50, gt=0, description="Save (and evaluate) every N optimizer updates, and at the end.")
+    keep_last: int = Field(3, gt=0, description="Checkpoints kept by rotation; the best is never deleted.")
+
+
+class EvalSpec(Strict):
+    rules: str | None = Field(None, description="Versioned rules file (format and policy checks, metric definitions).")
+    max_new_tokens: int = Field(96, gt=0, description="Greedy generation budget per held-out prompt.")
+    batch_size: int = Field(16, gt=0, description="Prompts generated together (left-padded, KV cache on).")
+    max_prompts: int | None = Field(None, gt=0, description="Cap on held-out prompts scored per evaluation.")
+
+
+Constraint = Annotated[str, Field(pattern=r"^\s*(>=|<=|>|<|==)\s*-?[0-9.eE+-]+\s*$")]
+
+
+class Objective(Strict):
+    minimize: str | None = None
+    maximize: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Objective":
+        if (self.minimize is None) == (self.maximize is None):
+            raise ValueError("give exactly one of minimize or maximize")
+        return self
+
+
+class SelectSpec(Strict):
+    require: dict[str, Constraint] = Field(
+        default_factory=dict, description="Constraints every candidate must meet, e.g. {format_pass_rate: '>= 0.98'}."
+    )
+    maximize: str | None = Field(None, description="Product metric to maximize among eligible checkpoints.")
+    tie_break: list[Objective] = Field(
+        default_factory=lambda: [Objective(minimize="eval_loss")], description="Applied in order after the metric."
+    )
+    export_if_none_eligible: bool = Field(False, description="Export the best ineligible checkpoint anyway.")
+
+    @field_validator("tie_break", mode="before")
+    @classmethod
+    def _single_to_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
+
+
+class VerifySpec(Strict):
+    probe_examples: int = Field(4, ge=2, description="Held-out or train examples packed together in the contamination probe.")
+    probe_tolerance: float = Field(1e-4, gt=0.0, description="Max |packed - isolated| per-example loss allowed.")
+
+
+class DistributedSpec(Strict):
+    strategy: Literal["none", "ddp", "fsdp", "zero2", "zero3"] = Field("none", description="Data-parallel engine.")
+    nodes: int = Field(1, gt=0, description="Machines.")
+    procs_per_node: int = Field(1, gt=0, description="Processes (devices) per machine.")
+
+
+class Spec(Strict):
+    """A supervised fine-tuning run, declared. `sftc compile` turns it into a locked bundle."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="Run name; the bundle is <name>-<hash12>.")
+    seed: int = Field(1234, description="Seed of weights init, data order and dropout.")
+    objective: Literal["sft", "continued_pretraining"] = Field(
+        description="What signal to learn from: answers to prompts (sft) or next tokens of domain text."
+    )
+    parameterization: Parameterization = Field(description="What the update may move: full, lora or qlora.")
+    model: ModelSpec
+    data: DataSpec
+    split: SplitSpec = Field(default_factory=SplitSpec)
+    template: TemplateSpec = Field(default_factory=TemplateSpec)
+    tokenize: TokenizeSpec = Field(default_factory=TokenizeSpec)
+    packing: PackingSpec = Field(default_factory=PackingSpec)
+    batch: BatchSpec = Field(default_factory=BatchSpec)
+    optimizer: OptimizerSpec
+    schedule: ScheduleSpec
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    select: SelectSpec = Field(default_factory=SelectSpec)
+    verify: VerifySpec = Field(default_factory=VerifySpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    allow_external_paths: bool = Field(False, description="Let paths point outside the project (absolute or '..').")
+
+    @property
+    def seq_length(self) -> int:
+        return self.packing.seq_length or self.tokenize.max_length
+
+
+def cross_field_problems(spec: Spec) -> list[str]:
+    """Checks that involve more than one section. Each entry: 'key.path: what is wrong'."""
+    problems = []
+    if spec.objective == "continued_pretraining" and spec.data.format != "text":
+        problems.append(
+            f"data.format: continued_pretraining learns from raw text, found {spec.data.format!r}; allowed: 'text'"
+        )
+    if spec.objective == "sft" and spec.data.format == "text":
+        problems.append("data.format: sft needs answers to supervise; 'text' is for objective continued_pretraining")
+    if spec.packing.strategy == "wrapped" and not spec.packing.allow_mixing:
+        problems.append(
+            "packing.strategy: 'wrapped' cuts examples and lets one read another; "
+            "set packing.allow_mixing: true to acknowledge it, or use 'bfd' / 'bfd_split'"
+        )
+    if spec.parameterization.kind == "qlora":
+        try:
+            import importlib.util
+
+            if importlib.util.find_spec("bitsandbytes") is None:
+                problems.append("parameterization.kind: qlora needs bitsandbytes; install sftc[qlora]")
+        except ValueError:
+            pass
+        if spec.model.dtype == "float16" and spec.parameterization.quantization.compute_dtype == "float32":
+            problems.append("parameterization.quantization.compute_dtype: float32 compute with float16 weights is unsupported")
+    world = spec.distributed.nodes * spec.distributed.procs_per_node
+    if world != spec.batch.world_size:
+        problems.append(
+            f"batch.world_size: {spec.batch.world_size} but distributed.nodes x procs_per_node = {world}; make them agree"
+        )
+    behaviour = [k for k in _select_metrics(spec) if k != "eval_loss"]
+    if behaviour and spec.eval.rules is None:
+        problems.append(f"eval.rules: select uses {behaviour} but no rules file declares them")
+    return problems
+
+
+def _select_metrics(spec: Spec) -> list[str]:
+    names = list(spec.select.require) + ([spec.select.maximize] if spec.select.maximize else [])
+    names += [o.minimize or o.maximize for o in spec.select.tie_break]
+    return names
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """safe_load, and duplicate keys are an error instead of last-one-wins."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the key at `loc` (for listing allowed keys)."""
+    model: Any = Spec
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            continue
+        if part in ("full", "lora", "qlora"):  # discriminator tag in the error location
+            model = {"full": FullParameterization, "lora": LoraParameterization, "qlora": QLoraParameterization}[part]
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None and part == "parameterization":
+            model = LoraParameterization
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _describe(error: dict) -> str:
+    loc = tuple(error["loc"])
+    path = ".".join(str(p) for p in loc if p not in ("full", "lora", "qlora")) or "(top level)"
+    found = error.get("input")
+    shown = repr(found)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    if error["type"] == "extra_forbidden":
+        owner = _model_at(loc)
+        allowed = ", ".join(sorted(owner.model_fields)) if owner else "see `sftc schema`"
+        return f"{path}: unknown key; allowed keys here: {allowed}"
+    if error["type"] == "missing":
+        return f"{path}: required key is missing"
+    return f"{path}: {error['msg']} (found {shown})"
+
+
+def parse_spec(raw: Any, source: str = "<spec>") -> Spec:
+    """Validate a mapping as a Spec; every problem is reported at once."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: the spec must be a YAML mapping, found {type(raw).__name__}")
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(e) for e in exc.errors()]
+        raise SpecError(f"{source}: {len(problems)} problem(s) in the spec", [f"{source}: {p}" for p in problems]) from None
+    problems = cross_field_problems(spec)
+    if problems:
+        raise SpecError(f"{source}: {len(problems)} problem(s) in the spec", [f"{source}: {p}" for p in problems])
+    return spec
+
+
+def load_spec_text(text: str, source: str) -> Spec:
+    try:
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"{source}:{where}: not valid YAML for a spec: {problem} (only plain YAML, no tags)") from None
+    return parse_spec(raw, source)
+
+
+def load_spec(path: str | os.PathLike) -> Spec:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: spec file not found") from None
+    except (UnicodeDecodeError, IsADirectoryError) as exc:
+        raise SpecError(f"{path}: cannot read the spec as UTF-8 text ({exc.__class__.__name__})") from None
+    return load_spec_text(text, str(path))
+
+
+def canonical_spec(spec: Spec) -> dict:
+    """The spec with every default filled in: what the lock records and the bundle hash covers."""
+    return spec.model_dump(mode="json")
+
+
+def json_schema() -> dict:
+    return Spec.model_json_schema()
+
+
+# --- paths -----------------------------------------------------------------------------------
+
+ROOT_MARKERS = ("pyproject.toml", "dvc.yaml", ".git")
+
+
+def project_root(spec_path: str | os.PathLike) -> Path:
+    """Relative paths in a spec are relative to the project that holds it."""
+    start = Path(spec_path).resolve().parent
+    for candidate in (start, *start.parents):
+        if any((candidate / m).exists() for m in ROOT_MARKERS):
+            return candidate
+    return start
+
+
+def resolve_path(root: Path, value: str, key: str, spec: Spec, source: str) -> Path:
+    """A spec path, resolved; refused if it leaves the project unless the spec allows it."""
+    candidate = Path(value)
+    resolved = (root / candidate).resolve() if not candidate.is_absolute() else candidate.resolve()
+    if not spec.allow_external_paths:
+        try:
+            resolved.relative_to(root.resolve())
+        except ValueError:
+            raise SpecError(
+                f"{source}: {key}: path {value!r} leaves the project ({root}); "
+                "use a path inside it, or set allow_external_paths: true"
+            ) from None
+    return resolved

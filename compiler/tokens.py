@@ -1,0 +1,140 @@
+"""Pass 5: tokenize with the real tokenizer and build the label mask, checked after truncation.
+
+For a prompt/completion row the template renders twice: the prompt with the generation prompt,
+and the whole conversation. The answer span is everything after the prompt render, from the
+answer's first character through the turn terminator. Each token is supervised iff it starts
+inside that span; every other position gets -100:
+
+    <|user|>\\n Key T102 is stale. <|end|>\\n <|assistant|>\\n {"decision": ...} <|end|> \\n
+    -100        -100 ...            -100       -100           ^^^^ answer ^^^^   term  -100
+
+Multi-turn conversations supervise every assistant turn the same way (render the prefix up to
+each answer with the generation prompt; the full render must extend it). This needs no
+`{% generation %}` markers, and it verifies prefix-consistency row by row: a template that
+rewrites earlier turns (e.g. drops reasoning) makes the row a reject with that reason, instead
+of a silently wrong mask.
+
+Truncation happens here, before packing; a row whose answer loses any token is rejected (or
+fails the compile) and counted, never trained on with its answer cut away.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from compiler.data import Example, Reject
+from sftc.errors import DataError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[np.ndarray] = field(default_factory=list)
+    labels: list[np.ndarray] = field(default_factory=list)
+    examples: list[Example] = field(default_factory=list)  # source row of each entry
+    prompt_ids: list[list[int]] = field(default_factory=list)  # last prompt (for behaviour eval)
+    rejects: list[Reject] = field(default_factory=list)
+    truncated_rejected: int = 0
+
+
+def answer_spans(example: Example, template, tokenizer) -> tuple[str, list[tuple[int, int]], str] | str:
+    """(full text, supervised character spans, final prompt text) or a reject reason."""
+    messages = example.messages
+    full = template.render(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    prompt_text = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = template.render(tokenizer, messages[:i], add_generation_prompt=True)
+        if not full.startswith(prefix):
+            return "template_not_prefix_consistent"
+        at = full.find(message["content"], len(prefix))
+        if at < 0:
+            return "template_altered_answer"
+        end = at + len(message["content"])
+        if not full.startswith(template.terminator, end):
+            return "no_terminator_after_answer"
+        spans.append((len(prefix), end + len(template.terminator)))
+        prompt_text = prefix
+    return full, spans, prompt_text
+
+
+def tokenize_chat(examples: list[Example], template, tokenizer, max_length: int, on_truncated: str) -> Tokenized:
+    out = Tokenized()
+    rendered = []
+    for example in examples:
+        result = answer_spans(example, template, tokenizer)
+        if isinstance(result, str):
+            out.rejects.append(Reject(example.file, example.row, result, "see docs/architecture.md (masking)"))
+            continue
+        rendered.append((example, *result))
+    if not rendered:
+        return out
+    # one batched call: the Rust tokenizer runs the whole list in parallel
+    encoded = tokenizer(
+        [full for _, full, _, _ in rendered], add_special_tokens=False, return_offsets_mapping=True
+    )
+    prompts = tokenizer([p for _, _, _, p in rendered], add_special_tokens=False)["input_ids"]
+    for k, (example, _, spans, _) in enumerate(rendered):
+        ids = np.asarray(encoded["input_ids"][k], dtype=np.int32)
+        offsets = np.asarray(encoded["offset_mapping"][k], dtype=np.int64).reshape(-1, 2)
+        starts, ends = offsets[:, 0], offsets[:, 1]
+        supervised = np.zeros(len(ids), dtype=bool)
+        for lo, hi in spans:
+            supervised |= (starts >= lo) & (starts < hi)
+        straddles = any(bool(np.any((starts < lo) & (ends > lo))) for lo, _ in spans)
+        if straddles:
+            # the tokenizer merged the last prompt character with the first answer character:
+            # supervising that token would train on prompt text, skipping it loses the answer start
+            out.rejects.append(Reject(example.file, example.row, "answer_boundary_merged", "a token spans prompt and answer"))
+            continue
+        labels = np.where(supervised, ids, IGNORE_INDEX).astype(np.int32)
+        if len(ids) > max_length:
+            cut = int(supervised[max_length:].sum())
+            if cut:
+                detail = f"{len(ids)} tokens > max_length {max_length}; {cut} answer tokens would be cut"
+                if on_truncated == "error":
+                    raise DataError(f"{example.ref}: answer truncated: {detail} (tokenize.on_truncated_answer: error)")
+                out.rejects.append(Reject(example.file, example.row, "answer_truncated", detail))
+                out.truncated_rejected += 1
+                continue
+            ids, labels = ids[:max_length], labels[:max_length]
+        out.input_ids.append(ids)
+        out.labels.append(labels)
+        out.examples.append(example)
+        out.prompt_ids.append(prompts[k])
+    return out
+
+
+def tokenize_text(examples: list[Example], tokenizer) -> Tokenized:
+    """Continued pretraining: every token of the text and its end-of-text is a target.
+
+    Long documents are not truncated here; packing splits (bfd_split, wrapped) or truncates
+    (bfd, counted as overflow) them.
+    """
+    out = Tokenized()
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("tokenizer: continued pretraining needs an eos token to separate documents")
+    encoded = tokenizer([e.text for e in examples], add_special_tokens=False)["input_ids"]
+    for example, ids in zip(examples, encoded):
+        ids = np.asarray([*ids, eos], dtype=np.int32)
+        out.input_ids.append(ids)
+        out.labels.append(ids.copy())
+        out.examples.append(example)
+        out.prompt_ids.append([])
+    return out
+
+
+def check_mask(tokenized: Tokenized, template, tokenizer) -> None:
+    """The invariant, asserted on the compiled rows: the terminator is supervised in every row."""
+    for ids, labels, example in zip(tokenized.input_ids, tokenized.labels, tokenized.examples):
+        if not np.any(labels == template.terminator_id):
+            raise DataError(
+                f"{example.ref}: the turn terminator {template.terminator!r} is not supervised; "
+                "the model would never learn to stop"
+            )

@@ -1,0 +1,561 @@
+"""Held-out behaviour: generate replies to the bundle's eval prompts and score them by declared rules.
+
+Loss says how surprised the model is by the reference answers; it does not say whether the replies
+it would actually give are valid and correct. Checkpoints are selected on the numbers this module
+produces, so the rules live in a versioned file (hashed into the bundle) and scoring is strict and
+deterministic: the same replies and rules always give the same metrics.
+
+The rules file format is documented in docs/eval-rules.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sftc.errors import SpecError
+from sftc.io import sha256_bytes
+
+RULES_VERSION = 1
+# Names the runtime itself writes next to the declared metrics; a metric may not shadow them.
+RESERVED_NAMES = frozenset({"step", "kind", "eval_loss", "n_prompts", "samples", "check_pass_rates",
+                            "replies_truncated", "generated_tokens", "generation_seconds"})
+_NAME = r"^[a-z][a-z0-9_]{0,63}$"
+
+
+class RulesError(SpecError):
+    """A rules file is malformed, or does not fit the rows it is applied to."""
+
+
+# --- the file format -------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class _CheckBase(_Strict):
+    name: str = Field(pattern=_NAME, description="Check name, used by metrics and shown per sample.")
+
+
+class JsonValidCheck(_CheckBase):
+    """The reply parses as JSON (no duplicate keys, no NaN/Infinity)."""
+
+    kind: Literal["json_valid"]
+
+
+class JsonSchemaCheck(_CheckBase):
+    """The parsed reply validates against a JSON Schema (draft 2020-12)."""
+
+    kind: Literal["json_schema"]
+    schema_: dict = Field(alias="schema", description="The JSON Schema.")
+
+
+class JsonFieldEqualsCheck(_CheckBase):
+    """A field of the parsed reply equals a row field or a constant."""
+
+    kind: Literal["json_field_equals"]
+    field: str = Field(min_length=1, description="Dot path into the reply JSON, e.g. 'decision' or 'a.b.0'.")
+    row_field: str | None = Field(None, description="Row field holding the expected value.")
+    value: Union[str, int, float, bool, None] = Field(None, description="Constant expected value.")
+    ignore_case: bool = Field(False, description="Compare strings case-insensitively.")
+
+    @model_validator(mode="after")
+    def _one_expected(self) -> "JsonFieldEqualsCheck":
+        if (self.row_field is None) == ("value" not in self.model_fields_set):
+            raise ValueError("give exactly one of row_field or value")
+        return self
+
+
+class RegexCheck(_CheckBase):
+    """A regular expression matches the reply text (or one field of the parsed reply)."""
+
+    kind: Literal["regex"]
+    pattern: str = Field(description="Python regular expression.")
+    field: str | None = Field(None, description="Dot path into the reply JSON; default: the whole reply text.")
+    match: Literal["search", "fullmatch"] = Field("search", description="Anywhere, or the whole text.")
+    ignore_case: bool = False
+
+
+class ContainsRowFieldCheck(_CheckBase):
+    """The reply text (or one field of the parsed reply) contains a row field's value."""
+
+    kind: Literal["contains_row_field"]
+    row_field: str = Field(description="Row field whose value must appear.")
+    field: str | None = Field(None, description="Dot path into the reply JSON; default: the whole reply text.")
+    ignore_case: bool = False
+
+
+Check = Annotated[
+    Union[JsonValidCheck, JsonSchemaCheck, JsonFieldEqualsCheck, RegexCheck, ContainsRowFieldCheck],
+    Field(discriminator="kind"),
+]
+_JSON_KINDS = ("json_valid", "json_schema", "json_field_equals")
+
+
+class RulesFile(_Strict):
+    version: Literal[1] = Field(description="Format version of the rules file.")
+    parse: Literal["json", "text"] = Field(description="How a reply is read before checks.")
+    checks: list[Check] = Field(min_length=1)
+    metrics: dict[str, list[str]] = Field(
+        min_length=1, description="metric name -> checks that must all pass for a row to count."
+    )
+
+
+def _file_problems(rules: RulesFile) -> list[str]:
+    """What pydantic cannot see: cross references, compilable patterns and schemas."""
+    import jsonschema
+
+    problems = []
+    names = [c.name for c in rules.checks]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"checks: check name {dup!r} is used more than once")
+    for i, check in enumerate(rules.checks):
+        where = f"checks[{i}] ({check.name})"
+        uses_json = check.kind in _JSON_KINDS or getattr(check, "field", None) is not None
+        if uses_json and rules.parse != "json":
+            problems.append(f"{where}: kind {check.kind!r} with a JSON field needs 'parse: json' (found {rules.parse!r})")
+        if isinstance(check, JsonSchemaCheck):
+            try:
+                jsonschema.Draft202012Validator.check_schema(check.schema_)
+            except jsonschema.SchemaError as exc:
+                path = "/".join(str(p) for p in exc.path) or "(root)"
+                problems.append(f"{where}.schema: not a valid JSON Schema at {path}: {exc.message}")
+        if isinstance(check, RegexCheck):
+            try:
+                re.compile(check.pattern)
+            except re.error as exc:
+                problems.append(f"{where}.pattern: not a valid regular expression: {exc}")
+    for metric, members in rules.metrics.items():
+        if not re.match(_NAME, metric):
+            problems.append(f"metrics.{metric}: metric names are lowercase snake_case ({_NAME})")
+        if metric in RESERVED_NAMES:
+            problems.append(f"metrics.{metric}: reserved name; pick another")
+        if not members:
+            problems.append(f"metrics.{metric}: lists no checks")
+        for member in members:
+            if member not in names:
+                problems.append(f"metrics.{metric}: unknown check {member!r}; declared checks: {', '.join(names)}")
+    return problems
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """safe_load, and a duplicate key is an error instead of last-one-wins."""
+
+
+def _mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+def _describe(error: dict, raw: Any) -> str:
+    loc = list(error["loc"])
+    # The discriminator tag pydantic puts in the location is noise to a reader; a check's name is not.
+    parts: list[str] = []
+    for i, part in enumerate(loc):
+        if i == 2 and loc[0] == "checks" and isinstance(part, str) and part in _KIND_NAMES:
+            continue
+        parts.append(f"[{part}]" if isinstance(part, int) else (("." if parts else "") + str(part)))
+    path = "".join(parts) or "(top level)"
+    if len(loc) >= 2 and loc[0] == "checks" and isinstance(loc[1], int):
+        try:
+            name = raw["checks"][loc[1]].get("name")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            name = None
+        if name:
+            path = path.replace(f"checks[{loc[1]}]", f"checks[{loc[1]}] ({name})", 1)
+    if error["type"] == "extra_forbidden":
+        return f"{path}: unknown key"
+    if error["type"] == "missing":
+        return f"{path}: required key is missing"
+    if error["type"] == "union_tag_invalid":
+        return f"{path}: unknown check kind {error.get('input', {}).get('kind')!r}; allowed: {', '.join(_KIND_NAMES)}"
+    shown = repr(error.get("input"))
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return f"{path}: {error['msg']} (found {shown})"
+
+
+_KIND_NAMES = ("json_valid", "json_schema", "json_field_equals", "regex", "contains_row_field")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """A validated rules file, with its patterns and schemas compiled once."""
+
+    source: str
+    sha256: str
+    spec: RulesFile
+    _regex: dict = field(default_factory=dict, repr=False, compare=False)
+    _schema: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def version(self) -> int:
+        return self.spec.version
+
+    @property
+    def parse(self) -> str:
+        return self.spec.parse
+
+    @property
+    def checks(self) -> list:
+        return list(self.spec.checks)
+
+    @property
+    def check_names(self) -> list[str]:
+        return [c.name for c in self.spec.checks]
+
+    @property
+    def metrics(self) -> dict[str, list[str]]:
+        return {k: list(v) for k, v in self.spec.metrics.items()}
+
+    @property
+    def metric_names(self) -> list[str]:
+        return list(self.spec.metrics)
+
+    @property
+    def row_fields(self) -> list[str]:
+        """Row fields the checks read: every scored row must carry them."""
+        return sorted({c.row_field for c in self.spec.checks if getattr(c, "row_field", None)})
+
+
+def load_rules_text(text: str, source: str = "<rules>") -> Rules:
+    try:
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RulesError(f"{source}:{where} not valid YAML for a rules file: {problem}") from None
+    if not isinstance(raw, dict):
+        raise RulesError(f"{source}: a rules file is a YAML mapping (version, parse, checks, metrics); "
+                         f"found {type(raw).__name__}")
+    try:
+        spec = RulesFile.model_validate(raw)
+    except ValidationError as exc:
+        problems = [f"{source}: {_describe(e, raw)}" for e in exc.errors()]
+        raise RulesError(f"{source}: {len(problems)} problem(s) in the rules file", problems) from None
+    problems = [f"{source}: {p}" for p in _file_problems(spec)]
+    if problems:
+        raise RulesError(f"{source}: {len(problems)} problem(s) in the rules file", problems)
+
+    import jsonschema
+
+    regex = {c.name: re.compile(c.pattern, re.IGNORECASE if c.ignore_case else 0)
+             for c in spec.checks if isinstance(c, RegexCheck)}
+    schema = {c.name: jsonschema.Draft202012Validator(c.schema_) for c in spec.checks if isinstance(c, JsonSchemaCheck)}
+    return Rules(source=source, sha256=sha256_bytes(text.encode("utf-8")), spec=spec, _regex=regex, _schema=schema)
+
+
+def load_rules(path) -> Rules:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise RulesError(f"{path}: rules file not found") from None
+    except IsADirectoryError:
+        raise RulesError(f"{path}: is a directory, expected a rules YAML file") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RulesError(f"{path}: not UTF-8 text") from None
+    rules = load_rules_text(text, str(path))
+    # The hash is of the bytes on disk, so it matches sha256sum and the bundle's file manifest.
+    return Rules(source=rules.source, sha256=sha256_bytes(data), spec=rules.spec, _regex=rules._regex,
+                 _schema=rules._schema)
+
+
+def row_problems(rules: Rules, rows: list[dict]) -> list[str]:
+    """Rows that lack a field the checks read. Meant for compile time, so a run cannot score every
+    row as failed because of a renamed column."""
+    problems = []
+    for i, row in enumerate(rows):
+        fields = row.get("fields", row)
+        missing = [f for f in rules.row_fields if f not in fields]
+        if missing:
+            problems.append(f"eval row {row.get('index', i)}: missing field(s) {missing} needed by {rules.source}")
+    return problems
+
+
+# --- scoring ---------------------------------------------------------------------------------
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _reject_constant(name: str):
+    raise _Invalid(f"non-standard JSON constant {name}")
+
+
+def _no_duplicates(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(keys) != len(set(keys)):
+        raise _Invalid("duplicate key")
+    return dict(pairs)
+
+
+def parse_json_reply(text: str) -> tuple[bool, Any]:
+    """Strict JSON: whitespace around it is allowed, anything else (prose, code fences, duplicate keys,
+    NaN) makes the reply invalid, because a client parsing it would fail or be misled too."""
+    try:
+        return True, json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except (ValueError, _Invalid, RecursionError):
+        return False, None
+
+
+_MISSING = object()
+
+
+def _get_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        if isinstance(obj, dict) and part in obj:
+            obj = obj[part]
+        elif isinstance(obj, list) and part.isdigit() and int(part) < len(obj):
+            obj = obj[int(part)]
+        else:
+            return _MISSING
+    return obj
+
+
+def _json_equal(a: Any, b: Any, ignore_case: bool) -> bool:
+    # bool is an int in Python; in JSON true != 1.
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    if isinstance(a, str) and isinstance(b, str) and ignore_case:
+        return a.casefold() == b.casefold()
+    return type(a) is type(b) and a == b
+
+
+def _row_value(fields: dict, name: str, check: str) -> Any:
+    if name not in fields:
+        shown = ", ".join(sorted(map(str, fields))) or "none"
+        raise RulesError(f"check {check!r} reads row field {name!r}, which this row lacks (its fields: {shown})")
+    return fields[name]
+
+
+def score(reply_text: str, fields: dict, rules: Rules) -> dict[str, bool]:
+    """Each declared check, passed or not, for one reply. A check that needs parsed JSON fails when
+    the reply does not parse."""
+    parsed_ok, parsed = parse_json_reply(reply_text) if rules.parse == "json" else (False, None)
+    results: dict[str, bool] = {}
+    for check in rules.spec.checks:
+        target: Any = reply_text
+        if getattr(check, "field", None) is not None and check.kind in ("regex", "contains_row_field"):
+            target = _get_path(parsed, check.field) if parsed_ok else _MISSING
+            if target is not _MISSING and not isinstance(target, str):
+                target = json.dumps(target, ensure_ascii=False) if isinstance(target, (dict, list)) else str(target)
+        if isinstance(check, JsonValidCheck):
+            ok = parsed_ok
+        elif isinstance(check, JsonSchemaCheck):
+            ok = parsed_ok and rules._schema[check.name].is_valid(parsed)
+        elif isinstance(check, JsonFieldEqualsCheck):
+            expected = _row_value(fields, check.row_field, check.name) if check.row_field else check.value
+            got = _get_path(parsed, check.field) if parsed_ok else _MISSING
+            ok = got is not _MISSING and _json_equal(got, expected, check.ignore_case)
+        elif isinstance(check, RegexCheck):
+            if target is _MISSING:
+                ok = False
+            else:
+                pattern = rules._regex[check.name]
+                ok = bool(pattern.fullmatch(target) if check.match == "fullmatch" else pattern.search(target))
+        elif isinstance(check, ContainsRowFieldCheck):
+            needle = _row_value(fields, check.row_field, check.name)
+            needle = needle if isinstance(needle, str) else json.dumps(needle, ensure_ascii=False)
+            if target is _MISSING or needle == "":
+                ok = False  # an empty needle is "contained" everywhere: never evidence of a pass
+            elif check.ignore_case:
+                ok = needle.casefold() in target.casefold()
+            else:
+                ok = needle in target
+        else:  # pragma: no cover - the discriminated union admits nothing else
+            raise RulesError(f"unknown check kind {check.kind!r}")
+        results[check.name] = bool(ok)
+    return results
+
+
+def aggregate(per_row: list[dict[str, bool]], rules: Rules | None = None) -> dict[str, float | None]:
+    """Declared metrics: the share of rows where every named check passed. Without rules, the pass
+    rate of each check. None (not 0.0) when there are no rows: no evidence is not a failing score."""
+    if rules is None:
+        names = sorted({k for row in per_row for k in row})
+        groups = {n: [n] for n in names}
+    else:
+        groups = rules.metrics
+    out: dict[str, float | None] = {}
+    for metric, members in groups.items():
+        if not per_row:
+            out[metric] = None
+            continue
+        passed = sum(1 for row in per_row if all(row.get(m, False) for m in members))
+        out[metric] = passed / len(per_row)
+    return out
+
+
+# --- generation ------------------------------------------------------------------------------
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def stop_token_ids(model, tokenizer, eos_token_ids: list[int] | None = None) -> list[int]:
+    """Every id that ends a reply: the model's generation eos, the tokenizer's eos, and the
+    template's turn terminator. Missing the terminator makes a model that learned to stop look
+    like one that rambles."""
+    ids: list[int] = []
+    generation_config = getattr(model, "generation_config", None)
+    for value in (_as_list(eos_token_ids), _as_list(getattr(generation_config, "eos_token_id", None)),
+                  _as_list(getattr(tokenizer, "eos_token_id", None))):
+        for i in value:
+            if i not in ids:
+                ids.append(i)
+    return ids
+
+
+def _device_of(model):
+    import torch
+
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def generate_ids(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
+                 eos_token_ids: list[int] | None = None) -> list[dict]:
+    """Greedy continuations of each prompt, in the order given.
+
+    Returns per prompt `{"ids": generated ids without the stop token, "stopped": whether a stop
+    token ended it}`. Prompts are generated `batch_size` at a time, left-padded, with the KV cache
+    on. The model is put in eval mode and restored afterwards, and the global RNG state (CPU and the
+    model's CUDA device) is restored, so evaluating mid-run does not change the rest of training.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    stops = stop_token_ids(model, tokenizer, eos_token_ids)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = stops[0] if stops else 0
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        use_cache=True,
+        eos_token_id=stops or None,
+        pad_token_id=pad_id,
+        # Explicit neutral values: the model's own generation_config would otherwise fill them in.
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_new_tokens=0,
+    )
+    device = _device_of(model)
+    # Sorting by length keeps padding (wasted compute) small; results go back in the given order.
+    order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
+    out: list[dict | None] = [None] * len(prompt_ids)
+    was_training = model.training
+    rng_devices = [device] if device.type == "cuda" else []
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=rng_devices), torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                width = max(len(prompt_ids[i]) for i in chunk)
+                input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                attention = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, i in enumerate(chunk):
+                    ids = prompt_ids[i]
+                    if not ids:
+                        raise ValueError(f"prompt {i} is empty")
+                    input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+                    attention[row, width - len(ids):] = 1
+                generated = model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config
+                )
+                new = generated[:, width:].tolist()
+                for row, i in enumerate(chunk):
+                    ids = new[row]
+                    cut = next((k for k, t in enumerate(ids) if t in stops), None)
+                    out[i] = {"ids": ids if cut is None else ids[:cut], "stopped": cut is not None}
+    finally:
+        model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def decode_reply(tokenizer, ids: list[int]) -> str:
+    # Special tokens are kept: a reply that emits a stray control token is not the reply a client
+    # would get cleaned up, and must not pass a format check.
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def generate_replies(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
+                     eos_token_ids: list[int] | None = None) -> list[str]:
+    """Decoded greedy replies, in the order given (see generate_ids)."""
+    return [decode_reply(tokenizer, g["ids"])
+            for g in generate_ids(model, tokenizer, prompt_ids, max_new_tokens, batch_size, eos_token_ids)]
+
+
+def behaviour_metrics(model, tokenizer, prompts: list[dict], rules: Rules, max_new_tokens: int, batch_size: int,
+                      eos_token_ids: list[int] | None = None, max_prompts: int | None = None) -> dict:
+    """Generate a reply to each held-out prompt and score it.
+
+    `prompts` are rows of the bundle's eval_prompts.jsonl. Returns every declared metric, plus
+    `n_prompts`, per-check pass rates, how many replies ran out of tokens before stopping, and the
+    first three samples (prompt, reply, checks) for people to read.
+    """
+    if max_prompts is not None:
+        prompts = prompts[:max_prompts]
+    started = time.perf_counter()
+    generated = generate_ids(model, tokenizer, [p["prompt_ids"] for p in prompts], max_new_tokens, batch_size,
+                             eos_token_ids)
+    seconds = time.perf_counter() - started
+    per_row = []
+    samples = []
+    for prompt, gen in zip(prompts, generated):
+        reply = decode_reply(tokenizer, gen["ids"])
+        checks = score(reply, prompt.get("fields", {}), rules)
+        per_row.append(checks)
+        if len(samples) < 3:
+            samples.append({"index": prompt.get("index"), "prompt_text": prompt.get("prompt_text"), "reply": reply,
+                            "reference": prompt.get("reference"), "stopped": gen["stopped"], "checks": checks})
+    result: dict[str, Any] = dict(aggregate(per_row, rules))
+    result.update({
+        "n_prompts": len(prompts),
+        "check_pass_rates": aggregate(per_row),
+        "replies_truncated": sum(1 for g in generated if not g["stopped"]),
+        "generated_tokens": sum(len(g["ids"]) for g in generated),
+        "generation_seconds": round(seconds, 3),
+        "samples": samples,
+    })
+    return result
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,158 @@
+"""`sftc`: compile a spec into a locked bundle, run it, inspect, diff and report.
+
+A user's mistake (an SftcError) prints a message and exits 2; it never shows a traceback.
+Heavy libraries are imported inside commands, so `sftc --help` and a warm recompile stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from sftc.errors import SftcError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SftcError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="sftc")
+def main() -> None:
+    """Supervised fine-tuning as a compiled, locked, reproducible run bundle."""
+
+
+@main.command("compile")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--bundles-dir", type=click.Path(file_okay=False), default=None, help="Default: <project>/bundles.")
+@click.option("--force", is_flag=True, help="Rebuild even when an identical bundle exists.")
+@click.option("--quiet", is_flag=True, help="Print only the bundle path.")
+def compile_cmd(spec: str, bundles_dir: str | None, force: bool, quiet: bool) -> None:
+    """Compile SPEC into bundles/<name>-<hash12>/."""
+    from compiler import compile_spec
+    from compiler.report import summary_lines
+
+    bundle, lock, reused = compile_spec(spec, bundles_dir=bundles_dir, force=force)
+    if quiet:
+        click.echo(str(bundle))
+        return
+    click.echo(f"{'up to date' if reused else 'compiled'}: {bundle}")
+    for line in summary_lines(lock):
+        click.echo("  " + line)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(file_okay=False, exists=True))
+@click.option("--row", type=int, default=0, show_default=True, help="Row of the token file.")
+@click.option("--split", "which", type=click.Choice(["train", "eval"]), default="train", show_default=True)
+@click.option("--color/--no-color", default=None, help="Default: colour on a terminal.")
+def inspect(bundle: str, row: int, which: str, color: bool | None) -> None:
+    """Show one row token by token, supervised tokens highlighted."""
+    from safetensors.numpy import load_file
+
+    from compiler.bundle import load_lock
+    from compiler.pack import position_ids
+    from compiler.report import marked_row
+    from compiler.template import load_tokenizer
+
+    lock = load_lock(bundle)
+    path = Path(bundle) / f"{which}.safetensors"
+    if not path.is_file():
+        raise SftcError(f"{path}: no {which} token file in this bundle")
+    data = load_file(str(path))
+    rows = len(data["row_offsets"]) - 1
+    if not 0 <= row < rows:
+        raise SftcError(f"--row {row}: the {which} split has rows 0..{rows - 1}")
+    root = (Path(bundle) / lock["project_root"]).resolve()
+    tokenizer = load_tokenizer(str(root / lock["tokenizer"]["path"]), None, lock["model"]["trust_remote_code"], "tokenizer")
+    lo, hi = data["row_offsets"][row], data["row_offsets"][row + 1]
+    seg = data["seq_lengths"][data["seq_offsets"][row] : data["seq_offsets"][row + 1]]
+    ids, labels = data["input_ids"][lo:hi], data["labels"][lo:hi]
+    use_color = sys.stdout.isatty() if color is None else color
+    supervised = int((labels != -100).sum())
+    click.echo(f"{lock['bundle_id']} {which} row {row}/{rows}: {hi - lo} tokens, {len(seg)} example(s) "
+               f"{seg.tolist()}, {supervised} supervised")
+    click.echo(f"position ids restart at 0 at each example: {position_ids(seg)[:48].tolist()}{' ...' if hi - lo > 48 else ''}")
+    click.echo(marked_row(tokenizer, ids, labels, seg, color=use_color))
+
+
+@main.command()
+def schema() -> None:
+    """Print the spec's JSON schema, with field descriptions."""
+    from compiler.spec import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--allow-drift", is_flag=True, help="Record, instead of refusing, drift since compile.")
+def verify(bundle: str, allow_drift: bool) -> None:
+    """Check a bundle against its lock: file hashes, data, tokenizer, template, libraries."""
+    from runtime.verify import verify_bundle
+
+    report = verify_bundle(bundle, allow_drift=allow_drift)
+    click.echo(json.dumps(report, indent=2, sort_keys=True, default=str))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="Default: runs/<bundle_id>/.")
+@click.option("--fresh", is_flag=True, help="Ignore existing checkpoints and start over.")
+@click.option("--allow-drift", is_flag=True, help="Train despite library drift since compile, and record it.")
+def run(bundle: str, run_dir: str | None, fresh: bool, allow_drift: bool) -> None:
+    """Verify BUNDLE, then train it, resuming from the newest valid checkpoint."""
+    from runtime.train import run_bundle
+
+    out = run_bundle(bundle, run_dir=run_dir, fresh=fresh, allow_drift=allow_drift)
+    click.echo(f"run finished: {out}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--allow-ineligible", is_flag=True, help="Export the best checkpoint even if it fails the constraints.")
+def export(run_dir: str, allow_ineligible: bool) -> None:
+    """Export the selected checkpoint of RUN_DIR to RUN_DIR/export/."""
+    from runtime.export import export_run
+
+    click.echo(f"exported: {export_run(run_dir, allow_ineligible=allow_ineligible)}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+def status(run_dir: str) -> None:
+    """List a run's checkpoints, metrics and the selected best."""
+    from runtime.status import status as run_status
+
+    click.echo(run_status(run_dir))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Default: RUN_DIR/report/.")
+def report(run_dir: str, out: str | None) -> None:
+    """Render loss curves, behaviour metrics and token budget as PNGs and HTML."""
+    from runtime.report import render_report
+
+    click.echo(f"report: {render_report(run_dir, out)}")
+
+
+@main.command()
+@click.option("--root", type=click.Path(file_okay=False), default=".", show_default=True)
+def runs(root: str) -> None:
+    """Every run in the project side by side."""
+    from runtime.runs import format_runs, list_runs
+
+    click.echo(format_runs(list_runs(root)))
+
+
+if __name__ == "__main__":
+    main()

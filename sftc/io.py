@@ -1,0 +1,119 @@
+"""Hashing and atomic file writes shared by the compiler and the runtime.
+
+Everything that ends up in a bundle or a checkpoint goes through here, so "nothing is
+half-written" is enforced in one place: write to a temporary sibling, fsync, rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+CHUNK = 1 << 20
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_tree(root: str | os.PathLike, names: list[str] | None = None) -> str:
+    """One hash over a directory's files (names and contents), in sorted order."""
+    root = Path(root)
+    digest = hashlib.sha256()
+    files = sorted(names) if names is not None else sorted(
+        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()
+    )
+    for name in files:
+        digest.update(name.encode() + b"\0" + sha256_file(root / name).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def canonical_json(obj: Any) -> str:
+    """Key-sorted, compact JSON: the form that is hashed."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def pretty_json(obj: Any) -> str:
+    """Key-sorted, indented JSON with a trailing newline: the form that is written and diffed."""
+    return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, pretty_json(obj))
+
+
+@contextlib.contextmanager
+def staging_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of `final`; on success rename it into place, on failure remove it.
+
+    If `final` already exists when the work is done (a concurrent writer won), the staged copy is
+    discarded: both writers produced the same content-addressed result.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
