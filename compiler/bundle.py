@@ -153,11 +153,11 @@ def compile_spec(spec_path: str | os.PathLike, bundles_dir: str | os.PathLike | 
     final = out_root / inputs.bundle_id
     if not force and existing_bundle(final, inputs.bundle_hash):
         return final, read_json(final / "bundle.lock.json"), True
-    lock = _build(inputs, final)
+    lock = _build(inputs, final, replace=force)
     return final, lock, False
 
 
-def _build(inputs: Inputs, final: Path) -> dict:
+def _build(inputs: Inputs, final: Path, replace: bool = False) -> dict:
     from compiler.budget import compute_budget
     from compiler.data import read_data
     from compiler.model import count_parameters, estimate_memory, load_config
@@ -231,7 +231,7 @@ def _build(inputs: Inputs, final: Path) -> dict:
     from safetensors.numpy import save_file
 
     bundle_id = inputs.bundle_id
-    with staging_dir(final) as stage:
+    with staging_dir(final, replace=replace) as stage:
         save_file({**packed.tensors(), "order": order}, str(stage / "train.safetensors"))
         if eval_rows is not None:
             save_file(eval_rows.tensors(), str(stage / "eval.safetensors"))

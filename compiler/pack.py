@@ -101,7 +101,9 @@ def pack(input_ids: list[np.ndarray], labels: list[np.ndarray], strategy: str, s
         # TRL splits a long sequence into seq_length fragments; every fragment after the first has
         # lost its prompt, so the answer tokens in it are trained without their context
         orphaned = int(sum(int(np.sum(lab[seq_length:] != IGNORE_INDEX)) for lab in labels if len(lab) > seq_length))
-    result = pack_dataset(dataset, seq_length, strategy).with_format("arrow")
+    # TRL's packing code, run as one batch: SFTTrainer's default map batch of 1000 examples leaves
+    # a partly filled bin per batch (measured on OrgAccess: 0.969 efficiency vs 0.98+ in one pass)
+    result = pack_dataset(dataset, seq_length, strategy, {"batch_size": max(1, len(dataset))}).with_format("arrow")
     table = result.data.table if hasattr(result.data, "table") else result.data
     ids_col = table.column("input_ids").combine_chunks()
     lab_col = table.column("labels").combine_chunks()

@@ -74,7 +74,17 @@ def tokenize_chat(examples: list[Example], template, tokenizer, max_length: int,
         rendered.append((example, *result))
     if not rendered:
         return out
-    # one batched call: the Rust tokenizer runs the whole list in parallel
+    for start in range(0, len(rendered), _CHUNK):
+        _mask_chunk(rendered[start : start + _CHUNK], tokenizer, max_length, on_truncated, out)
+    return out
+
+
+# Batched calls let the Rust tokenizer work in parallel; chunks bound memory, since offset
+# mappings come back as Python tuples (38k rows at once peaked above 2 GB).
+_CHUNK = 2048
+
+
+def _mask_chunk(rendered, tokenizer, max_length: int, on_truncated: str, out: Tokenized) -> None:
     encoded = tokenizer(
         [full for _, full, _, _ in rendered], add_special_tokens=False, return_offsets_mapping=True
     )
@@ -107,7 +117,6 @@ def tokenize_chat(examples: list[Example], template, tokenizer, max_length: int,
         out.labels.append(labels)
         out.examples.append(example)
         out.prompt_ids.append(prompts[k])
-    return out
 
 
 def tokenize_text(examples: list[Example], tokenizer) -> Tokenized:

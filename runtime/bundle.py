@@ -37,6 +37,18 @@ class TokenFile:
     order: np.ndarray | None = None
 
     @property
+    def epochs(self) -> list[np.ndarray]:
+        """The locked row order as the sampler's epochs.
+
+        The compiler writes one flat stream [steps x examples_per_update] (per-epoch permutations
+        concatenated and cut so every update is full); the documented form is [E, R], one
+        permutation per epoch. The stream is one sampler epoch; [E, R] is E of them.
+        """
+        if self.order is None:
+            raise BundleError(f"{self.path}: no 'order' tensor")
+        return [self.order] if self.order.ndim == 1 else list(self.order)
+
+    @property
     def n_rows(self) -> int:
         return len(self.row_offsets) - 1
 
@@ -95,10 +107,16 @@ class TokenFile:
             if len(self.seq_lengths) and np.any((np.asarray(sums) != self.row_lengths) & ~empty):
                 problems.append("the seq_lengths of a row do not add up to the row's length")
         if self.order is not None:
-            if self.order.ndim != 2 or self.order.shape[1] != self.n_rows:
-                problems.append(f"order has shape {list(self.order.shape)}, expected [epochs, {self.n_rows}]")
-            elif any(sorted(e.tolist()) != list(range(self.n_rows)) for e in self.order):
-                problems.append("an epoch of order is not a permutation of the rows")
+            if self.order.ndim == 2:
+                if self.order.shape[1] != self.n_rows:
+                    problems.append(f"order has shape {list(self.order.shape)}, expected [epochs, {self.n_rows}]")
+                elif any(sorted(e.tolist()) != list(range(self.n_rows)) for e in self.order):
+                    problems.append("an epoch of order is not a permutation of the rows")
+            elif self.order.ndim == 1:
+                if len(self.order) and (self.order.min() < 0 or self.order.max() >= self.n_rows):
+                    problems.append(f"order names rows outside 0..{self.n_rows - 1}")
+            else:
+                problems.append(f"order has {self.order.ndim} dimensions, expected a stream [N] or epochs [E, R]")
         if problems:
             raise BundleError(f"{self.path}: malformed {name} token file", problems)
 
@@ -138,8 +156,11 @@ class Bundle:
 
     @property
     def project_root(self) -> Path:
+        """The lock records it relative to the bundle directory (so a moved project still works)."""
         root = self.lock.get("project_root")
-        return Path(root) if root else self.dir.parent.parent
+        if not root:
+            return self.dir.resolve().parent.parent
+        return Path(root) if Path(root).is_absolute() else (self.dir / root).resolve()
 
     def resolve(self, value: str | os.PathLike) -> Path:
         p = Path(value)
@@ -196,7 +217,7 @@ class Bundle:
         return path.read_text(encoding="utf-8") if path.exists() else None
 
     def train_dataset(self):
-        """The packed train rows as a `datasets.Dataset` (input_ids, labels, seq_lengths), row r at index r.
+        """The packed train rows as a `datasets.Dataset` (input_ids, labels, seq_lengths, row), row r at index r.
 
         Built from Arrow list arrays over the flat buffers, so a large bundle is not turned into
         Python lists up front.
@@ -209,6 +230,7 @@ class Bundle:
             "input_ids": pa.LargeListArray.from_arrays(pa.array(tf.row_offsets), pa.array(tf.input_ids)),
             "labels": pa.LargeListArray.from_arrays(pa.array(tf.row_offsets), pa.array(tf.labels)),
             "seq_lengths": pa.LargeListArray.from_arrays(pa.array(tf.seq_offsets), pa.array(tf.seq_lengths)),
+            "row": pa.array(np.arange(tf.n_rows, dtype=np.int64)),
         })
         return datasets.Dataset(table).with_format("numpy")
 

@@ -262,7 +262,7 @@ def load_rules_text(text: str, source: str = "<rules>") -> Rules:
     regex = {c.name: re.compile(c.pattern, re.IGNORECASE if c.ignore_case else 0)
              for c in spec.checks if isinstance(c, RegexCheck)}
     schema = {c.name: jsonschema.Draft202012Validator(c.schema_) for c in spec.checks if isinstance(c, JsonSchemaCheck)}
-    return Rules(source=source, sha256=sha256_bytes(text.encode("utf-8")), spec=spec, _regex=regex, _schema=schema)
+    return Rules(source=source, sha256="sha256:" + sha256_bytes(text.encode("utf-8")), spec=spec, _regex=regex, _schema=schema)
 
 
 def load_rules(path) -> Rules:
@@ -278,8 +278,8 @@ def load_rules(path) -> Rules:
     except UnicodeDecodeError:
         raise RulesError(f"{path}: not UTF-8 text") from None
     rules = load_rules_text(text, str(path))
-    # The hash is of the bytes on disk, so it matches sha256sum and the bundle's file manifest.
-    return Rules(source=rules.source, sha256=sha256_bytes(data), spec=rules.spec, _regex=rules._regex,
+    # "sha256:<hex>" of the bytes on disk, the form the lock uses for template and tokenizer versions.
+    return Rules(source=rules.source, sha256="sha256:" + sha256_bytes(data), spec=rules.spec, _regex=rules._regex,
                  _schema=rules._schema)
 
 

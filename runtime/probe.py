@@ -21,10 +21,10 @@ PAD_TAIL = 5  # a short pad segment, so the probe also covers right padding in t
 
 
 def pick_examples(bundle: Bundle, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The first k train examples (in epoch-0 order) that have at least two scored tokens."""
+    """The first k train examples (in the locked order) that have at least two scored tokens."""
     tf = bundle.train
     picked = []
-    for r in tf.order[0].tolist():
+    for r in dict.fromkeys(tf.epochs[0].tolist()):
         for ids, labels in tf.examples(r):
             if int((labels[1:] != IGNORE).sum()) >= 2:
                 picked.append((ids, labels))

@@ -270,3 +270,26 @@ def format_runs(rows: list[dict]) -> str:
     for r in table:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     return "\n".join(lines)
+
+
+def project_root_of(bundle_dir, lock: dict) -> Path:
+    """Where the lock's relative paths resolve. The compiler records project_root relative to the
+    bundle directory; an absolute one is used as is."""
+    bundle_dir = Path(bundle_dir)
+    root = lock.get("project_root")
+    if root:
+        path = Path(root)
+        return path if path.is_absolute() else (bundle_dir / path).resolve()
+    return bundle_dir.resolve().parent.parent
+
+
+def lock_location(bundle_dir, lock: dict, *candidates: str | None) -> str | None:
+    """The first candidate that exists as a local path (resolved against the project), else the
+    first one given as written (a hub id)."""
+    root = project_root_of(bundle_dir, lock)
+    given = [c for c in candidates if c]
+    for value in given:
+        path = Path(value) if Path(value).is_absolute() else root / value
+        if path.exists():
+            return str(path)
+    return given[0] if given else None

@@ -32,7 +32,7 @@ def installed_version(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
-        return None
+        return "absent"  # what the compiler records for a library that is not installed
 
 
 def _check_bundle_files(bundle: Bundle, problems: list[str]) -> int:

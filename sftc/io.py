@@ -87,11 +87,12 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 @contextlib.contextmanager
-def staging_dir(final: str | os.PathLike) -> Iterator[Path]:
+def staging_dir(final: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `final`; on success rename it into place, on failure remove it.
 
     If `final` already exists when the work is done (a concurrent writer won), the staged copy is
-    discarded: both writers produced the same content-addressed result.
+    discarded: both writers produced the same content-addressed result. With `replace`, the old
+    directory is moved aside first and removed only after the new one is in place.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -102,6 +103,13 @@ def staging_dir(final: str | os.PathLike) -> Iterator[Path]:
             if file.is_file():
                 with open(file, "rb") as handle:
                     os.fsync(handle.fileno())
+        if replace and final.exists():
+            aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+            os.rename(final, aside / final.name)
+            os.rename(tmp, final)
+            shutil.rmtree(aside, ignore_errors=True)
+            _fsync_dir(final.parent)
+            return
         try:
             os.rename(tmp, final)
         except OSError:

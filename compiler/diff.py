@@ -1,0 +1,770 @@
+"""`sftc diff A B`: what a spec change does to the compiled run, for code review.
+
+A one-line change of `batch.per_device` or `world_size` can double the examples each update
+averages over, and with them the effective step size per example. Reasoning from the one knob
+that changed misses that, so the diff never reasons: both sides are compiled (or read from the
+bundle cache) and the *derived* numbers of the two locks are compared: examples and supervised
+tokens per update, steps, tokens, learning rate per example, trainable parameters, memory, data
+hashes and row counts, the split, template and tokenizer versions, the bundle id.
+
+A and B may each be a spec file, a bundle directory (its lock is read as is), or a git revision
+of a spec (`HEAD~1:specs/x.yaml`). A revision is written to a hidden file next to the spec's
+working-tree path, so its relative paths resolve exactly as the checked-in spec's do, and is
+deleted afterwards.
+
+Exit codes (`diff_command`): 0 nothing changed, 1 something changed, 3 a `--fail-on` category
+changed. Bad input raises `SftcError` (the CLI prints it and exits 2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from sftc.errors import SftcError
+
+# The kinds of change `--fail-on` can name. "spec" is any effective spec field (defaults filled
+# in, so writing out a default is not a change); the others are facts of the compiled run.
+CATEGORIES = ("spec", "data", "split", "budget", "parameters", "template", "tokenizer", "model", "libraries", "eval")
+FORMATS = ("terminal", "markdown", "json")
+EXIT_SAME, EXIT_CHANGED, EXIT_FAIL_ON = 0, 1, 3
+
+ABSENT = "(absent)"
+
+
+# --- reading the two sides -------------------------------------------------------------------
+
+
+@dataclass
+class Side:
+    """One side of the diff: what the user named and the lock it stands for."""
+
+    label: str
+    kind: str  # "spec" | "bundle" | "git"
+    lock: dict
+
+
+def _is_bundle_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "bundle.lock.json").is_file()
+
+
+def load_side(arg: str, bundles_dir: str | os.PathLike | None = None) -> Side:
+    """Resolve a spec file, a bundle directory or `REV:PATH` to its lock (compiling if needed)."""
+    from compiler.bundle import load_lock
+
+    path = Path(arg)
+    if path.is_dir():
+        if not _is_bundle_dir(path):
+            raise SftcError(f"{arg}: a directory but not a bundle (no bundle.lock.json); give a spec, a bundle or REV:PATH")
+        return Side(arg, "bundle", load_lock(path))
+    if path.is_file():
+        if path.name == "bundle.lock.json":
+            return Side(arg, "bundle", load_lock(path.parent))
+        from compiler import compile_spec
+
+        _, lock, _ = compile_spec(path, bundles_dir=bundles_dir)
+        return Side(arg, "spec", lock)
+    if ":" in arg:
+        return Side(arg, "git", _load_git_side(arg, bundles_dir))
+    raise SftcError(f"{arg}: not found; give a spec file, a bundle directory or a git revision REV:PATH (e.g. HEAD~1:specs/x.yaml)")
+
+
+def _git(args: list[str], cwd: Path) -> bytes:
+    try:
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, check=False)
+    except FileNotFoundError:
+        raise SftcError("git is not installed; a REV:PATH argument needs git") from None
+    if done.returncode != 0:
+        message = done.stderr.decode(errors="replace").strip().splitlines()
+        raise SftcError(f"git {' '.join(args)}: {message[-1] if message else 'failed'}")
+    return done.stdout
+
+
+def _revision_path(arg: str, cwd: Path) -> tuple[str, str, Path]:
+    """(rev, path as git reads it, where the spec lives in the working tree)."""
+    rev, _, rel = arg.partition(":")
+    if not rel:
+        raise SftcError(f"{arg}: a git revision needs a path after the colon, e.g. {rev or 'HEAD'}:specs/x.yaml")
+    top = Path(_git(["rev-parse", "--show-toplevel"], cwd).decode().strip())
+    # git reads REV:path from the top of the repository, but ./path and ../path from cwd
+    worktree = (cwd / rel) if rel.startswith(("./", "../")) else (top / rel)
+    return rev, rel, worktree.resolve()
+
+
+def _rewrite_error(exc: SftcError, temp: Path, label: str) -> SftcError:
+    """Errors name the hidden temp file; name the revision the user typed instead."""
+    forms = sorted({str(temp), str(temp.resolve()), temp.name}, key=len, reverse=True)
+
+    def fix(text: str) -> str:
+        for form in forms:
+            text = text.replace(form, label)
+        return text
+
+    new = type(exc)(fix(exc.args[0] if exc.args else str(exc)), [fix(p) for p in exc.problems])
+    return new
+
+
+@contextlib.contextmanager
+def _spec_copy_in_project(text: bytes, beside: Path, tag: str) -> Iterator[Path]:
+    """A hidden copy of a spec placed next to `beside`, removed afterwards.
+
+    Relative paths in a spec resolve against the project that holds the spec file, so the copy
+    must live where the original lives; a copy in /tmp would resolve nothing.
+    """
+    parent = beside.parent
+    if not parent.is_dir():
+        raise SftcError(f"{beside}: its directory does not exist in the working tree, so the spec's relative paths cannot be resolved")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", tag)[:40] or "rev"
+    fd, name = tempfile.mkstemp(prefix=f".sftc-diff-{safe}-", suffix=f"-{beside.name}", dir=parent)
+    temp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(text)
+        yield temp
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+
+
+def compile_transient(spec_path: Path, bundles_dir: str | os.PathLike | None = None) -> dict:
+    """Lock of a spec file that is about to be deleted.
+
+    Taken from the bundle cache when an identical bundle exists; otherwise compiled into a
+    throwaway directory, so bundles/ never holds a lock whose spec_source is a deleted temp file.
+    """
+    from compiler.bundle import compile_spec, default_bundles_dir, existing_bundle, load_lock, resolve_inputs
+
+    inputs = resolve_inputs(spec_path)
+    cached = (Path(bundles_dir) if bundles_dir else default_bundles_dir(inputs)) / inputs.bundle_id
+    if existing_bundle(cached, inputs.bundle_hash):
+        return load_lock(cached)
+    with tempfile.TemporaryDirectory(prefix="sftc-diff-") as scratch:
+        _, lock, _ = compile_spec(spec_path, bundles_dir=scratch)
+    return lock
+
+
+def _load_git_side(arg: str, bundles_dir) -> dict:
+    cwd = Path.cwd()
+    rev, rel, worktree = _revision_path(arg, cwd)
+    text = _git(["show", f"{rev}:{rel}"], cwd)
+    with _spec_copy_in_project(text, worktree, rev or "index") as temp:
+        try:
+            return compile_transient(temp, bundles_dir)
+        except SftcError as exc:
+            raise _rewrite_error(exc, temp, arg) from None
+
+
+# --- comparing -------------------------------------------------------------------------------
+
+
+def flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """`{"batch": {"per_device": 4}}` -> ("batch.per_device", 4). Lists of plain values stay one
+    value (`data.files`); lists of mappings (`select.tie_break`) are indexed."""
+    if isinstance(obj, dict):
+        if not obj and prefix:
+            yield prefix, {}
+        for key in sorted(obj):
+            yield from flatten(obj[key], f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, list) and any(isinstance(x, (dict, list)) for x in obj):
+        for i, item in enumerate(obj):
+            yield from flatten(item, f"{prefix}[{i}]")
+    else:
+        yield prefix, obj
+
+
+def _spec_order() -> dict[str, int]:
+    from compiler.spec import Spec
+
+    return {name: i for i, name in enumerate(Spec.model_fields)}
+
+
+def changed_fields(spec_a: dict, spec_b: dict) -> list[dict]:
+    """Every effective spec field that differs, in the spec's own section order."""
+    flat_a, flat_b = dict(flatten(spec_a)), dict(flatten(spec_b))
+    order = _spec_order()
+    keys = sorted(set(flat_a) | set(flat_b), key=lambda k: (order.get(re.split(r"[.\[]", k)[0], 99), k))
+    out = []
+    for key in keys:
+        before, after = flat_a.get(key, ABSENT), flat_b.get(key, ABSENT)
+        if before != after:
+            out.append({"key": key, "before": before, "after": after})
+    return out
+
+
+def ratio(before: Any, after: Any) -> Any:
+    """after / before for numbers (min/mean/max dicts: per entry); None where it means nothing."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        return {k: ratio(before.get(k), after.get(k)) for k in before if k in after}
+    numeric = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if not (numeric(before) and numeric(after)):
+        return None
+    if before == 0:
+        return 1.0 if after == 0 else None
+    return round(after / before, 6)
+
+
+def _get(lock: dict, *path: str, default: Any = None) -> Any:
+    value: Any = lock
+    for part in path:
+        if not isinstance(value, dict) or part not in value:
+            return default
+        value = value[part]
+    return value
+
+
+def _accepted(lock: dict) -> Any:
+    dm = lock.get("data_manifest") or {}
+    if "train_examples" in dm:
+        return dm["train_examples"] + dm.get("eval_examples", 0)
+    return dm.get("accepted")
+
+
+@dataclass(frozen=True)
+class Quantity:
+    category: str
+    key: str
+    label: str
+    get: Callable[[dict], Any]
+    kind: str = "number"  # number | stats | bytes | hash | text
+
+
+def _q(category, key, label, get, kind="number") -> Quantity:
+    return Quantity(category, key, label, get, kind)
+
+
+# What the review shows, in order. Each reads one number (or hash) out of a lock.
+QUANTITIES: tuple[Quantity, ...] = (
+    _q("budget", "examples_per_update", "examples per update", lambda l: _get(l, "budget", "examples_per_update")),
+    _q("budget", "source_examples_per_update", "source examples per update", lambda l: _get(l, "budget", "source_examples_per_update"), "stats"),
+    _q("budget", "supervised_tokens_per_update", "supervised tokens per update", lambda l: _get(l, "budget", "supervised_tokens_per_update"), "stats"),
+    _q("budget", "tokens_per_update", "tokens per update", lambda l: _get(l, "budget", "tokens_per_update"), "stats"),
+    _q("budget", "optimizer_steps", "optimizer steps", lambda l: _get(l, "budget", "optimizer_steps")),
+    _q("budget", "epochs", "epochs", lambda l: _get(l, "budget", "epochs")),
+    _q("budget", "warmup_steps", "warmup steps", lambda l: _get(l, "budget", "warmup_steps")),
+    _q("budget", "train_rows", "packed train rows", lambda l: _get(l, "packing", "rows")),
+    _q("budget", "packing_efficiency", "packing efficiency", lambda l: _get(l, "budget", "packing_efficiency")),
+    _q("budget", "total_tokens", "total tokens", lambda l: _get(l, "budget", "total_tokens")),
+    _q("budget", "supervised_tokens", "supervised tokens", lambda l: _get(l, "budget", "supervised_tokens")),
+    _q("budget", "lr", "learning rate", lambda l: _get(l, "spec", "optimizer", "lr")),
+    _q("budget", "lr_per_example", "lr per example", lambda l: _get(l, "budget", "lr_per_example")),
+    _q("parameters", "trainable", "trainable parameters", lambda l: _get(l, "parameters", "trainable")),
+    _q("parameters", "total", "total parameters", lambda l: _get(l, "parameters", "total")),
+    _q("parameters", "memory_total_bytes", "memory estimate per device", lambda l: _get(l, "memory_estimate", "total_bytes"), "bytes"),
+    _q("parameters", "memory_weights_bytes", "  weights", lambda l: _get(l, "memory_estimate", "weights_bytes"), "bytes"),
+    _q("parameters", "memory_gradients_bytes", "  gradients", lambda l: _get(l, "memory_estimate", "gradients_bytes"), "bytes"),
+    _q("parameters", "memory_optimizer_bytes", "  optimizer state", lambda l: _get(l, "memory_estimate", "optimizer_bytes"), "bytes"),
+    _q("parameters", "memory_activations_bytes", "  activations", lambda l: _get(l, "memory_estimate", "activations_bytes"), "bytes"),
+    _q("data", "hash", "data hash", lambda l: _get(l, "data_manifest", "hash"), "hash"),
+    _q("data", "rows_read", "rows read", lambda l: _get(l, "data_manifest", "rows_read")),
+    _q("data", "accepted", "rows accepted", _accepted),
+    _q("data", "rejected", "rows rejected", lambda l: sum((_get(l, "data_manifest", "rejected") or {}).values())),
+    _q("split", "train_groups", "train groups", lambda l: len(_get(l, "split", "train_groups") or [])),
+    _q("split", "eval_groups", "eval groups", lambda l: len(_get(l, "split", "eval_groups") or [])),
+    _q("split", "train_rows", "train rows", lambda l: _get(l, "split", "train_rows")),
+    _q("split", "eval_rows", "eval rows", lambda l: _get(l, "split", "eval_rows")),
+    _q("split", "merged_near_duplicates", "near-duplicate merges", lambda l: len(_get(l, "split", "merged_near_duplicates") or [])),
+    _q("template", "template_version", "template version", lambda l: l.get("template_version"), "hash"),
+    _q("template", "terminator", "template terminator", lambda l: _get(l, "template", "terminator"), "text"),
+    _q("tokenizer", "tokenizer_version", "tokenizer version", lambda l: l.get("tokenizer_version"), "hash"),
+    _q("tokenizer", "vocab_size", "tokenizer vocab size", lambda l: _get(l, "tokenizer", "vocab_size")),
+    _q("model", "config_sha256", "model config", lambda l: _get(l, "model", "config_sha256"), "hash"),
+    _q("model", "architecture", "model architecture", lambda l: _get(l, "model", "architecture"), "text"),
+    _q("model", "dtype", "model dtype", lambda l: _get(l, "model", "dtype"), "text"),
+    _q("model", "attn_implementation", "attention kernel", lambda l: _get(l, "model", "attn_implementation"), "text"),
+    _q("eval", "rules_sha256", "eval rules", lambda l: _get(l, "eval_manifest", "rules_sha256"), "hash"),
+    _q("eval", "prompts", "eval prompts", lambda l: _get(l, "eval_manifest", "prompts")),
+)
+
+
+def _dynamic_quantities(a: dict, b: dict) -> list[Quantity]:
+    """Quantities whose names come from the locks: per-reason rejects, per-file hashes, libraries."""
+    out = []
+    reasons = sorted(set(_get(a, "data_manifest", "rejected", default={})) | set(_get(b, "data_manifest", "rejected", default={})))
+    for reason in reasons:
+        out.append(_q("data", f"rejected.{reason}", f"  rejected: {reason}",
+                      lambda l, r=reason: (_get(l, "data_manifest", "rejected") or {}).get(r, 0)))
+    paths = []
+    for lock in (a, b):
+        for f in _get(lock, "data_manifest", "files", default=[]) or []:
+            if f.get("path") not in paths:
+                paths.append(f.get("path"))
+
+    def file_field(lock: dict, path: str, name: str) -> Any:
+        for f in _get(lock, "data_manifest", "files", default=[]) or []:
+            if f.get("path") == path:
+                return f.get(name)
+        return None
+
+    for path in paths:
+        out.append(_q("data", f"files.{path}.sha256", f"  {path}", lambda l, p=path: file_field(l, p, "sha256"), "hash"))
+        out.append(_q("data", f"files.{path}.rows_read", f"  {path} rows", lambda l, p=path: file_field(l, p, "rows_read")))
+    libraries = sorted(set(a.get("libraries") or {}) | set(b.get("libraries") or {}))
+    for name in libraries:
+        out.append(_q("libraries", name, name, lambda l, n=name: (l.get("libraries") or {}).get(n), "text"))
+    return out
+
+
+def _insert_after(base: tuple[Quantity, ...], extra: list[Quantity]) -> list[Quantity]:
+    """Per-reason and per-file rows go right after their category's totals."""
+    out, pending = [], {}
+    for q in extra:
+        pending.setdefault(q.category, []).append(q)
+    last_of = {q.category: i for i, q in enumerate(base)}
+    for i, q in enumerate(base):
+        out.append(q)
+        if last_of[q.category] == i:
+            out.extend(pending.pop(q.category, []))
+    for rest in pending.values():
+        out.extend(rest)
+    return out
+
+
+def split_moves(a: dict, b: dict) -> dict:
+    """Groups that changed side: a moved group's rows were trained on in one run and evaluated in
+    the other, so the two runs' eval numbers are not measured on the same thing."""
+    train_a, eval_a = set(_get(a, "split", "train_groups") or []), set(_get(a, "split", "eval_groups") or [])
+    train_b, eval_b = set(_get(b, "split", "train_groups") or []), set(_get(b, "split", "eval_groups") or [])
+    return {
+        "train_to_eval": sorted(train_a & eval_b),
+        "eval_to_train": sorted(eval_a & train_b),
+        "added": sorted((train_b | eval_b) - (train_a | eval_a)),
+        "removed": sorted((train_a | eval_a) - (train_b | eval_b)),
+    }
+
+
+@dataclass
+class Diff:
+    a: Side
+    b: Side
+    fields: list[dict]
+    rows: list[dict]  # every quantity: {category, key, label, kind, before, after, ratio, changed}
+    moves: dict
+    categories: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.categories) or self.a.lock.get("bundle_hash") != self.b.lock.get("bundle_hash")
+
+    def row(self, key: str, category: str = "budget") -> dict:
+        return next(r for r in self.rows if r["key"] == key and r["category"] == category)
+
+
+def compare(a: Side, b: Side) -> Diff:
+    la, lb = a.lock, b.lock
+    fields = changed_fields(la.get("spec") or {}, lb.get("spec") or {})
+    rows = []
+    for q in _insert_after(QUANTITIES, _dynamic_quantities(la, lb)):
+        before, after = q.get(la), q.get(lb)
+        rows.append({
+            "category": q.category, "key": q.key, "label": q.label, "kind": q.kind,
+            "before": before, "after": after,
+            "ratio": ratio(before, after) if q.kind in ("number", "stats", "bytes") else None,
+            "changed": before != after,
+        })
+    moves = split_moves(la, lb)
+    changed = {r["category"] for r in rows if r["changed"]}
+    if fields:
+        changed.add("spec")
+    if any(moves.values()):
+        changed.add("split")
+    if (la.get("model") or {}) != (lb.get("model") or {}):
+        changed.add("model")  # path or revision moved even if the config bytes did not
+    if (la.get("template") or {}) != (lb.get("template") or {}):
+        changed.add("template")
+    if _get(la, "eval_manifest", "metrics") != _get(lb, "eval_manifest", "metrics"):
+        changed.add("eval")
+    diff = Diff(a, b, fields, rows, moves, [c for c in CATEGORIES if c in changed])
+    diff.notes = _notes(diff)
+    return diff
+
+
+def _notes(diff: Diff) -> list[str]:
+    """Plain-words consequences a reviewer would otherwise have to work out by hand."""
+    notes = []
+    epu, lr, lrpe = diff.row("examples_per_update"), diff.row("lr"), diff.row("lr_per_example")
+    if epu["changed"] and isinstance(epu["ratio"], float):
+        lr_part = "at the same learning rate" if not lr["changed"] else f"with learning rate ×{_fmt_ratio(lr['ratio'])}"
+        notes.append(
+            f"Each optimizer update now averages over ×{_fmt_ratio(epu['ratio'])} the rows "
+            f"({_fmt_num(epu['before'])} -> {_fmt_num(epu['after'])}) {lr_part}: "
+            f"lr per example ×{_fmt_ratio(lrpe['ratio'])}."
+        )
+    elif lrpe["changed"] and isinstance(lrpe["ratio"], float):
+        notes.append(f"Learning rate per example ×{_fmt_ratio(lrpe['ratio'])}.")
+    sup = diff.row("supervised_tokens_per_update")
+    if sup["changed"] and isinstance(sup["ratio"], dict) and sup["ratio"].get("mean") and isinstance(epu["ratio"], float):
+        if abs(sup["ratio"]["mean"] - epu["ratio"]) > 0.05 * epu["ratio"]:
+            notes.append(
+                f"Supervised tokens per update (mean) ×{_fmt_ratio(sup['ratio']['mean'])}, not ×{_fmt_ratio(epu['ratio'])}: "
+                "rows carry different numbers of answer tokens."
+            )
+    steps = diff.row("optimizer_steps")
+    if steps["changed"] and steps["ratio"]:
+        notes.append(f"Optimizer steps ×{_fmt_ratio(steps['ratio'])} ({steps['before']} -> {steps['after']}): "
+                     "warmup, checkpoints and the schedule shift with it.")
+    moved = len(diff.moves["train_to_eval"]) + len(diff.moves["eval_to_train"])
+    if moved:
+        notes.append(f"{moved} group(s) changed side between train and eval: the two runs' eval metrics are not comparable.")
+    if "tokenizer" in diff.categories or "template" in diff.categories:
+        notes.append("The token stream changed (template or tokenizer): losses of the two runs are not comparable.")
+    mem = next(r for r in diff.rows if r["key"] == "memory_total_bytes")
+    if mem["changed"] and isinstance(mem["ratio"], float) and mem["ratio"] > 1.1:
+        notes.append(f"Memory estimate per device ×{_fmt_ratio(mem['ratio'])} ({_fmt_bytes(mem['before'])} -> {_fmt_bytes(mem['after'])}).")
+    return notes
+
+
+def diff_paths(a: str, b: str, bundles_dir: str | os.PathLike | None = None) -> Diff:
+    """Compile or read both sides and compare them."""
+    return compare(load_side(a, bundles_dir), load_side(b, bundles_dir))
+
+
+# --- formatting ------------------------------------------------------------------------------
+
+
+def _fmt_num(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        if abs(value) < 1e-3 or abs(value) >= 1e15:
+            return f"{value:.4g}"
+        if value.is_integer():
+            return f"{int(value):,}"  # a mean of 512.0 reads like the 512 beside it
+        if abs(value) >= 1e3:
+            return f"{value:,.2f}".rstrip("0").rstrip(".")
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _fmt_ratio(r: Any) -> str:
+    if r is None:
+        return "-"
+    text = f"{r:.3g}"
+    # "2.0", not "2": reads as a ratio next to the counts it sits beside
+    return text if ("." in text or "e" in text) else text + ".0"
+
+
+def _fmt_bytes(n: Any) -> str:
+    if not isinstance(n, (int, float)):
+        return _fmt_num(n)
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _fmt_hash(h: Any) -> str:
+    if not isinstance(h, str):
+        return _fmt_num(h)
+    algo, sep, hexdigest = h.partition(":")
+    return f"{algo}:{hexdigest[:12]}" if sep else h[:12]
+
+
+def _fmt_value(value: Any) -> str:
+    """A spec value as it would be written in YAML."""
+    if value == ABSENT:
+        return ABSENT
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return _fmt_num(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _fmt_row_value(row: dict, value: Any) -> str:
+    kind = row["kind"]
+    if value is None:
+        return ABSENT
+    if kind == "stats" and isinstance(value, dict):
+        return " / ".join(_fmt_num(value.get(k)) for k in ("min", "mean", "max"))
+    if kind == "bytes":
+        return _fmt_bytes(value)
+    if kind == "hash":
+        return _fmt_hash(value)
+    return _fmt_num(value) if not isinstance(value, str) else value
+
+
+def _fmt_row_ratio(row: dict) -> str:
+    r = row["ratio"]
+    if r is None:
+        return ""
+    if isinstance(r, dict):
+        parts = [_fmt_ratio(r.get(k)) for k in ("min", "mean", "max")]
+        return "×" + (parts[0] if len(set(parts)) == 1 else " / ".join(parts))
+    return f"×{_fmt_ratio(r)}"
+
+
+def _label(row: dict) -> str:
+    return row["label"] + (" (min / mean / max)" if row["kind"] == "stats" else "")
+
+
+def _formula(lock: dict) -> str:
+    b = lock.get("budget") or {}
+    return f"{b.get('per_device')}×{b.get('grad_accum')}×{b.get('world_size')}"
+
+
+def _bundle_line(diff: Diff) -> tuple[str, str]:
+    return diff.a.lock.get("bundle_id", ABSENT), diff.b.lock.get("bundle_id", ABSENT)
+
+
+def format_terminal(diff: Diff, color: bool = False) -> str:
+    import click
+
+    def s(text: str, **style) -> str:
+        return click.style(text, **style) if color else text
+
+    before_style, after_style = {"fg": "red"}, {"fg": "green"}
+    lines = [s(f"sftc diff {diff.a.label} -> {diff.b.label}", bold=True)]
+    id_a, id_b = _bundle_line(diff)
+    if not diff.changed:
+        lines.append(f"no change: both compile to {id_a}")
+        return "\n".join(lines) + "\n"
+
+    lines += ["", s(f"spec fields changed ({len(diff.fields)})", bold=True)]
+    if not diff.fields:
+        lines.append("  (none: the change is in the inputs the spec points at)")
+    width = max([len(f["key"]) for f in diff.fields] + [10])
+    for f in diff.fields:
+        lines.append(f"  {f['key']:<{width}}  {s(_fmt_value(f['before']), **before_style)} -> {s(_fmt_value(f['after']), **after_style)}")
+
+    lines += ["", s("what it changes in the compiled run", bold=True)]
+    changed_rows = [r for r in diff.rows if r["changed"]]
+    width = max([len(_label(r)) for r in changed_rows] + [10])
+    category = None
+    for row in changed_rows:
+        if row["category"] != category:
+            category = row["category"]
+            lines.append(f"  {s(category, underline=True)}")
+        ratio_text = _fmt_row_ratio(row)
+        if ratio_text:
+            ratio_text = "  " + s(ratio_text, fg="yellow", bold=True)
+        extra = ""
+        if row["key"] == "examples_per_update" and row["category"] == "budget":
+            extra = f"  ({_formula(diff.a.lock)} -> {_formula(diff.b.lock)})"
+        lines.append(
+            f"    {_label(row):<{width}}  {s(_fmt_row_value(row, row['before']), **before_style)} -> "
+            f"{s(_fmt_row_value(row, row['after']), **after_style)}{ratio_text}{extra}"
+        )
+    moves = diff.moves
+    if any(moves.values()):
+        lines.append(f"  {s('split', underline=True)} groups moved")
+        for key, title in (("train_to_eval", "train -> eval"), ("eval_to_train", "eval -> train"), ("added", "new"), ("removed", "gone")):
+            if moves[key]:
+                lines.append(f"    {title:<14} {len(moves[key])}: {_preview(moves[key])}")
+    if diff.notes:
+        lines += ["", s("notes", bold=True)] + [f"  - {n}" for n in diff.notes]
+    lines += ["", f"bundle      {s(id_a, **before_style)} -> {s(id_b, **after_style)}",
+              f"categories  {', '.join(diff.categories) or '(none)'}"]
+    return "\n".join(lines) + "\n"
+
+
+def _preview(items: list[str], n: int = 8) -> str:
+    return ", ".join(items[:n]) + (f", ... (+{len(items) - n})" if len(items) > n else "")
+
+
+def _md(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def format_markdown(diff: Diff) -> str:
+    """A pull-request comment: what changed in the spec, then in the compiled run, as tables."""
+    id_a, id_b = _bundle_line(diff)
+    lines = [f"### `sftc diff` {_md(diff.a.label)} → {_md(diff.b.label)}", ""]
+    if not diff.changed:
+        return "\n".join(lines + [f"No change: both compile to `{id_a}`.", ""])
+    lines += [f"**Changed:** {', '.join(diff.categories)}  ", f"**Bundle:** `{id_a}` → `{id_b}`", ""]
+    if diff.notes:
+        lines += [f"> {n}  " for n in diff.notes] + [""]
+    lines += ["#### Spec fields", ""]
+    if diff.fields:
+        lines += ["| field | before | after |", "|---|---|---|"]
+        lines += [f"| `{_md(f['key'])}` | `{_md(_fmt_value(f['before']))}` | `{_md(_fmt_value(f['after']))}` |" for f in diff.fields]
+    else:
+        lines.append("_No spec field changed; the difference is in the inputs it points at._")
+    lines += ["", "#### Compiled run", "", "| | quantity | before | after | ratio |", "|---|---|---|---|---|"]
+    for row in (r for r in diff.rows if r["changed"]):
+        label = _label(row).strip()
+        if row["key"] == "examples_per_update" and row["category"] == "budget":
+            label += f" ({_formula(diff.a.lock)} → {_formula(diff.b.lock)})"
+        lines.append(
+            f"| {row['category']} | {_md(label)} | {_md(_fmt_row_value(row, row['before']))} | "
+            f"{_md(_fmt_row_value(row, row['after']))} | {_md(_fmt_row_ratio(row))} |"
+        )
+    moves = diff.moves
+    if any(moves.values()):
+        lines += ["", "<details><summary>Split: groups moved</summary>", ""]
+        for key, title in (("train_to_eval", "train → eval"), ("eval_to_train", "eval → train"), ("added", "new"), ("removed", "gone")):
+            if moves[key]:
+                lines.append(f"- {title} ({len(moves[key])}): {_md(_preview(moves[key], 30))}")
+        lines += ["", "</details>"]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def to_json(diff: Diff) -> dict:
+    """Machine-readable: each derived quantity as {before, after, ratio}, grouped by category."""
+    derived: dict[str, dict] = {}
+    for row in diff.rows:
+        derived.setdefault(row["category"], {})[row["key"]] = {
+            "before": row["before"], "after": row["after"], "ratio": row["ratio"],
+        }
+    id_a, id_b = _bundle_line(diff)
+    return {
+        "a": {"input": diff.a.label, "kind": diff.a.kind, "bundle_id": id_a},
+        "b": {"input": diff.b.label, "kind": diff.b.kind, "bundle_id": id_b},
+        "changed": diff.changed,
+        "categories_changed": diff.categories,
+        "changed_fields": diff.fields,
+        "bundle_id": {"before": id_a, "after": id_b, "ratio": None},
+        "derived": derived,
+        "split_moves": diff.moves,
+        "notes": diff.notes,
+    }
+
+
+def format_json(diff: Diff) -> str:
+    return json.dumps(to_json(diff), indent=2, ensure_ascii=False, default=str) + "\n"
+
+
+def parse_fail_on(fail_on: tuple[str, ...] | list[str] | str | None) -> list[str]:
+    """`("data,budget", "split")` -> ["data", "budget", "split"]; "any" means every category."""
+    if fail_on is None:
+        return []
+    items = [fail_on] if isinstance(fail_on, str) else list(fail_on)
+    names = [n.strip().lower() for item in items for n in item.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CATEGORIES and n != "any"]
+    if unknown:
+        raise SftcError(f"--fail-on: unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+                        f"allowed: {', '.join(CATEGORIES)}, any")
+    return list(CATEGORIES) if "any" in names else names
+
+
+def exit_code(diff: Diff, fail_on: list[str]) -> int:
+    if any(c in diff.categories for c in fail_on):
+        return EXIT_FAIL_ON
+    return EXIT_CHANGED if diff.changed else EXIT_SAME
+
+
+def render(diff: Diff, fmt: str, color: bool = False) -> str:
+    if fmt in ("terminal", "text"):
+        return format_terminal(diff, color=color)
+    if fmt == "markdown":
+        return format_markdown(diff)
+    if fmt == "json":
+        return format_json(diff)
+    raise SftcError(f"--format: unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
+
+
+def diff_command(a: str, b: str, fmt: str, fail_on: tuple[str, ...], color: bool | None) -> int:
+    """`sftc diff A B`: print the diff, return the exit code (0 same, 1 changed, 3 fail-on hit)."""
+    import click
+
+    fmt = (fmt or "terminal").lower()
+    if fmt not in FORMATS and fmt != "text":
+        raise SftcError(f"--format: unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    wanted = parse_fail_on(fail_on)  # before compiling: a typo should not cost a compile
+    diff = diff_paths(a, b)
+    use_color = (fmt == "terminal" and sys.stdout.isatty()) if color is None else (color and fmt == "terminal")
+    # click.echo strips ANSI codes when stdout is not a terminal unless told otherwise
+    click.echo(render(diff, fmt, color=use_color), nl=False, color=use_color)
+    return exit_code(diff, wanted)
+
+
+# --- git textconv ----------------------------------------------------------------------------
+
+
+def _has_project_marker(path: Path) -> bool:
+    from compiler.spec import ROOT_MARKERS
+
+    start = path.resolve().parent
+    return any((d / m).exists() for d in (start, *start.parents) for m in ROOT_MARKERS)
+
+
+def _textconv_lock(path: Path) -> dict:
+    """Lock for a spec file git handed us. For the old side of a diff git writes the blob to a
+    temp file outside the project, where relative paths resolve nothing; git runs textconv from
+    the top of the work tree, so the copy goes there (paths in a spec resolve against the project
+    root, not the spec's own directory)."""
+    if _has_project_marker(path):
+        from compiler import compile_spec
+
+        _, lock, _ = compile_spec(path)
+        return lock
+    with _spec_copy_in_project(path.read_bytes(), Path.cwd().resolve() / path.name, "textconv") as temp:
+        try:
+            return compile_transient(temp)
+        except SftcError as exc:
+            raise _rewrite_error(exc, temp, str(path)) from None
+
+
+def summary_facts(lock: dict) -> list[str]:
+    """The key compiled facts, one per line, stable order: what a line diff should compare."""
+    b, dm, split = lock.get("budget") or {}, lock.get("data_manifest") or {}, lock.get("split") or {}
+    params, mem = lock.get("parameters") or {}, lock.get("memory_estimate") or {}
+    stats = lambda d: " / ".join(_fmt_num((d or {}).get(k)) for k in ("min", "mean", "max"))  # noqa: E731
+    lines = [
+        f"bundle: {lock.get('bundle_id')}",
+        f"examples_per_update: {b.get('examples_per_update')} ({b.get('per_device')} per_device x "
+        f"{b.get('grad_accum')} grad_accum x {b.get('world_size')} world_size)",
+        f"supervised_tokens_per_update (min/mean/max): {stats(b.get('supervised_tokens_per_update'))}",
+        f"source_examples_per_update (min/mean/max): {stats(b.get('source_examples_per_update'))}",
+        f"optimizer_steps: {b.get('optimizer_steps')} ({b.get('epochs')} epochs, {b.get('warmup_steps')} warmup)",
+        f"total_tokens: {b.get('total_tokens')} ({b.get('supervised_tokens')} supervised)",
+        f"lr: {_fmt_num(_get(lock, 'spec', 'optimizer', 'lr'))} (per example {_fmt_num(b.get('lr_per_example'))})",
+        f"trainable_parameters: {params.get('trainable')} of {params.get('total')}",
+        f"memory_estimate: {_fmt_bytes(mem.get('total_bytes'))} per device",
+        f"data: {dm.get('hash')}",
+    ]
+    for f in dm.get("files") or []:
+        lines.append(f"data_file: {f.get('path')} sha256:{f.get('sha256')} ({f.get('rows_read')} rows)")
+    lines.append(f"rows: {dm.get('rows_read')} read, {_accepted(lock)} accepted, {sum((dm.get('rejected') or {}).values())} rejected")
+    for reason, n in sorted((dm.get("rejected") or {}).items()):
+        lines.append(f"rejected.{reason}: {n}")
+    lines += [
+        f"split: {len(split.get('train_groups') or [])} train groups ({split.get('train_rows')} rows), "
+        f"{len(split.get('eval_groups') or [])} eval groups ({split.get('eval_rows')} rows)",
+        f"template: {lock.get('template_version')}",
+        f"tokenizer: {lock.get('tokenizer_version')}",
+        f"model_config: {_get(lock, 'model', 'config_sha256')}",
+    ]
+    return lines
+
+
+def textconv(path: str | os.PathLike) -> str:
+    """Compact compiled summary of a spec file, for `git diff` (diff.sftc.textconv).
+
+    Key facts first, then every effective spec field (defaults filled in), one per line. It never
+    fails: git aborts the whole diff when a textconv command fails, so a spec that does not
+    compile is shown with its error instead.
+    """
+    path = Path(path)
+    try:
+        lock = _textconv_lock(path)
+    except SftcError as exc:
+        raw = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+        return "\n".join([f"# sftc: does not compile: {exc}".replace("\n", "\n# "), raw]).rstrip("\n") + "\n"
+    lines = ["# compiled (sftc textconv)", *summary_facts(lock), "# spec (defaults filled in)"]
+    order = _spec_order()
+    flat = sorted(flatten(lock.get("spec") or {}), key=lambda kv: (order.get(re.split(r"[.\[]", kv[0])[0], 99), kv[0]))
+    lines += [f"{key}: {_fmt_value(value)}" for key, value in flat]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # `python -m compiler.diff textconv PATH` until the CLI has the command
+    if len(sys.argv) == 3 and sys.argv[1] == "textconv":
+        sys.stdout.write(textconv(sys.argv[2]))
+    else:
+        sys.stderr.write("usage: python -m compiler.diff textconv PATH\n")
+        sys.exit(2)

@@ -1,0 +1,84 @@
+"""`sftc status`: where a run stands, read from its directory alone (no model is loaded)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from sftc.errors import RunError
+
+from runtime.runs import (candidates, checkpoint_dirs, checkpoint_problems, read_best, read_lock, read_metrics,
+                          read_run_json)
+
+_HIDDEN = {"step", "on_disk", "eligible", "failed", "rank", "checkpoint", "kind", "n_prompts", "generated_tokens",
+           "generation_seconds", "replies_truncated"}
+
+
+def _num(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return "-" if value is None else str(value)
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def status(run_dir, verify_hashes: bool = True) -> str:
+    """Checkpoints (step, valid or why not, metrics), the selected one and why, and training progress.
+    `verify_hashes=False` skips re-hashing weights (a large model takes a while)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: no such run directory")
+    lines = [f"run {run_dir.name}"]
+    try:
+        lock = read_lock(run_dir)
+    except RunError as exc:
+        lock = {}
+        lines.append(f"  bundle: {str(exc).splitlines()[0]}")
+    bundle_id = lock.get("bundle_id")
+    run = read_run_json(run_dir)
+    if lock:
+        kind = lock["spec"]["parameterization"]["kind"]
+        planned = (lock.get("budget") or {}).get("optimizer_steps")
+        lines.append(f"  bundle {bundle_id}  parameterization {kind}  planned steps {_num(planned)}")
+    if run.get("world_size"):
+        lines.append(f"  world size {run['world_size']}")
+    if (run_dir / "run.lock").exists():
+        lines.append("  run.lock present (a run may be live; it is held only while `sftc run` is running)")
+
+    train, _ = read_metrics(run_dir)
+    if train:
+        last = train[-1]
+        lines.append(f"  last train step {last.get('step')}: loss {_num(last.get('loss'))}, lr {_num(last.get('lr'))}, "
+                     f"supervised tokens so far {_num(last.get('supervised_tokens_total'))}")
+    else:
+        lines.append("  no train steps logged yet")
+
+    evaluated = {c["step"]: c for c in candidates(run_dir)}
+    best = read_best(run_dir)
+    best_step = best.get("best_step") if best else None
+    dirs = checkpoint_dirs(run_dir)
+    lines.append(f"  checkpoints ({len(dirs)} on disk):" if dirs else "  no checkpoints on disk")
+    for step, path in dirs:
+        problems = checkpoint_problems(path, bundle_id, verify_hashes=verify_hashes)
+        state = "valid" if not problems else "INVALID: " + "; ".join(problems)
+        metrics = evaluated.get(step, {})
+        shown = "  ".join(f"{k} {_num(v)}" for k, v in sorted(metrics.items()) if k not in _HIDDEN)
+        mark = "*" if step == best_step else " "
+        lines.append(f"  {mark} step {step:>6}  {state}" + (f"  {shown}" if shown else ""))
+    gone = sorted(set(evaluated) - {s for s, _ in dirs})
+    if gone:
+        lines.append(f"  evaluated but rotated away: steps {', '.join(map(str, gone))}")
+
+    if best is None:
+        lines.append("  best: not selected yet (no best.json)")
+    else:
+        if best_step is not None:
+            lines.append(f"  best: step {best_step}")
+        else:
+            lines.append(f"  best: none eligible (fallback step {_num(best.get('fallback_step'))})")
+        lines.append(f"  why: {best.get('why', '-')}")
+    export = run_dir / "export"
+    if export.is_dir():
+        lines.append(f"  export: {export}")
+    return "\n".join(lines)

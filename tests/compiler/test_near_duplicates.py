@@ -1,0 +1,112 @@
+"""Near copies across groups cannot straddle the split: they are merged and land on one side."""
+
+from __future__ import annotations
+
+import pytest
+
+from compiler.data import Example
+from compiler.split import near_duplicate_pairs, shingles, split_examples
+from compiler.spec import SplitSpec
+
+from .conftest import base_spec, bundle_tokenizer, load_tokens, read_jsonl, segments
+
+BASE = (
+    "We found a stale access key belonging to Victor Haddad in the Workday tenant and it has not "
+    "been used for one hundred and eighty seven days while the owner says it is still needed for the "
+    "quarterly payroll export that runs on the first business day of every month from the finance "
+    "reporting server in the primary data centre"
+)
+NEAR = BASE.replace("Victor", "Lucas")  # one word changed
+UNRELATED = [
+    "A contractor asks for a login to the data warehouse without a signed contract or a ticket",
+    "The reviewer ignored the access review campaign for fifteen days and nobody answered",
+    "A service account token was committed to a public repository this morning by mistake",
+    "Someone wants a shared admin password for the payments cluster to speed up deployments",
+    "An employee left last week but their VPN account still shows logins from home",
+]
+
+
+def _jaccard(a: str, b: str) -> float:
+    sa, sb = shingles(a), shingles(b)
+    return len(sa & sb) / len(sa | sb)
+
+
+def test_fixture_prompts_are_near_but_not_exact_copies():
+    assert BASE != NEAR
+    assert 0.85 <= _jaccard(BASE, NEAR) < 1.0
+    assert all(_jaccard(BASE, u) < 0.2 for u in UNRELATED)
+
+
+def _spec(**split):
+    # the near-copy prompts are long for the tiny tokenizer: leave room so nothing is truncated
+    return base_spec(split=split, tokenize={"max_length": 512}, packing={"seq_length": 512})
+
+
+def _rows():
+    rows = [
+        {"thread_id": "A100", "prompt": BASE, "completion": "Keep the key with an exception ticket."},
+        {"thread_id": "B200", "prompt": NEAR, "completion": "Keep the key with an approved exception."},
+    ]
+    rows += [{"thread_id": f"U{i}", "prompt": p, "completion": f"Answer {i}."} for i, p in enumerate(UNRELATED)]
+    return rows
+
+
+@pytest.mark.parametrize("held_out", ["A100", "B200"])
+def test_near_duplicate_groups_follow_an_explicit_held_out_group(project, held_out):
+    project.write_jsonl("data/rows.jsonl", _rows())
+    bundle, lock, _ = project.compile(_spec(eval_groups=[held_out]))
+    assert read_jsonl(bundle / "rejects.jsonl") == []
+    split = lock["split"]
+    assert split["merged_near_duplicates"] == [["A100", "B200"]]
+    assert split["eval_groups"] == ["A100", "B200"]  # the near copy follows its twin to eval
+    assert set(split["train_groups"]) == {f"U{i}" for i in range(len(UNRELATED))}
+    assert set(split["train_groups"]).isdisjoint(split["eval_groups"])
+    assert split["disjoint"] is True
+
+    # and the token files agree: no train row contains either near copy
+    tokenizer = bundle_tokenizer(bundle, lock)
+    train_text = [tokenizer.decode(ids.tolist()) for _, ids, _ in segments(load_tokens(bundle))]
+    assert len(train_text) == len(UNRELATED)
+    assert not any("Workday tenant" in text for text in train_text)
+    assert sorted(p["group"] for p in read_jsonl(bundle / "eval_prompts.jsonl")) == ["A100", "B200"]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
+def test_near_duplicate_groups_share_a_side_under_hashing(project, seed):
+    project.write_jsonl("data/rows.jsonl", _rows())
+    _, lock, _ = project.compile(_spec(eval_fraction=0.5, seed=seed))
+    split = lock["split"]
+    assert ["A100", "B200"] in split["merged_near_duplicates"]
+    assert ({"A100", "B200"} <= set(split["train_groups"])) or ({"A100", "B200"} <= set(split["eval_groups"]))
+    assert set(split["train_groups"]).isdisjoint(split["eval_groups"])
+    assert set(split["train_groups"]) | set(split["eval_groups"]) == {r["thread_id"] for r in _rows()}
+
+
+def test_near_duplicate_merge_can_be_turned_off(project):
+    project.write_jsonl("data/rows.jsonl", _rows())
+    _, lock, _ = project.compile(_spec(eval_groups=["A100"], near_duplicates=None))
+    assert lock["split"]["merged_near_duplicates"] == []
+    assert lock["split"]["eval_groups"] == ["A100"]
+    assert "B200" in lock["split"]["train_groups"]
+
+
+def _example(group: str, prompt: str) -> Example:
+    return Example("f", 0, group, {}, messages=[{"role": "user", "content": prompt}, {"role": "assistant", "content": "x"}])
+
+
+def test_split_examples_merges_transitively_and_stays_disjoint():
+    # C is a near copy of B, B of A: all three are one cluster even if A and C are further apart
+    a = BASE
+    b = BASE.replace("Victor", "Lucas")
+    c = b.replace("payroll", "payments")
+    examples = [_example("A", a), _example("B", b), _example("C", c)]
+    examples += [_example(f"U{i}", p) for i, p in enumerate(UNRELATED)]
+    result = split_examples(examples, SplitSpec(eval_groups=["C"]))
+    assert result.record["merged_near_duplicates"] == [["A", "B", "C"]]
+    assert result.record["eval_groups"] == ["A", "B", "C"]
+    assert {e.group for e in result.train}.isdisjoint({e.group for e in result.eval})
+
+
+def test_near_duplicate_pairs_finds_the_pair_and_nothing_else():
+    texts = [BASE, *UNRELATED, NEAR]
+    assert near_duplicate_pairs(texts, 0.85) == [(0, len(texts) - 1)]
