@@ -411,6 +411,12 @@ def _notes(diff: Diff) -> list[str]:
     if steps["changed"] and steps["ratio"]:
         notes.append(f"Optimizer steps ×{_fmt_ratio(steps['ratio'])} ({steps['before']} -> {steps['after']}): "
                      "warmup, checkpoints and the schedule shift with it.")
+    every = _get(diff.b.lock, "spec", "checkpoint", "every_steps")
+    if steps["changed"] and isinstance(every, int) and isinstance(steps["after"], int):
+        saves_before = (steps["before"] or 0) // (_get(diff.a.lock, "spec", "checkpoint", "every_steps") or every)
+        if steps["after"] // every != saves_before:
+            notes.append(f"checkpoint.every_steps {every} gives {steps['after'] // every} intermediate checkpoint(s) "
+                         f"(was {saves_before}); each is also an evaluation and a selection candidate.")
     moved = len(diff.moves["train_to_eval"]) + len(diff.moves["eval_to_train"])
     if moved:
         notes.append(f"{moved} group(s) changed side between train and eval: the two runs' eval metrics are not comparable.")
@@ -721,9 +727,9 @@ def summary_facts(lock: dict) -> list[str]:
         f"supervised_tokens_per_update (min/mean/max): {stats(b.get('supervised_tokens_per_update'))}",
         f"source_examples_per_update (min/mean/max): {stats(b.get('source_examples_per_update'))}",
         f"optimizer_steps: {b.get('optimizer_steps')} ({b.get('epochs')} epochs, {b.get('warmup_steps')} warmup)",
-        f"total_tokens: {b.get('total_tokens')} ({b.get('supervised_tokens')} supervised)",
+        f"total_tokens: {_fmt_num(b.get('total_tokens'))} ({_fmt_num(b.get('supervised_tokens'))} supervised)",
         f"lr: {_fmt_num(_get(lock, 'spec', 'optimizer', 'lr'))} (per example {_fmt_num(b.get('lr_per_example'))})",
-        f"trainable_parameters: {params.get('trainable')} of {params.get('total')}",
+        f"trainable_parameters: {_fmt_num(params.get('trainable'))} of {_fmt_num(params.get('total'))}",
         f"memory_estimate: {_fmt_bytes(mem.get('total_bytes'))} per device",
         f"data: {dm.get('hash')}",
     ]

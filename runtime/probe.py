@@ -116,6 +116,11 @@ def probe_contamination(
             per_example.append({
                 "example": i, "row": r, "slot": slot, "alone": alone[i], "packed": loss, "diff": abs(loss - alone[i]),
             })
+    if not all(np.isfinite([p["alone"] for p in per_example] + [p["packed"] for p in per_example])):
+        raise RunError(
+            "contamination probe: the model gives a non-finite loss on the probe examples before any "
+            "training; the base weights (or their dtype) are broken"
+        )
     max_diff = max(p["diff"] for p in per_example)
     config = getattr(model, "config", None)
     return {

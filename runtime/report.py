@@ -62,8 +62,8 @@ def _loss_chart(plt, path: Path, train: list[dict], cands: list[dict], best_step
     if evals:
         ax.plot(*zip(*evals), color="tab:orange", marker="o", linewidth=1.5, label="held-out loss")
         low = min(evals, key=lambda p: p[1])
-        ax.annotate("lowest", low, textcoords="offset points", xytext=(0, -14), ha="center", fontsize=8,
-                    color="tab:orange")
+        ax.annotate(f"lowest held-out loss {low[1]:.3g}", low, textcoords="offset points", xytext=(0, 8),
+                    ha="center", fontsize=8, color="tab:orange")
     _mark_best(ax, best_step)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean over supervised tokens)")
@@ -84,35 +84,44 @@ def _behaviour_chart(plt, path: Path, cands: list[dict], names: list[str], best:
     best_step = (best or {}).get("best_step")
     eligible = {c["step"]: c.get("eligible", True) for c in (best or {}).get("candidates", [])}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    shown: list[float] = []
     for i, name in enumerate(names):
         color = colors[i % len(colors)]
         pts = [(c["step"], c[name]) for c in cands if _finite(c.get(name))]
         if not pts:
             continue
-        ax.plot(*zip(*pts), color=color, linewidth=1.5, label=name + (" (maximized)" if name == rule.get("maximize") else ""))
+        shown += [v for _, v in pts]
+        label = name + (" (maximized)" if name == rule.get("maximize") else "")
+        ax.plot(*zip(*pts), color=color, linewidth=1.5, label=label)
         for step, value in pts:
             # Hollow markers: checkpoints the constraints rule out.
             ok = eligible.get(step, True)
             ax.plot([step], [value], marker="o", color=color, markerfacecolor=color if ok else "white")
-        for step, value in pts:
+            if len(pts) <= 12:
+                ax.annotate(f"{value:.3g}", (step, value), textcoords="offset points", xytext=(0, -12 if i % 2 else 6),
+                            ha="center", fontsize=7, color=color)
             if step == best_step:
                 ax.plot([step], [value], marker="*", markersize=16, color=color, markeredgecolor="black")
         if name in (rule.get("require") or {}):
             op, bound = parse_constraint(rule["require"][name])
-            ax.axhline(bound, color=color, linestyle="--", linewidth=1, alpha=0.8)
-            ax.annotate(f"require {name} {op} {bound:g}", (0.01, bound), xycoords=("axes fraction", "data"),
-                        textcoords="offset points", xytext=(0, 3), fontsize=7, color=color)
+            shown.append(bound)
+            ax.axhline(bound, color=color, linestyle="--", linewidth=1, alpha=0.8,
+                       label=f"required: {name} {op} {bound:g}")
     _mark_best(ax, best_step)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("held-out pass rate")
-    ax.set_ylim(-0.03, 1.05)
+    if shown:
+        # Zoom to where the checkpoints differ: rates of 0.91 and 0.97 look equal on a 0..1 axis.
+        low, high = min(shown), max(shown)
+        pad = max(0.02, (high - low) * 0.15)
+        ax.set_ylim(max(-0.02, low - pad), min(1.02, high + pad) if high <= 1 else high + pad)
     title = "Held-out behaviour per checkpoint"
     if best is not None and best_step is None:
         title += " (no checkpoint eligible)"
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if names:
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     else:
         ax.text(0.5, 0.5, "no behaviour metrics logged", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()

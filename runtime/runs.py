@@ -232,7 +232,7 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
-        return f"{value:.3f}" if abs(value) < 1000 else f"{value:,.0f}"
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:,.1f}"
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}" if abs(value) >= 10000 else str(value)
     return str(value)
@@ -249,10 +249,10 @@ def format_runs(rows: list[dict]) -> str:
                 metric_names.append(name)
     headers = ["run", "param", "trainable", "seq", "ex/upd", "sup_tok/upd", "total_tok", "data", "template",
                "step", "best"] + metric_names
-    table = []
+    table, unreadable = [], []
     for row in rows:
         if "error" in row:
-            table.append([row["run"], f"(unreadable: {row['error']})"] + [""] * (len(headers) - 2))
+            unreadable.append(f"{row['run']}: unreadable ({row['error']})")
             continue
         best = row.get("best_step")
         if best is None:
@@ -265,11 +265,11 @@ def format_runs(rows: list[dict]) -> str:
             _fmt(row.get("total_tokens")), _short(row.get("data_hash")), _short(row.get("template_version")),
             steps, _fmt(best),
         ] + [_fmt(row["best_metrics"].get(m)) for m in metric_names])
-    widths = [max(len(headers[i]), *(len(r[i]) for r in table)) for i in range(len(headers))]
+    widths = [max([len(headers[i])] + [len(r[i]) for r in table]) for i in range(len(headers))]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
     for r in table:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    return "\n".join(lines)
+    return "\n".join(lines + unreadable)
 
 
 def project_root_of(bundle_dir, lock: dict) -> Path:

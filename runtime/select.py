@@ -44,7 +44,7 @@ def _meets(value: float, op: str, bound: float) -> bool:
 
 
 def _num(value: Any) -> str:
-    return "missing" if value is None else f"{value:.4g}"
+    return "missing" if value is None else f"{value:.6g}"
 
 
 def normalize_rule(select_spec: dict) -> dict:

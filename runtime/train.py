@@ -646,6 +646,8 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
         sampler=LockedOrderSampler(bundle.train.epochs),
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict when tqdm is off
+    if not sys.stderr.isatty():
+        transformers.utils.logging.disable_progress_bar()  # "Writing model shards" at every save
 
     record = {
         "bundle_id": bundle.bundle_id,

@@ -154,5 +154,30 @@ def runs(root: str) -> None:
     click.echo(format_runs(list_runs(root)))
 
 
+@main.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--format", "fmt", type=click.Choice(["terminal", "markdown", "json"]), default="terminal", show_default=True)
+@click.option("--fail-on", multiple=True, help="Exit 3 when one of these kinds changes: spec, data, split, budget, "
+              "parameters, template, tokenizer, model, libraries, eval, any (comma-separated or repeated).")
+@click.option("--color/--no-color", default=None, help="Default: colour on a terminal.")
+def diff(a: str, b: str, fmt: str, fail_on: tuple[str, ...], color: bool | None) -> None:
+    """What changing A into B does to the run. A and B: spec files, bundles, or REV:path/to/spec.yaml.
+
+    Exit 0: no change; 1: changed; 3: a --fail-on kind changed; 2: error."""
+    from compiler.diff import diff_command
+
+    sys.exit(diff_command(a, b, fmt, fail_on, color))
+
+
+@main.command()
+@click.argument("path")
+def textconv(path: str) -> None:
+    """Compiled summary of a spec, for `git diff` (see docs/diff.md)."""
+    from compiler.diff import textconv as summary
+
+    click.echo(summary(path), nl=False)
+
+
 if __name__ == "__main__":
     main()

@@ -189,8 +189,15 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+_TOKENIZERS: dict[str, object] = {}
+
+
 def bundle_tokenizer(bundle: Path, lock: dict):
+    """The bundle's tokenizer, loaded from where the lock says (cached by its version hash)."""
     from transformers import AutoTokenizer
 
-    root = (bundle / lock["project_root"]).resolve()
-    return AutoTokenizer.from_pretrained(str(root / lock["tokenizer"]["path"]))
+    version = lock["tokenizer_version"]
+    if version not in _TOKENIZERS:
+        root = (bundle / lock["project_root"]).resolve()
+        _TOKENIZERS[version] = AutoTokenizer.from_pretrained(str(root / lock["tokenizer"]["path"]))
+    return _TOKENIZERS[version]

@@ -48,8 +48,18 @@ def _train(model, tokenizer, rows, steps: int) -> None:
         opt.zero_grad()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matmuls gain nothing from a second thread, and on a shared 2-core box the spin-waiting
+    # threads make each step ~10x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, one_thread):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from demo.tiny_model import build_tiny
@@ -59,7 +69,7 @@ def tiny(tmp_path_factory):
                      vocab_size=512)
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
-    _train(model, tokenizer, rows, steps=120)
+    _train(model, tokenizer, rows, steps=60)
     prompts = []
     for i, row in enumerate(rows):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=True,
@@ -200,11 +210,19 @@ def test_batched_generation_equals_one_at_a_time_and_keeps_rng_and_mode(tiny):
     model.train()
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    batched = generate_ids(model, tokenizer, ids, max_new_tokens=24, batch_size=4, eos_token_ids=[end_id])
+    batched = generate_ids(model, tokenizer, ids, max_new_tokens=32, batch_size=4, eos_token_ids=[end_id])
     assert torch.equal(torch.get_rng_state(), before)
     assert model.training, "the caller's train mode is restored"
-    single = generate_ids(model, tokenizer, ids, max_new_tokens=24, batch_size=1, eos_token_ids=[end_id])
+    single = generate_ids(model, tokenizer, ids, max_new_tokens=32, batch_size=1, eos_token_ids=[end_id])
     assert batched == single
+    # And both are plain greedy decoding: the same as HF generate on the unpadded prompt.
+    for prompt, got in list(zip(ids, batched))[:3]:
+        ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=32, do_sample=False, eos_token_id=[end_id, tokenizer.eos_token_id],
+                             pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
+        assert ref[:len(got["ids"])] == got["ids"]
+        if got["stopped"]:
+            assert ref[len(got["ids"])] == end_id or ref[len(got["ids"])] == tokenizer.eos_token_id
     # Continuing after evaluation draws the same numbers as if no evaluation had happened.
     after_eval = torch.rand(3)
     torch.set_rng_state(before)
