@@ -179,8 +179,14 @@ def _build(inputs: Inputs, final: Path, replace: bool = False) -> dict:
     if template is None:
         train_tok, eval_tok = tokenize_text(split.train, tokenizer), tokenize_text(split.eval, tokenizer)
     else:
-        train_tok = tokenize_chat(split.train, template, tokenizer, spec.tokenize.max_length, spec.tokenize.on_truncated_answer)
-        eval_tok = tokenize_chat(split.eval, template, tokenizer, spec.tokenize.max_length, spec.tokenize.on_truncated_answer)
+        # bfd cuts every example to one packed row: check the answer against that cut too, so packing
+        # can never drop an answer that tokenization let through (it becomes an answer_truncated reject)
+        train_limit = spec.tokenize.max_length
+        if spec.packing.strategy == "bfd":
+            train_limit = min(train_limit, spec.seq_length)
+        train_tok = tokenize_chat(split.train, template, tokenizer, train_limit, spec.tokenize.on_truncated_answer)
+        eval_tok = tokenize_chat(split.eval, template, tokenizer, spec.tokenize.max_length, spec.tokenize.on_truncated_answer,
+                                 with_prompts=True)
         check_mask(train_tok, template, tokenizer)
         check_mask(eval_tok, template, tokenizer)
 

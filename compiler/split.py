@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from compiler.data import Example
+from sftc.errors import DataError
 
 _WORD = re.compile(r"[a-z0-9]+")
 _PERMUTATIONS = 64
@@ -124,6 +125,13 @@ def split_examples(examples: list[Example], split_spec) -> SplitResult:
 
     if split_spec.eval_groups is not None:
         wanted = set(split_spec.eval_groups)
+        unknown = sorted(wanted - set(groups))
+        if unknown:
+            # a typo here would silently shrink (or empty) the held-out set
+            raise DataError(
+                f"split.eval_groups: {unknown[:10]} {'is' if len(unknown) == 1 else 'are'} not the group of any "
+                f"accepted row ({len(groups)} groups, e.g. {groups[:5]})"
+            )
         eval_roots = {root for root, members in clusters.items() if wanted & set(members)}
     else:
         eval_roots = {root for root in clusters if side_of(root, split_spec.seed, split_spec.eval_fraction) == "eval"}

@@ -63,7 +63,9 @@ def answer_spans(example: Example, template, tokenizer) -> tuple[str, list[tuple
     return full, spans, prompt_text
 
 
-def tokenize_chat(examples: list[Example], template, tokenizer, max_length: int, on_truncated: str) -> Tokenized:
+def tokenize_chat(examples: list[Example], template, tokenizer, max_length: int, on_truncated: str,
+                  with_prompts: bool = False) -> Tokenized:
+    """Tokenize and mask chat rows; `with_prompts` also keeps the last prompt's ids (eval only)."""
     out = Tokenized()
     rendered = []
     for example in examples:
@@ -75,7 +77,7 @@ def tokenize_chat(examples: list[Example], template, tokenizer, max_length: int,
     if not rendered:
         return out
     for start in range(0, len(rendered), _CHUNK):
-        _mask_chunk(rendered[start : start + _CHUNK], tokenizer, max_length, on_truncated, out)
+        _mask_chunk(rendered[start : start + _CHUNK], tokenizer, max_length, on_truncated, out, with_prompts)
     return out
 
 
@@ -84,11 +86,11 @@ def tokenize_chat(examples: list[Example], template, tokenizer, max_length: int,
 _CHUNK = 2048
 
 
-def _mask_chunk(rendered, tokenizer, max_length: int, on_truncated: str, out: Tokenized) -> None:
+def _mask_chunk(rendered, tokenizer, max_length: int, on_truncated: str, out: Tokenized, with_prompts: bool) -> None:
     encoded = tokenizer(
         [full for _, full, _, _ in rendered], add_special_tokens=False, return_offsets_mapping=True
     )
-    prompts = tokenizer([p for _, _, _, p in rendered], add_special_tokens=False)["input_ids"]
+    prompts = tokenizer([p for _, _, _, p in rendered], add_special_tokens=False)["input_ids"] if with_prompts else None
     for k, (example, _, spans, _) in enumerate(rendered):
         ids = np.asarray(encoded["input_ids"][k], dtype=np.int32)
         offsets = np.asarray(encoded["offset_mapping"][k], dtype=np.int64).reshape(-1, 2)
@@ -116,7 +118,7 @@ def _mask_chunk(rendered, tokenizer, max_length: int, on_truncated: str, out: To
         out.input_ids.append(ids)
         out.labels.append(labels)
         out.examples.append(example)
-        out.prompt_ids.append(prompts[k])
+        out.prompt_ids.append(prompts[k] if prompts is not None else [])
 
 
 def tokenize_text(examples: list[Example], tokenizer) -> Tokenized:

@@ -165,7 +165,6 @@ def build_tiny(
     if vocab_size % _ALIGN:
         raise ValueError(f"vocab_size must be a multiple of {_ALIGN}, got {vocab_size}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if chat_template is None:
         chat_template = DEFAULT_CHAT_TEMPLATE.read_text(encoding="utf-8")
 
@@ -195,6 +194,8 @@ def build_tiny(
     )
 
     # transformers 5 always writes safetensors and dropped the flag; older 4.x needs it.
+    # Only now create the directory: a config rejected above leaves nothing behind.
+    out.mkdir(parents=True, exist_ok=True)
     save_kwargs = {}
     if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
         save_kwargs["safe_serialization"] = True

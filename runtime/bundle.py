@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -74,14 +74,12 @@ class TokenFile:
         the previous example (or there is none), and the collator masks it so no example is
         supervised from another one's context.
         """
-        counts = np.zeros(self.n_rows, dtype=np.int64)
-        for r in range(self.n_rows):
-            _, labels, lengths = self.row(r)
-            keep = labels != IGNORE
-            starts = np.concatenate([[0], np.cumsum(lengths.astype(np.int64))[:-1]])
-            keep[starts[starts < len(keep)]] = False
-            counts[r] = int(keep.sum())
-        return counts
+        keep = self.labels != IGNORE
+        # validate() guarantees each row's seq_lengths tile it, so the segments tile the flat array
+        starts = np.concatenate([[0], np.cumsum(self.seq_lengths.astype(np.int64))[:-1]])
+        keep[starts[starts < len(keep)]] = False
+        cumulative = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
+        return cumulative[self.row_offsets[1:]] - cumulative[self.row_offsets[:-1]]
 
     @property
     def row_lengths(self) -> np.ndarray:
@@ -106,6 +104,8 @@ class TokenFile:
             empty = np.diff(self.seq_offsets) == 0
             if len(self.seq_lengths) and np.any((np.asarray(sums) != self.row_lengths) & ~empty):
                 problems.append("the seq_lengths of a row do not add up to the row's length")
+            if np.any(empty & (self.row_lengths > 0)):
+                problems.append("a non-empty row has no seq_lengths")
         if self.order is not None:
             if self.order.ndim == 2:
                 if self.order.shape[1] != self.n_rows:
@@ -142,7 +142,6 @@ def load_token_file(path: Path, name: str, need_order: bool) -> TokenFile:
 class Bundle:
     dir: Path
     lock: dict[str, Any]
-    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def bundle_id(self) -> str:

@@ -124,8 +124,8 @@ def manifest_files(staging: Path) -> dict[str, str]:
     }
 
 
-def _fsync_tree(root: Path) -> None:
-    for p in [*root.rglob("*"), root]:
+def _fsync_tree(root: Path, recursive: bool = True) -> None:
+    for p in [*(root.rglob("*") if recursive else []), root]:
         with contextlib.suppress(OSError):
             fd = os.open(p, os.O_RDONLY)
             try:
@@ -152,7 +152,7 @@ def write_checkpoint(root: Path, step: int, fill: Callable[[Path], dict]) -> Pat
         if final.exists():
             _remove(final)
         os.rename(staging, final)
-        _fsync_tree(root)
+        _fsync_tree(root, recursive=False)  # the rename itself
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

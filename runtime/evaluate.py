@@ -11,10 +11,10 @@ The rules file format is documented in docs/eval-rules.md.
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -99,6 +99,7 @@ Check = Annotated[
     Field(discriminator="kind"),
 ]
 _JSON_KINDS = ("json_valid", "json_schema", "json_field_equals")
+_KIND_NAMES = ("json_valid", "json_schema", "json_field_equals", "regex", "contains_row_field")
 
 
 class RulesFile(_Strict):
@@ -194,8 +195,6 @@ def _describe(error: dict, raw: Any) -> str:
     return f"{path}: {error['msg']} (found {shown})"
 
 
-_KIND_NAMES = ("json_valid", "json_schema", "json_field_equals", "regex", "contains_row_field")
-
 
 @dataclass(frozen=True)
 class Rules:
@@ -204,8 +203,8 @@ class Rules:
     source: str
     sha256: str
     spec: RulesFile
-    _regex: dict = field(default_factory=dict, repr=False, compare=False)
-    _schema: dict = field(default_factory=dict, repr=False, compare=False)
+    _regex: dict = dataclass_field(default_factory=dict, repr=False, compare=False)
+    _schema: dict = dataclass_field(default_factory=dict, repr=False, compare=False)
 
     @property
     def version(self) -> int:
@@ -555,7 +554,3 @@ def behaviour_metrics(model, tokenizer, prompts: list[dict], rules: Rules, max_n
         "samples": samples,
     })
     return result
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -49,6 +49,9 @@ def _pyplot():
 
 
 def _mark_best(ax, best_step: int | None, label: str = "selected") -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if best_step is not None:
         ax.axvline(best_step, color="tab:green", linestyle=":", linewidth=1.5, label=f"{label} (step {best_step})")
 
@@ -114,7 +117,10 @@ def _behaviour_chart(plt, path: Path, cands: list[dict], names: list[str], best:
         # Zoom to where the checkpoints differ: rates of 0.91 and 0.97 look equal on a 0..1 axis.
         low, high = min(shown), max(shown)
         pad = max(0.02, (high - low) * 0.15)
-        ax.set_ylim(max(-0.02, low - pad), min(1.02, high + pad) if high <= 1 else high + pad)
+        bottom, top = max(-0.02, low - pad), (min(1.02, high + pad) if high <= 1 else high + pad)
+        if top - bottom < 0.1:  # all equal: keep a readable span instead of a microscope
+            bottom, top = max(-0.02, min(bottom, top - 0.1)), max(top, bottom + 0.1)
+        ax.set_ylim(bottom, top)
     title = "Held-out behaviour per checkpoint"
     if best is not None and best_step is None:
         title += " (no checkpoint eligible)"
@@ -142,10 +148,11 @@ def _tokens_chart(plt, path: Path, train: list[dict], lock: dict) -> None:
         if isinstance(planned, dict) and _finite(planned.get("mean")):
             ax.axhline(planned["mean"], color="gray", linestyle=":", linewidth=1,
                        label=f"planned mean {planned['mean']:.0f} (lock)")
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, max(values) * 1.15)
         ax.legend(fontsize=8, loc="lower right")
     else:
         ax.text(0.5, 0.5, "no train steps logged", ha="center", va="center", transform=ax.transAxes)
+    _mark_best(ax, None)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("supervised tokens")
     ax.set_title("Supervised tokens per update")

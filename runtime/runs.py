@@ -158,6 +158,27 @@ def _scalar(value: Any) -> bool:
     return value is None or isinstance(value, (str, bool, int, float))
 
 
+# Numbers logged next to the metrics that describe the evaluation itself, not the model.
+DIAGNOSTICS = frozenset({"step", "eligible", "failed", "rank", "on_disk", "checkpoint", "kind", "n_prompts",
+                         "eval_tokens", "generated_tokens", "generation_seconds", "replies_truncated", "epoch"})
+
+
+def metric_names(lock: dict) -> list[str]:
+    """eval_loss, the rules' declared metrics and whatever the selection rule names, in that order."""
+    names = ["eval_loss"] + list((lock.get("eval_manifest") or {}).get("metrics") or [])
+    select = (lock.get("spec") or {}).get("select") or {}
+    names += list(select.get("require") or {}) + ([select["maximize"]] if select.get("maximize") else [])
+    tie_break = select.get("tie_break") or []
+    for entry in [tie_break] if isinstance(tie_break, dict) else tie_break:
+        names += [v for v in entry.values() if v]
+    out: list[str] = []
+    for name in names:
+        name = "eval_loss" if name == "val_loss" else name
+        if name not in out:
+            out.append(name)
+    return out if len(out) > 1 else []
+
+
 # --- overview of all runs --------------------------------------------------------------------
 
 
@@ -199,10 +220,10 @@ def list_runs(project_root) -> list[dict]:
         best_step = best.get("best_step")
         shown_step = best_step if best_step is not None else best.get("fallback_step")
         best_metrics = {}
+        wanted = metric_names(lock)
         for cand in best.get("candidates", []):
             if cand.get("step") == shown_step:
-                best_metrics = {k: v for k, v in cand.items()
-                                if k not in ("step", "eligible", "failed", "rank", "on_disk", "checkpoint")
+                best_metrics = {k: v for k, v in cand.items() if (k in wanted if wanted else k not in DIAGNOSTICS)
                                 and isinstance(v, (int, float)) and not isinstance(v, bool)}
         row.update({
             "bundle_id": lock.get("bundle_id"),

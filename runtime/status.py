@@ -8,11 +8,31 @@ from typing import Any
 
 from sftc.errors import RunError
 
-from runtime.runs import (candidates, checkpoint_dirs, checkpoint_problems, read_best, read_lock, read_metrics,
-                          read_run_json)
+from runtime.runs import (DIAGNOSTICS, candidates, checkpoint_dirs, checkpoint_problems, read_best, read_lock,
+                          read_metrics, read_run_json)
 
-_HIDDEN = {"step", "on_disk", "eligible", "failed", "rank", "checkpoint", "kind", "n_prompts", "generated_tokens",
-           "generation_seconds", "replies_truncated"}
+
+def _live_pid(run_dir: Path) -> int | None:
+    """The pid recorded in run.lock if that process is alive. The file outlives the run (only the
+    flock is released), and taking the flock here to test it could refuse a run starting just then."""
+    import os
+    import re
+
+    try:
+        text = (run_dir / "run.lock").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    match = re.search(r"pid (\d+)", text)
+    if not match:
+        return None
+    pid = int(match.group(1))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
 
 
 def _num(value: Any) -> str:
@@ -43,8 +63,11 @@ def status(run_dir, verify_hashes: bool = True) -> str:
         lines.append(f"  bundle {bundle_id}  parameterization {kind}  planned steps {_num(planned)}")
     if run.get("world_size"):
         lines.append(f"  world size {run['world_size']}")
-    if (run_dir / "run.lock").exists():
-        lines.append("  run.lock present (a run may be live; it is held only while `sftc run` is running)")
+    pid = _live_pid(run_dir)
+    if pid is not None:
+        lines.append(f"  live: `sftc run` pid {pid} holds run.lock")
+    elif run.get("status"):
+        lines.append(f"  status {run['status']}" + (f": {run['error']}" if run.get("error") else ""))
 
     train, _ = read_metrics(run_dir)
     if train:
@@ -63,7 +86,7 @@ def status(run_dir, verify_hashes: bool = True) -> str:
         problems = checkpoint_problems(path, bundle_id, verify_hashes=verify_hashes)
         state = "valid" if not problems else "INVALID: " + "; ".join(problems)
         metrics = evaluated.get(step, {})
-        shown = "  ".join(f"{k} {_num(v)}" for k, v in sorted(metrics.items()) if k not in _HIDDEN)
+        shown = "  ".join(f"{k} {_num(v)}" for k, v in sorted(metrics.items()) if k not in DIAGNOSTICS)
         mark = "*" if step == best_step else " "
         lines.append(f"  {mark} step {step:>6}  {state}" + (f"  {shown}" if shown else ""))
     gone = sorted(set(evaluated) - {s for s, _ in dirs})

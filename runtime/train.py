@@ -70,7 +70,7 @@ def _row_hash(tf: TokenFile, rows: list[int]) -> str:
     return digest.hexdigest()
 
 
-def _batch_hash(input_ids, position_ids, n_real: list[int]) -> str:
+def _batch_hash(input_ids, n_real: list[int]) -> str:
     digest = hashlib.sha256()
     for i, n in enumerate(n_real):
         digest.update(input_ids[i, :n].cpu().numpy().astype(np.int64).tobytes() + b"|")
@@ -265,7 +265,7 @@ class RunState:
                     f"micro-batch {self.mb_in_update + 1}: got rows {rows}, the bundle says {want}"
                 )
             if len(self.hashed) < HASHED_MICROBATCHES:
-                got = _batch_hash(inputs["input_ids"], inputs["position_ids"], lengths)
+                got = _batch_hash(inputs["input_ids"], lengths)
                 want_hash = _row_hash(self.bundle.train, rows)
                 if got != want_hash:
                     raise RunError(f"update {step + 1}: the input_ids fed to the model are not the bundle's rows {rows}")
@@ -544,6 +544,7 @@ def training_args(bundle: Bundle, run_dir: Path, layout: dict, model):
     spec = bundle.spec
     opt, sched = spec.optimizer, spec.schedule
     cuda = torch.cuda.is_available()
+    max_steps = int(bundle.lock["budget"]["optimizer_steps"])
     model_dtype = bundle.lock["model"].get("dtype") or spec.model.dtype
     if model_dtype == "float16" and not cuda:
         raise RunError("model.dtype float16 needs a CUDA device (fp16 mixed precision); use float32 or bfloat16 on CPU")
@@ -551,7 +552,7 @@ def training_args(bundle: Bundle, run_dir: Path, layout: dict, model):
         output_dir=str(run_dir / "checkpoints"),
         seed=spec.seed,
         data_seed=spec.seed,
-        max_steps=int(bundle.lock["budget"]["optimizer_steps"]),
+        max_steps=max_steps,
         per_device_train_batch_size=layout["per_device"],
         gradient_accumulation_steps=layout["grad_accum"],
         optim="adamw_torch",
@@ -562,7 +563,8 @@ def training_args(bundle: Bundle, run_dir: Path, layout: dict, model):
         adam_epsilon=opt.eps,
         max_grad_norm=opt.max_grad_norm if opt.max_grad_norm is not None else 0.0,
         lr_scheduler_type=sched.kind,
-        warmup_steps=sched.warmup_ratio,  # a float in [0, 1) is a ratio in transformers 5.23
+        # the lock's integer step count when it has one (a float < 1 would be read as a ratio)
+        warmup_steps=int(bundle.lock["budget"].get("warmup_steps", math.ceil(sched.warmup_ratio * max_steps))),
         bf16=model_dtype == "bfloat16",
         fp16=model_dtype == "float16",
         activation_checkpointing=False,
@@ -607,6 +609,13 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
 
     spec = bundle.spec
     layout = report["layout"]
+    if layout["world_size"] > 1:
+        # Checkpoint staging, the consumption check and eval are single-writer for now; several
+        # ranks would race on the same staging and rename. Refuse rather than corrupt a run.
+        raise RunError(
+            f"WORLD_SIZE={layout['world_size']}: multi-process training is not supported by this runtime yet; "
+            "run with one process (the bundle's examples_per_update is kept by grad_accum)"
+        )
     resume, manifest, skipped = ckpt.find_resume(run_dir / "checkpoints", bundle.lock)
     start_step = int(manifest["global_step"]) if manifest else 0
     if resume is not None:

@@ -29,7 +29,7 @@ def _cli_fails(project, spec, *needles):
     """Compile through the CLI; it must exit 2 with a message containing every needle."""
     path = project.write_spec(spec) if not hasattr(spec, "is_file") else spec
     result = CliRunner().invoke(main, ["compile", str(path)])
-    output = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    output = result.output  # stdout and stderr together
     assert result.exit_code == 2, output
     assert isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in output
@@ -56,6 +56,7 @@ def test_unknown_nested_key(project, rows):
 
 def test_several_problems_are_reported_together(project, rows):
     spec = base_spec(batch={"per_device": "four"}, optimizer={"lrr": 1})
+    del spec["optimizer"]["lr"]
     out = _cli_fails(project, spec, "batch.per_device", "'four'", "optimizer.lrr", "optimizer.lr: required key is missing")
     assert "3 problem(s)" in out
 
@@ -84,7 +85,7 @@ def test_malformed_json_line_is_a_counted_reject(project):
 
 
 def test_too_many_malformed_lines_fail_listing_reasons(project):
-    lines = [__import__("json").dumps(r) for r in ROWS] + ["{not json", "[1, 2", '{"thread_id": "X", "prompt": 1}']
+    lines = [__import__("json").dumps(r) for r in ROWS] + ["{not json", "[1, 2", '{"thread_id": "X", "prompt": 1, "completion": "y"}']
     project.write_jsonl("data/rows.jsonl", lines)
     out = _cli_fails(project, base_spec(data={"max_reject_fraction": 0.05}),
                      "data.max_reject_fraction", "3 of 13", "malformed_json: 2", "wrong_type: 1", "data/rows.jsonl:10")
@@ -178,3 +179,23 @@ def test_unsupported_data_suffix(project):
     (project.root / "data").mkdir()
     (project.root / "data" / "rows.csv").write_text("thread_id,prompt,completion\n")
     _cli_fails(project, base_spec(data={"files": ["data/rows.csv"]}), "data/rows.csv", ".csv")
+
+
+def test_failure_while_writing_leaves_no_partial_bundle(project, rows, monkeypatch):
+    """A crash after staging began (here: rendering REPORT.md) removes the temp dir; no bundle appears."""
+    import compiler.report
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(compiler.report, "render_report", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        project.compile(base_spec())
+    assert (project.root / "bundles").is_dir()  # staging had started
+    _assert_clean(project)
+
+
+def test_eval_group_that_does_not_exist(project, rows):
+    """A typo in split.eval_groups must not silently leave the held-out set empty."""
+    out = _cli_fails(project, base_spec(split={"eval_groups": ["T1", "T404"]}), "split.eval_groups", "T404")
+    assert "'T1'" not in out.split("split.eval_groups:")[1].split("not the group")[0]

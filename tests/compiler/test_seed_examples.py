@@ -225,6 +225,21 @@ def test_long_enough_max_length_keeps_the_row(project):
     assert lock["data_manifest"]["train_examples"] == 3
 
 
+def test_bfd_packing_cannot_cut_an_answer_that_tokenization_kept(project):
+    """seq_length below max_length: bfd truncates each example to one row, so the answer check must
+    use that cut too. Otherwise the long row is packed with its answer gone and no reject."""
+    project.write_jsonl("data/rows.jsonl", _truncation_rows())
+    bundle, lock, _ = project.compile(base_spec(tokenize={"max_length": 1024}, packing={"strategy": "bfd", "seq_length": 48}))
+    rejects = read_jsonl(bundle / "rejects.jsonl")
+    assert [(r["row"], r["reason"]) for r in rejects] == [(1, "answer_truncated")]
+    assert lock["packing"]["overflow_tokens_dropped"] == 0
+    data = load_tokens(bundle)
+    for _, ids, labels in segments(data):
+        assert len(ids) <= 48
+        assert (labels != IGNORE_INDEX).any()
+    assert lock["budget"]["supervised_tokens_per_update"]["min"] > 0
+
+
 # --- packing -----------------------------------------------------------------------------------
 
 

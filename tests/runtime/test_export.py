@@ -222,3 +222,40 @@ def test_adapter_export_reloads_and_merges(tmp_path, base_dir, kind):
     card = (out / "README.md").read_text()
     assert "AutoPeftModelForCausalLM" in card and "merged/" in card
     assert ("4-bit base" in card) == (kind == "qlora")
+
+
+def test_end_to_end_real_run_selects_exports_reports(project):
+    """A real compiled bundle trained by the runtime: best.json, export, status and report agree."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    from runtime.report import render_report
+    from runtime.runs import format_runs, list_runs
+    from runtime.status import status
+    from tests.runtime.conftest import run_in_subprocess
+
+    bundle = project.compile(
+        parameterization={"kind": "lora", "rank": 4, "alpha": 8, "dropout": 0.0, "merge_on_export": True},
+        eval={"rules": "rules.yaml", "max_new_tokens": 24, "batch_size": 8},
+        select={"require": {"format_pass_rate": ">= 0.0"}, "maximize": "policy_pass_rate"},
+    )
+    run = project.run_dir(bundle)
+    proc = run_in_subprocess(bundle, run, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = json.loads((run / "best.json").read_text())
+    assert best["best_step"] is not None
+    assert {"format_pass_rate", "policy_pass_rate", "eval_loss"} <= set(best["candidates"][0])
+
+    out = export_run(run)
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["step"] == best["best_step"] and provenance["bundle_id"] == bundle.name
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoPeftModelForCausalLM.from_pretrained(out)
+    assert len(_greedy(model, _prompt(tokenizer), 4)) == 4
+    assert (out / "merged" / "model.safetensors").is_file()
+
+    text = status(run)
+    assert f"* step {best['best_step']:>6}  valid" in text
+    page = render_report(run)
+    assert all((page.parent / n).stat().st_size > 5000 for n in ("loss.png", "behaviour.png", "tokens.png"))
+    assert bundle.name in format_runs(list_runs(project.root))
