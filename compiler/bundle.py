@@ -24,13 +24,13 @@ import numpy as np
 from compiler import spec as spec_mod
 from sftc import __version__
 from sftc.errors import BundleError, DataError, SftcError
-from sftc.io import canonical_json, pretty_json, read_json, sha256_bytes, sha256_file, staging_dir
+from sftc.io import canonical_json, pretty_json, read_json, sha256_bytes, sha256_file, sha256_tree, staging_dir
 
 FORMAT_VERSION = 1
 # a change in any of these can change the token stream (rendering, tokenization, packing)
 TOKEN_STREAM_LIBRARIES = ("jinja2", "tokenizers", "transformers", "trl")
 RECORDED_LIBRARIES = TOKEN_STREAM_LIBRARIES + ("torch", "peft", "accelerate", "datasets", "safetensors", "bitsandbytes", "numpy", "pyarrow")
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+COMPILER_DIR = Path(__file__).resolve().parent
 
 
 def library_versions(names=RECORDED_LIBRARIES) -> dict[str, str]:
@@ -127,6 +127,10 @@ def resolve_inputs(spec_path: str | os.PathLike) -> Inputs:
         "model_config": config_sha256(model_dir),
         "rules": ("sha256:" + sha256_file(rules_path)) if rules_path else None,
         "libraries": library_versions(TOKEN_STREAM_LIBRARIES),
+        # the compiler's own code is an input too: a fixed masking or packing bug must not reuse
+        # a bundle built by the buggy version
+        "compiler": sha256_tree(COMPILER_DIR, sorted(p.name for p in COMPILER_DIR.glob("*.py"))),
+        "launch_template": sha256_file(COMPILER_DIR.parent / "templates" / "launch.sh.j2"),
     }
     return Inputs(spec, spec_path, root, data_files, model_dir, tokenizer_dir, chat_path, rules_path, hashes)
 

@@ -60,6 +60,21 @@ class Packed:
         }
 
 
+def mask_segment_starts(labels: np.ndarray, row_offsets: np.ndarray, seq_lengths: np.ndarray, seq_offsets: np.ndarray) -> None:
+    """Set the label of each segment's first token to -100, in place.
+
+    A causal LM predicts label t from position t-1; at a segment start that position belongs to
+    the previous example, so the label could only be learned across the boundary. Masking it here
+    makes the bundle's labels exactly the targets the trainer scores (and the budget's counts exact).
+    """
+    starts = []
+    for r in range(len(row_offsets) - 1):
+        lengths = seq_lengths[seq_offsets[r] : seq_offsets[r + 1]]
+        starts.append(row_offsets[r] + np.concatenate([[0], np.cumsum(lengths)[:-1]]))
+    if starts:
+        labels[np.concatenate(starts).astype(np.int64)] = IGNORE_INDEX
+
+
 def _flat(arrays: list[np.ndarray], dtype) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -73,6 +88,7 @@ def unpacked(input_ids: list[np.ndarray], labels: list[np.ndarray]) -> Packed:
     lab, _ = _flat(labels, np.int32)
     seq_lengths = np.diff(offsets).astype(np.int32)
     seq_offsets = np.arange(len(input_ids) + 1, dtype=np.int64)
+    lab[offsets[:-1][seq_lengths > 0]] = IGNORE_INDEX  # nothing predicts an example's first token
     record = {"strategy": "none", "rows": len(input_ids), "examples": len(input_ids),
               "overflow_tokens_dropped": 0, "orphaned_supervised_tokens": 0, "boundary_safe": True}
     return Packed(ids, lab, offsets, seq_lengths, seq_offsets, record)
@@ -118,6 +134,7 @@ def pack(input_ids: list[np.ndarray], labels: list[np.ndarray], strategy: str, s
     else:  # wrapped: no boundaries survive, the whole row is one sequence
         seq_lengths = row_lengths.astype(np.int32)
         seq_offsets = np.arange(len(row_lengths) + 1, dtype=np.int64)
+    mask_segment_starts(flat_labels, row_offsets, seq_lengths, seq_offsets)
     record = {
         "strategy": strategy,
         "seq_length": seq_length,

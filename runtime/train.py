@@ -438,7 +438,9 @@ def save_checkpoint(trainer, model) -> Path:
     path = ckpt.write_checkpoint(root, step, fill)
     run.last_checkpoint = path
     ckpt.write_best(run.run_dir, run.selection)
-    deleted = ckpt.rotate(root, spec.checkpoint.keep_last, run.best_step)
+    # keep the fallback too: with nothing eligible it is what a forced export would use
+    keep = run.best_step if run.best_step is not None else (run.selection or {}).get("fallback_step")
+    deleted = ckpt.rotate(root, spec.checkpoint.keep_last, keep)
     if deleted:
         run.append_metrics({"kind": "rotate", "step": step, "deleted": deleted, "best_step": run.best_step})
     return path
@@ -467,9 +469,13 @@ def evaluate_checkpoint(trainer, model, staging: Path) -> dict:
             if config is not None:
                 config.use_cache = True  # generation only; training stays cache-free
             try:
+                # the template's terminator must stop generation even when the base model's
+                # generation_config only knows its pretraining eos
+                template = bundle.lock.get("template") or {}
+                stop = [template["terminator_id"]] if template.get("terminator_id") is not None else None
                 result = behaviour_metrics(
                     model, run.tokenizer, prompts, load_rules(bundle.rules_path),
-                    spec.eval.max_new_tokens, spec.eval.batch_size,
+                    spec.eval.max_new_tokens, spec.eval.batch_size, eos_token_ids=stop,
                 )
             finally:
                 if config is not None:
@@ -720,9 +726,24 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
     return run_dir
 
 
+def bundle_select(run_dir: Path) -> dict:
+    record = read_json(run_dir / "run.json")
+    return read_json(Path(record["bundle_dir"]) / "bundle.lock.json")["spec"]["select"]
+
+
 def _export(run_dir: Path, record: dict) -> None:
-    try:
-        from runtime.export import export_run
-    except ImportError:
+    """Export the selected checkpoint. A run where no checkpoint met the constraints finished
+    training but exports nothing (unless the spec says export_if_none_eligible): say so, and
+    record it, instead of failing a finished run."""
+    from runtime.export import export_run
+
+    best = read_json(run_dir / "best.json") if (run_dir / "best.json").is_file() else {}
+    if best.get("best_step") is None and not bundle_select(run_dir).get("export_if_none_eligible"):
+        record["export"] = {"exported": False, "why": best.get("why", "no checkpoint was evaluated")}
+        atomic_write_json(run_dir / "run.json", record)
+        print(f"sftc: no checkpoint met the selection constraints; nothing exported ({record['export']['why']})",
+              file=sys.stderr)
         return
-    export_run(run_dir)
+    path = export_run(run_dir, allow_ineligible=best.get("best_step") is None)
+    record["export"] = {"exported": True, "path": str(path)}
+    atomic_write_json(run_dir / "run.json", record)

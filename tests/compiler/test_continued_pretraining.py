@@ -23,7 +23,7 @@ def _spec(strategy: str, **overrides):
     )
 
 
-def _expected_train_tokens(project, lock, bundle) -> dict[str, list[int]]:
+def _expected_train_tokens(lock, bundle) -> dict[str, list[int]]:
     tokenizer = bundle_tokenizer(bundle, lock)
     train = set(lock["split"]["train_groups"])
     return {
@@ -47,13 +47,20 @@ def test_every_token_is_supervised(project, docs, strategy):
     for which in ("train", "eval"):
         data = load_tokens(bundle, which)
         assert len(data["input_ids"]) > 0
-        assert np.array_equal(data["labels"], data["input_ids"]), f"{which}: a text token is not a target"
-    assert lock["budget"]["supervised_tokens"] == lock["budget"]["total_tokens"] > 0
+        # every token is a target except each segment's first: nothing in its own example predicts it
+        starts = np.zeros(len(data["input_ids"]), dtype=bool)
+        for r in range(len(data["row_offsets"]) - 1):
+            lengths = data["seq_lengths"][data["seq_offsets"][r] : data["seq_offsets"][r + 1]]
+            starts[data["row_offsets"][r] + np.concatenate([[0], np.cumsum(lengths)[:-1]])] = True
+        assert np.all(data["labels"][starts] == -100), f"{which}: a segment start carries a label"
+        assert np.array_equal(data["labels"][~starts], data["input_ids"][~starts]), f"{which}: a text token is not a target"
+    budget = lock["budget"]
+    assert 0 < budget["supervised_tokens"] < budget["total_tokens"]
 
 
 def test_bfd_split_preserves_every_token(project, docs):
     bundle, lock, _ = project.compile(_spec("bfd_split"))
-    expected = _expected_train_tokens(project, lock, bundle)
+    expected = _expected_train_tokens(lock, bundle)
     data = load_tokens(bundle)
     total = sum(len(v) for v in expected.values())
     assert max(len(v) for v in expected.values()) > 64  # the test needs documents longer than a row
@@ -69,7 +76,7 @@ def test_bfd_split_preserves_every_token(project, docs):
 
 def test_bfd_truncates_and_counts_the_overflow(project, docs):
     bundle, lock, _ = project.compile(_spec("bfd"))
-    expected = _expected_train_tokens(project, lock, bundle)
+    expected = _expected_train_tokens(lock, bundle)
     data = load_tokens(bundle)
     overflow = sum(max(len(v) - 64, 0) for v in expected.values())
     assert overflow > 0

@@ -3,9 +3,11 @@ no traceback, and nothing left behind (no bundle directory, no staging temp dir)
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -73,7 +75,7 @@ def test_missing_data_file(project, rows):
 
 
 def test_malformed_json_line_is_a_counted_reject(project):
-    lines = [__import__("json").dumps(r) for r in ROWS]
+    lines = [json.dumps(r) for r in ROWS]
     lines.insert(4, '{"thread_id": "T99", "prompt": "broken", ')
     project.write_jsonl("data/rows.jsonl", lines)
     bundle, lock, _ = project.compile(base_spec(data={"max_reject_fraction": 0.2}))
@@ -85,7 +87,7 @@ def test_malformed_json_line_is_a_counted_reject(project):
 
 
 def test_too_many_malformed_lines_fail_listing_reasons(project):
-    lines = [__import__("json").dumps(r) for r in ROWS] + ["{not json", "[1, 2", '{"thread_id": "X", "prompt": 1, "completion": "y"}']
+    lines = [json.dumps(r) for r in ROWS] + ["{not json", "[1, 2", '{"thread_id": "X", "prompt": 1, "completion": "y"}']
     project.write_jsonl("data/rows.jsonl", lines)
     out = _cli_fails(project, base_spec(data={"max_reject_fraction": 0.05}),
                      "data.max_reject_fraction", "3 of 13", "malformed_json: 2", "wrong_type: 1", "data/rows.jsonl:10")
@@ -105,7 +107,7 @@ def test_unloadable_tokenizer_via_the_real_command(project, rows):
     """The installed entry point, in a fresh process: exit 2 and one clear line, no traceback."""
     shutil.copytree(external_path("tokenizers", "llama2-unloadable"), project.root / "tok")
     spec = project.write_spec(base_spec(model={"tokenizer": "tok"}))
-    sftc = shutil.which("sftc", path=str(__import__("pathlib").Path(sys.executable).parent)) or "sftc"
+    sftc = shutil.which("sftc", path=str(Path(sys.executable).parent)) or "sftc"
     proc = subprocess.run([sftc, "compile", str(spec)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
