@@ -1,42 +1,56 @@
 """Compile benchmark: `sftc compile` vs TRL SFTTrainer's own dataset preparation, same run.
 
-OrgAccess easy (38,280 rows, ../shared/external/datasets/orgaccess), the real Qwen2.5 tokenizer
-and ChatML template, max_length 1024, bfd packing. Both sides get the same prompt/completion
-rows. TRL's side is the dataset preparation SFTTrainer does in its constructor (chat template,
-tokenize, completion mask, labels, pack); sftc's side is a cold compile (validate, split with
-near-duplicate merging, template, tokenize + mask, pack, budget, parameter count, hashing,
-bundle write). Then a warm recompile of unchanged inputs through the CLI, and the compile's
-peak RSS. Writes benchmarks/results/compile.json.
+OrgAccess easy (38,280 rows, $SFTC_EXTERNAL/datasets/orgaccess, default ../shared/external),
+the real Qwen2.5 tokenizer and ChatML template, max_length 1024, bfd packing. Both sides get the
+same prompt/completion rows. TRL's side is the dataset preparation SFTTrainer does in its
+constructor (chat template, tokenize, completion mask, labels, pack); sftc's side is a cold
+compile (validate, split with near-duplicate merging, template, tokenize + mask, pack, budget,
+parameter count, hashing, bundle write). Then a warm recompile of unchanged inputs through the
+CLI, and the compile's peak RSS.
 
-    .venv/bin/python benchmarks/bench_compile.py [--rows N]
+Both sides run in child processes, interleaved (sftc, trl, trl, sftc, ...) because the machine
+is shared; medians are reported. Each child reports its own peak RSS (RUSAGE_SELF), its import
+time, and its core time:
+  sftc_compile_s   compile_spec() wall time, imports of torch/transformers/trl/peft included
+                   (compile imports them lazily, so they are part of what `sftc compile` costs)
+  trl_prepare_s    the SFTTrainer constructor only (TRL's imports, the model and load_dataset
+                   come before it and are not counted): the definition the targets were set with
+  *_process_s      child launch to done, both sides including every import: the user-visible cost
+compile_vs_trl_ratio = sftc_compile_s / trl_prepare_s (unchanged definition);
+compile_vs_trl_ratio_process compares the whole processes.
+
+The project (data, tokenizer, spec) is written to $SFTC_BENCH_CACHE/orgaccess and the bundle
+stays in its bundles/ so bench_packing.py can read it. Writes benchmarks/results/compile.json.
+
+    .venv/bin/python benchmarks/bench_compile.py [--rows N] [--repeats 2] [--profile]
 """
 
 from __future__ import annotations
 
 import os
+
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import argparse
 import json
-import os
-import platform
-import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-EXTERNAL = Path(os.environ.get("SFTC_EXTERNAL", REPO.parent / "shared" / "external"))
-RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+REPO = common.REPO
+EXTERNAL = common.EXTERNAL
+RESULTS = common.RESULTS
+PROJECT = common.CACHE / "orgaccess"
 
 
 def machine() -> dict:
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "processor": platform.processor() or platform.machine()}
+    return common.machine()
 
 
 def make_project(tmp: Path, rows: int | None) -> Path:
@@ -75,46 +89,71 @@ schedule: {epochs: 1}
     return tmp
 
 
+
+SFTC_CHILD = r"""
+import json, resource, sys, time
+t0 = time.perf_counter()
+import torch, transformers, trl, peft  # what compile imports lazily; timed apart for the record
+t1 = time.perf_counter()
+from compiler import compile_spec
+b, l, r = compile_spec(sys.argv[1], force=True)
+t2 = time.perf_counter()
+print(json.dumps({"seconds": t2 - t0, "import_s": t1 - t0, "bundle": str(b), "reused": r,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+TRL_CHILD = r"""
+import json, os, resource, sys, time
+from pathlib import Path
+t0 = time.perf_counter()
+import torch
+from datasets import load_dataset
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+t1 = time.perf_counter()
+project = Path(sys.argv[1])
+tokenizer = AutoTokenizer.from_pretrained(project / "models/qwen")
+config = AutoConfig.from_pretrained(project / "models/qwen")
+# a 1-layer stand-in: TRL's data preparation does not depend on the model's size
+config.num_hidden_layers, config.hidden_size, config.intermediate_size = 1, 64, 128
+config.num_attention_heads, config.num_key_value_heads = 2, 1
+model = AutoModelForCausalLM.from_config(config)
+rows = load_dataset("json", data_files=str(project / "data/orgaccess.jsonl"), split="train")
+rows = rows.map(lambda r: {"prompt": [{"role": "user", "content": r["prompt"]}],
+                           "completion": [{"role": "assistant", "content": r["completion"]}]},
+                remove_columns=["prompt", "completion", "user_role"])
+args = SFTConfig(output_dir=str(project / "trl-out"), max_length=1024, packing=True, packing_strategy="bfd",
+                 report_to="none", use_cpu=not torch.cuda.is_available(), bf16=False, per_device_train_batch_size=8)
+t2 = time.perf_counter()
+trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+t3 = time.perf_counter()
+packed = trainer.train_dataset
+lengths = [len(x) for x in packed["input_ids"]]
+print(json.dumps({"seconds": t3 - t2, "process_s": t3 - t0, "import_s": t1 - t0, "rows": len(packed),
+                  "tokens": sum(lengths), "examples": len(rows),
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def _child(code: str, *argv: str) -> dict:
+    launched = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stderr[-4000:])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["process_s"] = time.perf_counter() - launched  # includes interpreter start-up
+    return result
+
+
 def trl_prepare(project: Path) -> dict:
     """TRL SFTTrainer's dataset preparation on the same rows (conversational prompt/completion,
-    so it applies the same ChatML template), measured around the constructor."""
-    import torch
-    from datasets import load_dataset
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
-
-    tokenizer = AutoTokenizer.from_pretrained(project / "models/qwen")
-    config = AutoConfig.from_pretrained(project / "models/qwen")
-    config.num_hidden_layers, config.hidden_size, config.intermediate_size = 1, 64, 128
-    config.num_attention_heads, config.num_key_value_heads = 2, 1
-    model = AutoModelForCausalLM.from_config(config)
-    rows = load_dataset("json", data_files=str(project / "data/orgaccess.jsonl"), split="train")
-    rows = rows.map(lambda r: {"prompt": [{"role": "user", "content": r["prompt"]}],
-                               "completion": [{"role": "assistant", "content": r["completion"]}]},
-                    remove_columns=["prompt", "completion", "user_role"])
-    args = SFTConfig(output_dir=str(project / "trl-out"), max_length=1024, packing=True, packing_strategy="bfd",
-                     report_to="none", use_cpu=not torch.cuda.is_available(), bf16=False, per_device_train_batch_size=8)
-    start = time.perf_counter()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
-    seconds = time.perf_counter() - start
-    packed = trainer.train_dataset
-    lengths = [len(x) for x in packed["input_ids"]]
-    return {"seconds": round(seconds, 2), "rows": len(packed), "tokens": sum(lengths)}
+    so it applies the same ChatML template), timed around the constructor, in a child process."""
+    return _child(TRL_CHILD, str(project))
 
 
 def sftc_cold(project: Path) -> dict:
-    """Cold compile in a child process, for its wall time and peak RSS."""
-    code = (
-        "import time,json,sys; t=time.perf_counter(); from compiler import compile_spec; "
-        f"b,l,r=compile_spec({str(project / 'specs/orgaccess.yaml')!r}, force=True); "
-        "print(json.dumps({'seconds': time.perf_counter()-t, 'bundle': str(b), 'reused': r}))"
-    )
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    result["peak_rss_mb"] = round(max(peak_kb, before) / 1024, 1)
-    return result
+    """Cold compile (force=True) in a child process: wall time, import share and peak RSS."""
+    return _child(SFTC_CHILD, str(project / "specs/orgaccess.yaml"))
 
 
 def sftc_warm(project: Path) -> float:
@@ -125,35 +164,86 @@ def sftc_warm(project: Path) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def profile(project: Path, top: int = 25) -> list[dict]:
+    """cProfile of one cold compile (in this process, imports included): where the time goes."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    from compiler import compile_spec
+
+    compile_spec(str(project / "specs/orgaccess.yaml"), force=True)
+    prof.disable()
+    stats = pstats.Stats(prof)
+    rows = []
+    for (file, line, func), (cc, nc, tt, ct, callers) in stats.stats.items():
+        rows.append({"function": f"{Path(file).name}:{line}({func})", "cumulative_s": round(ct, 2),
+                     "own_s": round(tt, 2), "calls": nc})
+    rows.sort(key=lambda r: -r["cumulative_s"])
+    return rows[:top]
+
+
+def main() -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=None, help="Limit rows (default: all 38,280).")
+    parser.add_argument("--repeats", type=int, default=2, help="cold compile / TRL pairs, interleaved ABBA")
+    parser.add_argument("--profile", action="store_true", help="also cProfile one cold compile")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        project = make_project(Path(tmp), args.rows)
-        cold = sftc_cold(project)
-        warm = sftc_warm(project)
-        trl = trl_prepare(project)
-        lock = json.loads((Path(cold["bundle"]) / "bundle.lock.json").read_text())
+    shutil.rmtree(PROJECT, ignore_errors=True)
+    PROJECT.mkdir(parents=True)
+    project = make_project(PROJECT, args.rows)
+    load = [common.loadavg()]
+    colds, trls = [], []
+    for rep in range(args.repeats):
+        # ABBA: neither side always runs first on a machine whose load drifts
+        for side in (("sftc", "trl") if rep % 2 == 0 else ("trl", "sftc")):
+            if side == "sftc":
+                colds.append(sftc_cold(project))
+            else:
+                trls.append(trl_prepare(project))
+            load.append(common.loadavg())
+            print(f"repeat {rep + 1} {side}: {(colds if side == 'sftc' else trls)[-1]['seconds']:.1f}s", flush=True)
+    warm = [sftc_warm(project) for _ in range(3)]
+    lock = json.loads((Path(colds[-1]["bundle"]) / "bundle.lock.json").read_text())
+    med = common.median
+    sftc_s, trl_s = med([c["seconds"] for c in colds]), med([t["seconds"] for t in trls])
+    sftc_proc, trl_proc = med([c["process_s"] for c in colds]), med([t["process_s"] for t in trls])
     result = {
         "machine": machine(),
+        "loadavg": load,
         "rows": lock["data_manifest"]["rows_read"],
-        "sftc_compile_s": round(cold["seconds"], 2),
-        "trl_prepare_s": trl["seconds"],
-        "compile_vs_trl_ratio": round(cold["seconds"] / trl["seconds"], 3),
-        "warm_recompile_s": round(warm, 3),
-        "compile_peak_rss_mb": cold["peak_rss_mb"],
+        "repeats": args.repeats,
+        "sftc_compile_s": round(sftc_s, 2),
+        "trl_prepare_s": round(trl_s, 2),
+        "compile_vs_trl_ratio": round(sftc_s / trl_s, 3),
+        "sftc_import_s": round(med([c["import_s"] for c in colds]), 2),
+        "compile_vs_trl_ratio_excl_imports": round((sftc_s - med([c["import_s"] for c in colds])) / trl_s, 3),
+        "sftc_process_s": round(sftc_proc, 2),
+        "trl_process_s": round(trl_proc, 2),
+        "compile_vs_trl_ratio_process": round(sftc_proc / trl_proc, 3),
+        "warm_recompile_s": round(med(warm), 3),
+        "compile_peak_rss_mb": round(max(c["peak_rss_mb"] for c in colds), 1),
+        "trl_peak_rss_mb": round(max(t["peak_rss_mb"] for t in trls), 1),
+        "sftc_compile_runs_s": [round(c["seconds"], 2) for c in colds],
+        "trl_prepare_runs_s": [round(t["seconds"], 2) for t in trls],
         "packing_efficiency": lock["budget"]["packing_efficiency"],
         "packed_rows": lock["packing"]["rows"],
         "ideal_rows": lock["packing"]["ideal_rows"],
-        "trl_packed_rows": trl["rows"],
+        "trl_packed_rows": trls[-1]["rows"],
+        "trl_packing_efficiency": round(trls[-1]["tokens"] / (trls[-1]["rows"] * 1024), 4),
+        "trl_examples": trls[-1]["examples"],
         "rejected": lock["data_manifest"]["rejected"],
+        "bundle": colds[-1]["bundle"],
         "targets": {"compile_vs_trl_ratio": "<= 1.0", "warm_recompile_s": "<= 2", "compile_peak_rss_mb": "<= 2048",
                     "packing_efficiency": ">= 0.97"},
     }
+    if args.profile:
+        result["profile_top"] = profile(project)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "compile.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "profile_top")}, indent=2))
+    return result
 
 
 if __name__ == "__main__":

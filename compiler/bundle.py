@@ -326,9 +326,12 @@ def _build(inputs: Inputs, final: Path, replace: bool = False) -> dict:
                 }).encode()),
             },
         }
-        from compiler.report import render_launch, render_report
+        from compiler.report import render_deepspeed, render_launch, render_report
 
         (stage / "launch.sh").write_text(render_launch(lock), encoding="utf-8")
+        deepspeed = render_deepspeed(lock)  # zero2 / zero3 only (docs/distributed.md)
+        if deepspeed is not None:
+            (stage / "deepspeed.json").write_text(deepspeed, encoding="utf-8")
         os.chmod(stage / "launch.sh", 0o755)
         (stage / "REPORT.md").write_text(render_report(lock, packed, tokenizer), encoding="utf-8")
         lock["files"] = {

@@ -82,11 +82,15 @@ def iter_rows(path: Path, display: str) -> Iterator[tuple[int, Any, str | None]]
                     yield number, None, f"malformed_json: {exc.msg} at column {exc.colno}"
                 except RecursionError:
                     yield number, None, "malformed_json: nested too deeply"
+                except ValueError as exc:  # e.g. an integer over Python's 4300-digit conversion limit
+                    yield number, None, f"malformed_json: {str(exc)[:200]}"
     elif suffix == ".json":
         try:
             data = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataError(f"{display}: not a valid UTF-8 JSON file ({exc})") from None
+        except (UnicodeDecodeError, ValueError) as exc:  # ValueError: JSONDecodeError, 4300-digit ints
+            raise DataError(f"{display}: not a valid UTF-8 JSON file ({str(exc)[:300]})") from None
+        except RecursionError:
+            raise DataError(f"{display}: not a valid JSON file for sftc (nested too deeply)") from None
         if not isinstance(data, list):
             raise DataError(f"{display}: a .json data file must hold a list of rows, found {type(data).__name__}")
         yield from ((i, row, None) for i, row in enumerate(data))
@@ -100,6 +104,29 @@ def iter_rows(path: Path, display: str) -> Iterator[tuple[int, Any, str | None]]
         yield from ((i, row, None) for i, row in enumerate(table.to_pylist()))
     else:
         raise DataError(f"{display}: unsupported data file type {suffix!r}; allowed: .jsonl, .json, .parquet")
+
+
+def lone_surrogate(row: Any) -> str | None:
+    """Where a row holds a lone UTF-16 surrogate ("\\ud800" is valid JSON but not text), or None.
+
+    Such a string cannot be tokenized (the tokenizer raises TypeError) nor written as UTF-8 into
+    the bundle, so the row is a bad_encoding reject instead of a crash halfway through compile.
+    """
+    stack = [("row", row)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return f"{where} at character {exc.start}"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((f"{where} key", key))
+                stack.append((f"{where}.{key}" if isinstance(key, str) and lone_surrogate(key) is None else f"{where}.?", item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+    return None
 
 
 def _text_field(row: dict, key: str) -> tuple[str | None, str | None]:
@@ -195,6 +222,11 @@ def read_data(files: list[tuple[Path, str]], data_spec) -> DataResult:
                 reason, _, detail = problem.partition(": ")
                 result.rejects.append(Reject(display, number, reason, detail))
                 reasons[reason] += 1
+                continue
+            bad = lone_surrogate(row)
+            if bad is not None:
+                result.rejects.append(Reject(display, number, "bad_encoding", f"lone UTF-16 surrogate in {bad}"))
+                reasons["bad_encoding"] += 1
                 continue
             example, rejected, key = validate_row(row, data_spec, data_spec.format)
             if rejected is None and key in first_seen:

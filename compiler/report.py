@@ -20,8 +20,49 @@ def render_launch(lock: dict) -> str:
     return template.render(
         bundle_id=lock["bundle_id"], nodes=dist["nodes"], procs=dist["procs_per_node"],
         world=budget["world_size"], per_device=budget["per_device"], grad_accum=budget["grad_accum"],
-        examples_per_update=budget["examples_per_update"],
+        examples_per_update=budget["examples_per_update"], strategy=dist.get("strategy", "none"),
     ).rstrip("\n") + "\n"
+
+
+DEEPSPEED_STAGES = {"zero2": 2, "zero3": 3}
+
+
+def render_deepspeed(lock: dict) -> str | None:
+    """deepspeed.json for strategy zero2 / zero3 (None otherwise): the engine's config with the
+    bundle's batch layout, for `TrainingArguments(deepspeed=...)` or
+    `accelerate launch --use_deepspeed --deepspeed_config_file`. The optimizer and schedule stay the
+    trainer's (AdamW and the spec's schedule), so the update rule is the same under every strategy.
+    The runtime rewrites the two batch fields when it re-derives grad_accum for another world size."""
+    import json
+
+    spec = lock["spec"]
+    dist = spec["distributed"]
+    stage = DEEPSPEED_STAGES.get(dist.get("strategy"))
+    if stage is None:
+        return None
+    budget = lock["budget"]
+    zero: dict = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True, "reduce_scatter": True}
+    if dist.get("cpu_offload"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if stage == 3:
+        # checkpoints hold full weights (docs/distributed.md), so gather them on save
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    precision = dist.get("mixed_precision", "no")
+    dtype = spec["model"]["dtype"]
+    config = {
+        "train_micro_batch_size_per_gpu": budget["per_device"],
+        "gradient_accumulation_steps": budget["grad_accum"],
+        "train_batch_size": budget["examples_per_update"],
+        "gradient_clipping": spec["optimizer"]["max_grad_norm"] or 0.0,
+        "bf16": {"enabled": precision == "bf16" or dtype == "bfloat16"},
+        "fp16": {"enabled": precision == "fp16" or dtype == "float16"},
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
 def token_pieces(tokenizer, ids) -> list[str]:

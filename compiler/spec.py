@@ -21,7 +21,9 @@ from sftc.errors import SpecError
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.inf` / `.nan` are valid YAML floats, and e.g. `schedule.epochs: .inf`
+    # passed gt=0 and crashed the budget pass with OverflowError (found by tests/reliability).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --- what the update may move --------------------------------------------------------------
@@ -224,9 +226,26 @@ class VerifySpec(Strict):
 
 
 class DistributedSpec(Strict):
-    strategy: Literal["none", "ddp", "fsdp", "zero2", "zero3"] = Field("none", description="Data-parallel engine.")
+    """How several processes train one model (docs/distributed.md). The data each rank reads is
+    fixed by the bundle's locked order whatever the engine."""
+
+    strategy: Literal["none", "ddp", "fsdp", "zero2", "zero3"] = Field(
+        "none",
+        description="Data-parallel engine: 'none' (one process; plain DDP if launched with several), 'ddp', "
+        "'fsdp' (PyTorch FSDP2: parameters, gradients and optimizer state sharded), 'zero2' / 'zero3' (DeepSpeed, "
+        "optional extra).",
+    )
     nodes: int = Field(1, gt=0, description="Machines.")
     procs_per_node: int = Field(1, gt=0, description="Processes (devices) per machine.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="Compute dtype under fsdp / zero (weights and optimizer stay in model.dtype); fp16 needs CUDA."
+    )
+    cpu_offload: bool = Field(
+        False, description="fsdp / zero: keep sharded parameters and optimizer state in CPU memory (needs CUDA training)."
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer's activations in the backward instead of storing them."
+    )
 
 
 class Spec(Strict):
@@ -284,6 +303,19 @@ def cross_field_problems(spec: Spec) -> list[str]:
         if spec.model.dtype == "float16" and spec.parameterization.quantization.compute_dtype == "float32":
             problems.append("parameterization.quantization.compute_dtype: float32 compute with float16 weights is unsupported")
     world = spec.distributed.nodes * spec.distributed.procs_per_node
+    dist = spec.distributed
+    if dist.cpu_offload and dist.strategy not in ("fsdp", "zero2", "zero3"):
+        problems.append(f"distributed.cpu_offload: offloads sharded state; needs strategy fsdp, zero2 or zero3, found {dist.strategy!r}")
+    if dist.mixed_precision != "no" and dist.strategy not in ("fsdp", "zero2", "zero3"):
+        problems.append(
+            f"distributed.mixed_precision: applies to strategy fsdp, zero2 or zero3, found {dist.strategy!r}; "
+            "for ddp / none set model.dtype"
+        )
+    if dist.mixed_precision != "no" and spec.model.dtype != "float32":
+        problems.append(
+            f"distributed.mixed_precision: {dist.mixed_precision!r} with model.dtype {spec.model.dtype!r}; "
+            "mixed precision keeps float32 weights, set model.dtype: float32"
+        )
     if world != spec.batch.world_size:
         problems.append(
             f"batch.world_size: {spec.batch.world_size} but distributed.nodes x procs_per_node = {world}; make them agree"
@@ -311,6 +343,13 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
     seen = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:  # `? [a, b] : 1`; without this check `key in seen` raised a bare TypeError
+            raise yaml.constructor.ConstructorError(
+                None, None, f"found an unhashable key (a {type(key).__name__}); keys must be plain scalars",
+                key_node.start_mark,
+            ) from None
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
@@ -373,6 +412,28 @@ def parse_spec(raw: Any, source: str = "<spec>") -> Spec:
     return spec
 
 
+# A spec is a few hundred values. Aliases can make a few lines expand to billions ("billion
+# laughs"), which pydantic would then walk; nesting deeper than any spec needs overflows the
+# recursive YAML parser. Both are refused with a message instead of a hang or a RecursionError.
+MAX_SPEC_VALUES = 100_000
+MAX_SPEC_DEPTH = 64
+
+
+def _check_size(raw: Any, source: str) -> None:
+    count, stack = 0, [(raw, 0)]
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > MAX_SPEC_VALUES:
+            raise SpecError(f"{source}: the spec expands to more than {MAX_SPEC_VALUES} values (YAML aliases?); refused")
+        if depth > MAX_SPEC_DEPTH:
+            raise SpecError(f"{source}: the spec is nested more than {MAX_SPEC_DEPTH} levels deep; refused")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+
+
 def load_spec_text(text: str, source: str) -> Spec:
     try:
         raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader subclass
@@ -381,6 +442,9 @@ def load_spec_text(text: str, source: str) -> Spec:
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SpecError(f"{source}:{where}: not valid YAML for a spec: {problem} (only plain YAML, no tags)") from None
+    except RecursionError:
+        raise SpecError(f"{source}: not valid YAML for a spec: nested too deeply") from None
+    _check_size(raw, source)
     return parse_spec(raw, source)
 
 

@@ -34,6 +34,18 @@ NAME_RE = re.compile(r"^checkpoint-(\d+)$")
 # A test hook: SIGKILL this process right after checkpoint-<N> is renamed into place, the harshest
 # moment to die (nothing after the rename has run).
 KILL_AFTER_ENV = "SFTC_FAULT_KILL_AFTER_CHECKPOINT"
+# Test hooks for the fault campaign (scripts/fault_campaign.py) and tests/reliability:
+# SFTC_FAULT_KILL_DURING_CHECKPOINT=<N>[:<phase>] SIGKILLs this process while checkpoint-<N> is
+# half-written: phase "files" (default) after the state files are in the staging dir but before
+# any manifest, "manifest" after half of checkpoint.json is written. Neither may ever be loaded.
+KILL_DURING_ENV = "SFTC_FAULT_KILL_DURING_CHECKPOINT"
+KILL_PHASES = ("files", "manifest")
+# SFTC_FAULT_ENOSPC_DURING_CHECKPOINT=<N> makes the save of checkpoint-<N> fail with ENOSPC after
+# the state files are written (no real disk can be filled on demand in CI).
+ENOSPC_ENV = "SFTC_FAULT_ENOSPC_DURING_CHECKPOINT"
+# What a full disk looks like when it surfaces through a library that does not raise OSError
+# (safetensors' Rust writer raises SafetensorError with the io error's text).
+_STORAGE_FULL_TEXT = ("No space left on device", "StorageFull", "Disk quota exceeded", "os error 28")
 
 
 class CheckpointWarning(UserWarning):
@@ -99,6 +111,7 @@ def find_resume(root: Path, lock: dict) -> tuple[Path | None, dict | None, list[
     """
     want = identity(lock)
     skipped = []
+    remove_leftovers(root)
     for step, path in reversed(checkpoint_dirs(root)):
         manifest, why = validate(path)
         if manifest is None:
@@ -114,6 +127,46 @@ def find_resume(root: Path, lock: dict) -> tuple[Path | None, dict | None, list[
             )
         return path, manifest, skipped
     return None, None, skipped
+
+
+def remove_leftovers(root: Path) -> list[str]:
+    """Delete staging and trash dirs a killed save or rotation left behind; returns their names.
+
+    Only called by find_resume, which the runtime calls under the run directory's lock, so no
+    live writer owns them. Without this every kill mid-save leaks a checkpoint's worth of disk.
+    """
+    if not root.is_dir():
+        return []
+    removed = []
+    for child in root.iterdir():
+        if child.is_dir() and (
+            (child.name.startswith(".checkpoint-") and child.name.endswith(".tmp")) or child.name.startswith(".trash-")
+        ):
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child.name)
+    return sorted(removed)
+
+
+def _fault_hook(step: int, phase: str) -> None:
+    """The test hooks above; a no-op unless their environment variables name this step."""
+    kill = os.environ.get(KILL_DURING_ENV)
+    if kill:
+        want_step, _, want_phase = kill.partition(":")
+        if want_step == str(step) and (want_phase or "files") == phase:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+    if phase == "files" and os.environ.get(ENOSPC_ENV) == str(step):
+        import errno
+
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), MANIFEST)
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return True
+    text = str(exc)
+    return any(t in text for t in _STORAGE_FULL_TEXT)
 
 
 def manifest_files(staging: Path) -> dict[str, str]:
@@ -146,15 +199,29 @@ def write_checkpoint(root: Path, step: int, fill: Callable[[Path], dict]) -> Pat
     staging = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", suffix=".tmp", dir=root))
     try:
         fields = fill(staging)
+        _fault_hook(step, "files")
         manifest = {**fields, "files": manifest_files(staging)}
-        (staging / MANIFEST).write_text(pretty_json(manifest), encoding="utf-8")
+        text = pretty_json(manifest)
+        if os.environ.get(KILL_DURING_ENV):
+            (staging / MANIFEST).write_text(text[: len(text) // 2], encoding="utf-8")
+            _fault_hook(step, "manifest")
+        (staging / MANIFEST).write_text(text, encoding="utf-8")
         _fsync_tree(staging)
         if final.exists():
             _remove(final)
         os.rename(staging, final)
         _fsync_tree(root, recursive=False)  # the rename itself
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, Exception) and is_storage_error(exc):
+            # A full disk (or a vanished mount) is an operator's problem, not a bug: say what was
+            # kept, and let the CLI print it without a traceback. The staging dir is gone already.
+            valid = [s for s, p in reversed(checkpoint_dirs(root)) if validate(p)[0] is not None]
+            kept = f"the last good checkpoint, checkpoint-{valid[0]}, is intact" if valid else "no earlier checkpoint exists"
+            raise RunError(
+                f"could not write checkpoint-{step} in {root}: {exc}; the save was abandoned and nothing "
+                f"half-written was kept, {kept}. Free space there and run again to resume"
+            ) from exc
         raise
     if os.environ.get(KILL_AFTER_ENV) == str(step):
         import signal

@@ -40,21 +40,33 @@ HASHED_MICROBATCHES = 4
 # --- the locked data order ------------------------------------------------------------------
 
 
-def plan_updates(epochs: list[np.ndarray], per_device: int, grad_accum: int, max_steps: int) -> list[dict]:
-    """The rows of every micro-batch of every optimizer update, as HF Trainer will draw them.
+def plan_updates(epochs: list[np.ndarray], per_device: int, grad_accum: int, max_steps: int,
+                 world_size: int = 1, rank: int = 0) -> list[dict]:
+    """The rows of every micro-batch of every optimizer update of this rank, as HF Trainer will draw them.
 
-    Mirrors transformers 5.23 `set_initial_training_values` / `_run_epoch` for one process: a
-    sampler epoch of n indices is ceil(n / per_device) micro-batches (the last one may be short),
-    grouped into updates of grad_accum (the last update of an epoch may have fewer). With the
-    compiler's flat stream (one epoch of steps x examples_per_update rows) every update is full.
+    Mirrors transformers 5.23 `set_initial_training_values` / `_run_epoch`: a sampler epoch of n
+    indices is ceil(n / per_device) micro-batches (the last one may be short), grouped into updates
+    of grad_accum (the last update of an epoch may have fewer). With several ranks the micro-batches
+    are dealt round-robin (accelerate's BatchSamplerShard): micro-step a of rank r in update u takes
+    the per_device rows starting at u*E + (a*world_size + r)*per_device, E = examples per update, as
+    docs/bundle-format.md fixes. With the compiler's flat stream (one epoch of steps x E rows) every
+    update is full.
     """
     plan = []
+    if world_size > 1:
+        uneven = [len(e) for e in epochs if len(e) % (per_device * world_size)]
+        if uneven:
+            raise RunError(
+                f"the bundle's order has an epoch of {uneven[0]} rows, not a multiple of per_device {per_device} x "
+                f"world_size {world_size}: ranks would get different numbers of micro-batches; recompile the bundle"
+            )
     for e, rows in enumerate(epochs):
         rows = rows.tolist()
         micro = [rows[i:i + per_device] for i in range(0, len(rows), per_device)]
-        per_epoch = max(math.ceil(len(micro) / grad_accum), 1)
+        mine = micro[rank::world_size]
+        per_epoch = max(math.ceil(len(mine) / grad_accum), 1)
         for u in range(per_epoch):
-            plan.append({"epoch": e, "update_in_epoch": u, "microbatches": micro[u * grad_accum:(u + 1) * grad_accum]})
+            plan.append({"epoch": e, "update_in_epoch": u, "microbatches": mine[u * grad_accum:(u + 1) * grad_accum]})
         if len(plan) >= max_steps:
             return plan[:max_steps]
     raise RunError(
@@ -218,6 +230,20 @@ def eval_loss(model, tf: TokenFile, pad_id: int, batch_size: int) -> dict:
 # --- the trainer ----------------------------------------------------------------------------
 
 
+def restore_adapter_dtype(model, spec) -> None:
+    """SFTTrainer casts LoRA weights of a 4-bit model to bfloat16 (the QLoRA paper's bf16 compute).
+    The spec's compute dtype is the locked choice: with float32 compute, bf16 adapters round away
+    updates smaller than 1/256 of a weight, so they are cast back before the optimizer is built."""
+    import torch
+
+    if spec.parameterization.kind != "qlora":
+        return
+    dtype = getattr(torch, spec.parameterization.quantization.compute_dtype)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -226,7 +252,11 @@ class RunState:
     """What the run tracks beside HF's TrainerState: consumption checks, metrics, checkpoints."""
 
     def __init__(self, bundle: Bundle, run_dir: Path, plan: list[dict] | None, pad_id: int, tokenizer,
-                 supervised_total: int, stop_after_steps: int | None):
+                 supervised_total: int, stop_after_steps: int | None, dist=None):
+        from runtime.distributed import Dist
+
+        self.dist = dist if dist is not None else Dist()
+        self.trainer = None
         self.bundle = bundle
         self.run_dir = run_dir
         self.plan = plan
@@ -285,9 +315,15 @@ class RunState:
                 raise RunError(f"update {step} used {self.mb_in_update} micro-batches, the bundle plans {want_mb}")
             want_sup = int(sum(self.bundle.train.row_supervised[r] for mb in self.plan[step - 1]["microbatches"] for r in mb))
             if want_sup != self.update_supervised:
+                where = f" on rank {self.dist.rank} of {self.dist.world_size}" if self.dist.active else ""
                 raise RunError(
-                    f"update {step} scored {self.update_supervised} supervised tokens, the bundle predicts {want_sup}"
+                    f"update {step} scored {self.update_supervised} supervised tokens{where}, the bundle predicts {want_sup}"
                 )
+        if self.dist.active:
+            # each rank checked its own slice above; the update's totals are the sum over ranks
+            from runtime.distributed import all_sum
+
+            self.update_supervised, self.update_tokens = all_sum(self.dist, [self.update_supervised, self.update_tokens])
         elapsed = time.perf_counter() - (self.update_started or time.perf_counter())
         self.supervised_total += self.update_supervised
         self.last_update = {
@@ -299,6 +335,8 @@ class RunState:
         self.mb_in_update = self.update_supervised = self.update_tokens = 0
 
     def append_metrics(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return  # one writer: rank 0
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
             handle.flush()
@@ -356,9 +394,36 @@ def _make_trainer_class():
         def _save_checkpoint(self, model, trial):
             save_checkpoint(self, model)
 
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            if self.run.dist.fsdp:
+                return  # loaded into the unsharded model before fully_shard (runtime/distributed.py)
+            return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            if checkpoint is None or not self.run.dist.fsdp:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            from runtime.distributed import load_full_optimizer_state
+
+            state = torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location="cpu", weights_only=True)
+            load_full_optimizer_state(self.model, getattr(self.optimizer, "optimizer", self.optimizer), state)
+            self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
+
     class RunCallback(TrainerCallback):
         def __init__(self, run: RunState):
             self.run = run
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            # prove the engine on the model the trainer actually steps (after accelerate's prepare)
+            d = self.run.dist
+            if not d.active:
+                return
+            from runtime.distributed import verify_replicated, verify_sharding
+
+            stepped = self.run.trainer.model_wrapped
+            if d.fsdp:
+                verify_sharding(stepped, d, "model the trainer steps")
+            else:
+                verify_replicated(stepped, d)
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.run.begin_update()
@@ -398,7 +463,9 @@ def save_checkpoint(trainer, model) -> Path:
     step = trainer.state.global_step
     root = run.run_dir / "checkpoints"
     if trainer.hp_search_backend is None:
-        trainer.store_flos()
+        trainer.store_flos()  # a collective with several ranks: every rank gets here
+    if run.dist.active:
+        return _save_checkpoint_ranks(trainer, root, step)
 
     def fill(staging: Path) -> dict:
         out = str(staging)
@@ -446,8 +513,112 @@ def save_checkpoint(trainer, model) -> Path:
     return path
 
 
-def evaluate_checkpoint(trainer, model, staging: Path) -> dict:
-    """Held-out loss and behaviour metrics; RNG restored afterwards so eval never shifts training."""
+def _sampler_state(run: RunState, trainer, step: int) -> dict:
+    if run.plan is not None and step < len(run.plan):
+        nxt = run.plan[step]
+        return {"epoch": nxt["epoch"], "next_update_in_epoch": nxt["update_in_epoch"],
+                "rows_consumed_in_epoch": nxt["update_in_epoch"] * trainer.args.gradient_accumulation_steps
+                * trainer.args.per_device_train_batch_size * run.dist.world_size}
+    return {"epoch": None, "finished": True}
+
+
+def _rng_state() -> dict:
+    """This process's RNG, in HF Trainer's rng_state file layout."""
+    import random
+
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.random.get_rng_state_all()
+    return state
+
+
+def _save_checkpoint_ranks(trainer, root: Path, step: int) -> Path:
+    """A checkpoint of a multi-process run, in the single-process layout (full weights, full
+    optimizer state keyed by parameter index) plus one rng_state_<rank>.pth per rank.
+
+    Every rank joins the gathers (the FSDP2 state dicts, the RNG states) and, under fsdp, the
+    evaluation (each forward all-gathers the layers); then rank 0 alone stages, writes the
+    manifest and renames, as in one process. An error on rank 0 is raised on every rank.
+    """
+    import torch
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_callback import ExportableState
+
+    from runtime import distributed as dist_
+
+    run: RunState = trainer.run
+    d = run.dist
+    bundle = run.bundle
+    spec = bundle.spec
+    inner = trainer.model  # unwrapped: the FSDP2 root, or the module inside DDP
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    model_state = optim_state = None
+    if d.fsdp:
+        model_state = dist_.full_model_state(inner)
+        optim_state = dist_.full_optimizer_state(inner, optimizer)
+    rng = dist_.gather_objects(d, _rng_state())
+    metrics: dict = {}
+    if d.fsdp or d.is_main:  # DDP: rank 0 alone evaluates its (identical) replica
+        metrics = evaluate_checkpoint(trainer, inner, None)
+    samples = metrics.pop("_samples", None)
+    path, error = None, None
+    if d.is_main:
+        def fill(staging: Path) -> dict:
+            out = str(staging)
+            if d.fsdp:
+                trainer._save(out, state_dict=model_state)
+                torch.save(optim_state, staging / "optimizer.pt")
+                torch.save(trainer.lr_scheduler.state_dict(), staging / "scheduler.pt")
+            else:
+                trainer.save_model(out, _internal_call=True)
+                trainer._save_optimizer_and_scheduler(out)
+            trainer._save_scaler(out)
+            for rank, state in enumerate(rng):
+                torch.save(state, staging / f"rng_state_{rank}.pth")
+            for cb in [c for c in trainer.callback_handler.callbacks + [trainer.control] if isinstance(c, ExportableState)]:
+                trainer.state.stateful_callbacks[cb.__class__.__name__] = cb.state()
+            trainer.state.save_to_json(os.path.join(out, TRAINER_STATE_NAME))
+            sampler = _sampler_state(run, trainer, step)
+            (staging / ckpt.SAMPLER_STATE).write_text(json.dumps({**sampler, "global_step": step}, indent=2) + "\n")
+            if samples is not None:
+                (staging / "eval_samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
+            run.append_metrics({"kind": "eval", "step": step, **metrics})
+            run.candidates = [c for c in run.candidates if c["step"] != step] + [{"step": step, **metrics}]
+            run.selection = select(run.candidates, spec)
+            run.best_step = run.selection.get("best_step")
+            return {
+                **ckpt.identity(bundle.lock),
+                "global_step": step,
+                "epoch": trainer.state.epoch,
+                "supervised_tokens_total": run.supervised_total,
+                "metrics": metrics,
+                "best_metric": best_metric(run.candidates, run.best_step, spec),
+                "sampler": sampler,
+                "distributed": {"world_size": d.world_size, "strategy": d.strategy, "state": "full",
+                                "rng_files": [f"rng_state_{r}.pth" for r in range(d.world_size)]},
+                "written_at": _now(),
+            }
+
+        try:
+            path = ckpt.write_checkpoint(root, step, fill)
+            ckpt.write_best(run.run_dir, run.selection)
+            keep = run.best_step if run.best_step is not None else (run.selection or {}).get("fallback_step")
+            deleted = ckpt.rotate(root, spec.checkpoint.keep_last, keep)
+            if deleted:
+                run.append_metrics({"kind": "rotate", "step": step, "deleted": deleted, "best_step": run.best_step})
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+            error = exc
+    dist_.first_error(d, error)
+    path = dist_.broadcast_object(d, str(path) if path is not None else None)
+    run.last_checkpoint = Path(path)
+    return run.last_checkpoint
+
+
+def evaluate_checkpoint(trainer, model, staging: Path | None) -> dict:
+    """Held-out loss and behaviour metrics; RNG restored afterwards so eval never shifts training.
+    With no staging dir the generated samples come back under the key '_samples'."""
     run: RunState = trainer.run
     bundle = run.bundle
     spec = bundle.spec
@@ -481,7 +652,9 @@ def evaluate_checkpoint(trainer, model, staging: Path) -> dict:
                 if config is not None:
                     config.use_cache = cache
             samples = result.pop("samples", None)
-            if samples is not None:
+            if samples is not None and staging is None:
+                metrics["_samples"] = samples
+            elif samples is not None:
                 (staging / "eval_samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
             metrics.update({k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None})
     finally:
@@ -543,7 +716,7 @@ def _start_over(run_dir: Path) -> None:
             (run_dir / name).unlink()
 
 
-def training_args(bundle: Bundle, run_dir: Path, layout: dict, model):
+def training_args(bundle: Bundle, run_dir: Path, layout: dict, model, dist=None):
     import torch
     from trl import SFTConfig
 
@@ -554,7 +727,19 @@ def training_args(bundle: Bundle, run_dir: Path, layout: dict, model):
     model_dtype = bundle.lock["model"].get("dtype") or spec.model.dtype
     if model_dtype == "float16" and not cuda:
         raise RunError("model.dtype float16 needs a CUDA device (fp16 mixed precision); use float32 or bfloat16 on CPU")
+    extra: dict[str, Any] = {}
+    if dist is not None and dist.active:
+        extra = {
+            "ddp_backend": "nccl" if dist.device.startswith("cuda") else "gloo",
+            # accelerate deals each rank every world_size-th micro-batch of the locked sampler
+            # (BatchSamplerShard), the slicing docs/bundle-format.md fixes; the consumption check
+            # compares every micro-batch with it. No dispatching, no splitting of batches.
+            "accelerator_config": {"split_batches": False, "dispatch_batches": False, "even_batches": True},
+        }
     return SFTConfig(
+        **extra,
+        # the loss of an update is the sum over every rank's supervised tokens / their global count
+        average_tokens_across_devices=True,
         output_dir=str(run_dir / "checkpoints"),
         seed=spec.seed,
         data_seed=spec.seed,
@@ -598,58 +783,80 @@ def training_args(bundle: Bundle, run_dir: Path, layout: dict, model):
 def run_bundle(bundle_dir, run_dir=None, fresh: bool = False, allow_drift: bool = False,
                stop_after_steps: int | None = None) -> Path:
     """Train on the bundle; resume from the newest valid checkpoint unless fresh. Returns the run dir."""
+    from runtime import distributed as dist_
+
     bundle = load_bundle(bundle_dir)
     report = verify_bundle(bundle, allow_drift=allow_drift)
     run_dir = Path(run_dir) if run_dir is not None else bundle.project_root / "runs" / bundle.bundle_id
-    with run_lock(run_dir):
-        if fresh:
-            _start_over(run_dir)
-        return _run_locked(bundle, run_dir, report, stop_after_steps)
+    d = dist_.setup(bundle.spec, report["layout"])
+    clean = False
+    try:
+        with contextlib.ExitStack() as stack:
+            error = None
+            if d.is_main:  # one holder of the run lock, one writer of the run directory
+                try:
+                    stack.enter_context(run_lock(run_dir))
+                    if fresh:
+                        _start_over(run_dir)
+                except RunError as exc:
+                    error = exc
+            dist_.first_error(d, error)
+            out = _run_locked(bundle, run_dir, report, stop_after_steps, d)
+        clean = True
+        return out
+    finally:
+        dist_.shutdown(d, clean)
 
 
-def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: int | None) -> Path:
+def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: int | None, dist=None) -> Path:
     import transformers
     from transformers import PrinterCallback, set_seed
 
+    from runtime import distributed as dist_
     from runtime.probe import run_probe
 
     spec = bundle.spec
     layout = report["layout"]
-    if layout["world_size"] > 1:
-        # Checkpoint staging, the consumption check and eval are single-writer for now; several
-        # ranks would race on the same staging and rename. Refuse rather than corrupt a run.
-        raise RunError(
-            f"WORLD_SIZE={layout['world_size']}: multi-process training is not supported by this runtime yet; "
-            "run with one process (the bundle's examples_per_update is kept by grad_accum)"
-        )
-    resume, manifest, skipped = ckpt.find_resume(run_dir / "checkpoints", bundle.lock)
+    d = dist if dist is not None else dist_.Dist()
+    found = None
+    if d.is_main:
+        found = ckpt.find_resume(run_dir / "checkpoints", bundle.lock)
+        resume, manifest, _ = found
+        if resume is not None:
+            truncate_metrics(run_dir / "metrics.jsonl", int(manifest["global_step"]))
+        elif (run_dir / "metrics.jsonl").exists():
+            # nothing valid to resume: whatever was logged belongs to a run that left no checkpoint
+            truncate_metrics(run_dir / "metrics.jsonl", 0)
+    # every rank resumes from the checkpoint rank 0 found (the run directory is shared)
+    resume, manifest, skipped = dist_.broadcast_object(d, found)
     start_step = int(manifest["global_step"]) if manifest else 0
-    if resume is not None:
-        truncate_metrics(run_dir / "metrics.jsonl", start_step)
-    elif (run_dir / "metrics.jsonl").exists():
-        # nothing valid to resume: whatever was logged belongs to a run that left no checkpoint
-        truncate_metrics(run_dir / "metrics.jsonl", 0)
 
     set_seed(spec.seed)
     tokenizer = load_tokenizer(bundle)
     pad_id = pad_token_id(bundle, tokenizer)
     model = load_model(bundle)
     probe = run_probe(model, bundle, pad_id)
+    if d.fsdp:
+        if resume is not None:  # full weights into the unsharded model, then shard
+            dist_.load_full_weights(model, resume)
+        model = dist_.shard_fsdp(model, d)
+        dist_.verify_sharding(model, d, "after fully_shard")
 
     max_steps = int(bundle.lock["budget"]["optimizer_steps"])
-    plan = (
-        plan_updates(bundle.train.epochs, layout["per_device"], layout["grad_accum"], max_steps)
-        if layout["world_size"] == 1 else None
-    )
-    predicted = int(sum(bundle.train.row_supervised[r] for u in plan for mb in u["microbatches"] for r in mb)) if plan else None
+    # this rank's micro-batches (checked one by one), and the whole stream (for the global totals)
+    plan = plan_updates(bundle.train.epochs, layout["per_device"], layout["grad_accum"], max_steps,
+                        world_size=d.world_size, rank=d.rank)
+    stream = plan if not d.active else plan_updates(
+        bundle.train.epochs, layout["per_device"], layout["grad_accum"] * d.world_size, max_steps)
+    predicted = int(sum(bundle.train.row_supervised[r] for u in stream for mb in u["microbatches"] for r in mb))
 
     dataset = bundle.train_dataset()
     run = RunState(bundle, run_dir, plan, pad_id, tokenizer,
                    supervised_total=int(manifest.get("supervised_tokens_total", 0)) if manifest else 0,
-                   stop_after_steps=stop_after_steps)
+                   stop_after_steps=stop_after_steps, dist=d)
     run.last_checkpoint = resume
     BundleTrainer, RunCallback = _make_trainer_class()
-    args = training_args(bundle, run_dir, layout, model)
+    args = training_args(bundle, run_dir, layout, model, dist=d)
     trainer = BundleTrainer(
         model=model,
         args=args,
@@ -660,7 +867,11 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
         run=run,
         sampler=LockedOrderSampler(bundle.train.epochs),
     )
+    run.trainer = trainer
+    if d.fsdp:
+        _keep_fsdp_unwrapped(trainer, model)
     trainer.remove_callback(PrinterCallback)  # it prints every log dict when tqdm is off
+    restore_adapter_dtype(model, bundle.spec)
     if not sys.stderr.isatty():
         transformers.utils.logging.disable_progress_bar()  # "Writing model shards" at every save
 
@@ -669,6 +880,7 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
         "bundle_dir": str(bundle.dir.resolve()),
         "world_size": layout["world_size"],
         "layout": layout,
+        "distributed": d.record(),
         "drift_allowed": report["library_drift"]["drift_allowed"],
         "library_drift": report["library_drift"],
         "probe": probe,
@@ -688,7 +900,7 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
             previous = read_json(run_dir / "run.json")
             sessions = previous.get("sessions", [])
     record["sessions"] = sessions + [{"started_at": record["started_at"], "resumed_step": start_step}]
-    atomic_write_json(run_dir / "run.json", record)
+    _write_run_record(d, run_dir, record)
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -696,7 +908,7 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         except RunError as exc:
             record.update(status="failed", error=str(exc), finished_at=_now())
-            atomic_write_json(run_dir / "run.json", record)
+            _write_run_record(d, run_dir, record)
             raise
 
     step = trainer.state.global_step
@@ -708,22 +920,44 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
         },
         finished_at=_now(),
         final_step=step,
+        distributed=d.record(),
     )
     if step < max_steps:
         record["status"] = "stopped"
-        atomic_write_json(run_dir / "run.json", record)
+        _write_run_record(d, run_dir, record)
         return run_dir
     if predicted is not None and run.supervised_total != predicted:
         record.update(status="failed", error="supervised token total differs from the bundle's prediction")
-        atomic_write_json(run_dir / "run.json", record)
+        _write_run_record(d, run_dir, record)
         raise RunError(
             f"the run scored {run.supervised_total} supervised tokens over {step} updates; "
             f"the bundle's rows and order predict {predicted}"
         )
     record["status"] = "finished"
-    atomic_write_json(run_dir / "run.json", record)
-    _export(run_dir, record)
+    _write_run_record(d, run_dir, record)
+    if d.is_main:
+        _export(run_dir, record)
     return run_dir
+
+
+def _write_run_record(d, run_dir: Path, record: dict) -> None:
+    if d.is_main:
+        atomic_write_json(run_dir / "run.json", record)
+
+
+def _keep_fsdp_unwrapped(trainer, model) -> None:
+    """accelerate's prepare would wrap the FSDP2 model in DDP on CPU (and refuses DTensor
+    parameters there); prepare it the way transformers prepares a model it sharded itself: autocast
+    only, no wrapper, no device move. verify_sharding proves the result at train begin."""
+    original = trainer.accelerator.prepare_model
+
+    def prepare_model(m, device_placement=None, evaluation_mode=False):
+        if m is model:
+            return original(m, device_placement=False, evaluation_mode=True)
+        return original(m, device_placement=device_placement, evaluation_mode=evaluation_mode)
+
+    trainer.accelerator.prepare_model = prepare_model
+
 
 
 def bundle_select(run_dir: Path) -> dict:

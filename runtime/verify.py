@@ -158,6 +158,10 @@ def verify_bundle(bundle_dir: str | os.PathLike | Bundle, allow_drift: bool = Fa
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     layout = derive_layout(bundle.lock["budget"], world_size)
+    # the engine must exist before a model is loaded (deepspeed for zero2/zero3, CUDA for offload)
+    from runtime.distributed import check_strategy
+
+    check_strategy(bundle.spec, world_size)
     return {
         "bundle_id": bundle.bundle_id,
         "bundle_files_checked": n_files,

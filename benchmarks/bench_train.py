@@ -1,0 +1,244 @@
+"""CPU training throughput: sftc's packed rows vs TRL padded vs TRL padding-free, plus the dense ceiling.
+
+Same model (models/access-base, fp32, sdpa), same data (the demo bundle's train examples),
+same optimizer, same loss (TRL's fused LM head, which SFTTrainer patches onto the model and
+sftc's trainer inherits), same batch of 8, same number of steps, fixed torch threads.
+Only the batches differ, and each is made by the real code path:
+
+  sftc_packed   runtime.bundle.collate_rows over 8 bundle rows (bfd @ seq_length, stacked,
+                position ids reset per example, no attention mask): what `sftc run` feeds.
+  trl_padded    SFTTrainer(packing=False) prepares the same examples; its
+                DataCollatorForLanguageModeling pads 8 examples with an attention mask.
+  trl_flat      SFTTrainer(packing=True, bfd) (TRL's default packing: padding-free), its
+                collator flattens 8 packed rows into one row with position ids.
+  dense         8 x seq_length rows of real tokens, no padding, no packing: the ceiling.
+
+The TRL sides get the bundle's examples already tokenized (input_ids + labels) so that they
+train on exactly the tokens sftc trains on; TRL's preparation still truncates, filters and
+packs them with its own code.
+
+One step = forward + backward + clip + AdamW step. The setups are interleaved and rotated
+within each repeat (the machine is shared), warmup steps are dropped, and the median of the
+repeats is reported. Throughput is real (non-pad) tokens per second and supervised (scored)
+tokens per second.
+
+    .venv/bin/python benchmarks/bench_train.py [--steps 5] [--warmup 1] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import argparse
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+BATCH = 8
+SETUPS = ("sftc_packed", "trl_padded", "trl_flat", "dense")
+
+
+def load_model(path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer import add_fused_lm_head
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model.config.use_cache = False
+    # SFTTrainer computes the loss through this patched head (chunked log-probs, no full logits);
+    # sftc's BundleTrainer inherits it, so every setup uses it.
+    add_fused_lm_head(model, outputs=("log_probs",))
+    model.train()
+    return model
+
+
+def trl_batches(bundle, tokenizer, model_path: Path, n_batches: int, seed: int) -> dict[str, list[dict]]:
+    """TRL's own preparation and collators over the bundle's examples (one per dataset row)."""
+    import numpy as np
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    tf = bundle.train
+    ids, labels = [], []
+    for r in range(tf.n_rows):
+        for a, b in tf.examples(r):
+            ids.append(a.astype(np.int64).tolist())
+            labels.append(b.astype(np.int64).tolist())
+    dataset = Dataset.from_dict({"input_ids": ids, "labels": labels})
+    seq_length = int(bundle.lock["packing"]["seq_length"])
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, packing in (("trl_padded", False), ("trl_flat", True)):
+            # a throwaway model: SFTTrainer patches the model it is given; only its data side is used
+            scratch = AutoModelForCausalLM.from_pretrained(model_path)
+            args = SFTConfig(output_dir=tmp, max_length=seq_length, packing=packing, packing_strategy="bfd",
+                             per_device_train_batch_size=BATCH, report_to="none", use_cpu=True, bf16=False,
+                             activation_checkpointing=False, seed=seed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                trainer = SFTTrainer(model=scratch, args=args, train_dataset=dataset, processing_class=tokenizer)
+            ds, collator = trainer.train_dataset, trainer.data_collator
+            assert getattr(collator, "padding_free", False) == packing, (name, collator)
+            # HF Trainer draws batches with a seeded RandomSampler; so do we
+            order = np.random.default_rng(seed).permutation(len(ds))[: n_batches * BATCH].tolist()
+            out[name] = [collator([ds[i] for i in order[k * BATCH:(k + 1) * BATCH]]) for k in range(n_batches)]
+            del trainer, scratch
+    return out
+
+
+def sftc_batches(bundle, pad_id: int, n_batches: int) -> list[dict]:
+    from runtime.bundle import collate_rows
+
+    tf = bundle.train
+    order = tf.epochs[0].tolist()[: n_batches * BATCH]  # the locked order, as `sftc run` draws it
+    batches = []
+    for k in range(n_batches):
+        rows = []
+        for r in order[k * BATCH:(k + 1) * BATCH]:
+            i, lab, lengths = tf.row(r)
+            rows.append({"input_ids": i, "labels": lab, "seq_lengths": lengths})
+        batches.append(collate_rows(rows, pad_id))
+    return batches
+
+
+def dense_batches(bundle, n_batches: int) -> list[dict]:
+    """The ceiling: full rows of real tokens, every position scored, plain causal attention."""
+    import torch
+
+    seq_length = int(bundle.lock["packing"]["seq_length"])
+    flat = torch.from_numpy(bundle.train.input_ids.astype("int64"))
+    need = BATCH * seq_length
+    batches = []
+    for k in range(n_batches):
+        chunk = flat[k * need:(k + 1) * need].reshape(BATCH, seq_length)
+        batches.append({"input_ids": chunk.clone(), "labels": chunk.clone()})
+    return batches
+
+
+def real_tokens(batch: dict, pad_id: int) -> int:
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    if "position_ids" in batch and batch["input_ids"].shape[0] > 1:
+        # stacked packed rows: the pad tail is where a row's input ids are pad *and* labels ignored
+        # (count from the row layout instead: positions up to each row's last non-pad token)
+        ids = batch["input_ids"]
+        nonpad = (ids != pad_id).int()
+        last = ids.shape[1] - nonpad.flip(1).argmax(1)
+        return int(last.sum())
+    return int(batch["input_ids"].numel())
+
+
+def measure(model, init_state, batches: list[dict], warmup: int, steps: int) -> float:
+    """Seconds for `steps` optimizer steps after `warmup` unmeasured ones, from the same weights."""
+    import torch
+
+    model.load_state_dict(init_state)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+    seconds = 0.0
+    for k in range(warmup + steps):
+        batch = batches[k % len(batches)]
+        start = time.perf_counter()
+        out = model(**batch, use_cache=False, fused_lm_head=True)
+        loss = -out.log_probs.sum() / out.label_mask.sum().clamp(min=1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if k >= warmup:
+            seconds += time.perf_counter() - start
+    return seconds
+
+
+def main() -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=5, help="measured steps per setup per repeat")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bundle", default=None, help="default: the demo bundle (specs/access-policy-full.yaml)")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from runtime.bundle import load_bundle
+
+    threads = common.set_threads()
+    bundle = load_bundle(args.bundle or common.demo_bundle())
+    model_path = Path(bundle.model_path)
+    tokenizer = AutoTokenizer.from_pretrained(bundle.tokenizer_path)
+    pad_id = int(bundle.lock["tokenizer"]["pad_token_id"])
+    n = args.warmup + args.steps
+    batches = {"sftc_packed": sftc_batches(bundle, pad_id, n), **trl_batches(bundle, tokenizer, model_path, n, seed=bundle.spec.seed),
+               "dense": dense_batches(bundle, n)}
+
+    # what each step processes, from the measured batches themselves (warmup excluded)
+    shape = {}
+    for name, bs in batches.items():
+        measured = [bs[k % len(bs)] for k in range(args.warmup, n)]
+        shape[name] = {
+            "positions_per_step": sum(int(b["input_ids"].numel()) for b in measured) / args.steps,
+            "real_tokens_per_step": sum(real_tokens(b, pad_id) for b in measured) / args.steps,
+            "supervised_tokens_per_step": sum(int((b["labels"][:, 1:] != -100).sum()) for b in measured) / args.steps,
+            "batch_shape": list(measured[0]["input_ids"].shape),
+        }
+
+    model = load_model(model_path)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    times: dict[str, list[float]] = {s: [] for s in SETUPS}
+    load = [common.loadavg()]
+    for rep in range(args.repeats):
+        rotation = SETUPS[rep % len(SETUPS):] + SETUPS[: rep % len(SETUPS)]  # no setup always runs first
+        for name in rotation:
+            times[name].append(measure(model, init, batches[name], args.warmup, args.steps))
+        load.append(common.loadavg())
+        print(f"repeat {rep + 1}: " + ", ".join(f"{s} {times[s][-1]:.2f}s" for s in SETUPS), flush=True)
+
+    setups = {}
+    for name in SETUPS:
+        secs = common.median(times[name])
+        per_step = secs / args.steps
+        setups[name] = {
+            **shape[name],
+            "seconds_per_step": round(per_step, 4),
+            "tokens_per_s": round(shape[name]["real_tokens_per_step"] / per_step, 1),
+            "supervised_tokens_per_s": round(shape[name]["supervised_tokens_per_step"] / per_step, 1),
+            "positions_per_s": round(shape[name]["positions_per_step"] / per_step, 1),
+            "repeat_seconds": [round(t, 3) for t in times[name]],
+        }
+    tps = {k: v["tokens_per_s"] for k, v in setups.items()}
+    n_params = sum(p.numel() for p in model.parameters())
+    result = {
+        "machine": common.machine(),
+        "loadavg": load,
+        "torch_threads": threads,
+        "device": "cpu",
+        "model": {"path": str(model_path.relative_to(common.REPO)) if model_path.is_relative_to(common.REPO) else str(model_path),
+                  "parameters": n_params, "dtype": "float32", "attn_implementation": "sdpa"},
+        "bundle": bundle.bundle_id,
+        "seq_length": int(bundle.lock["packing"]["seq_length"]),
+        "batch_rows": BATCH,
+        "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+        "setups": setups,
+        "train_speedup_vs_padded": round(tps["sftc_packed"] / tps["trl_padded"], 3),
+        "train_vs_dense_ceiling": round(tps["sftc_packed"] / tps["dense"], 3),
+        "train_speedup_vs_trl_flat": round(tps["sftc_packed"] / tps["trl_flat"], 3),
+        "supervised_speedup_vs_padded": round(setups["sftc_packed"]["supervised_tokens_per_s"]
+                                              / setups["trl_padded"]["supervised_tokens_per_s"], 3),
+        "targets": {"train_speedup_vs_padded": ">= 1.6", "train_vs_dense_ceiling": ">= 0.95"},
+    }
+    common.write_result("train", result)
+    print(__import__("json").dumps({k: v for k, v in result.items() if k not in ("machine",)}, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
