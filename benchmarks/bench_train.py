@@ -137,13 +137,13 @@ def real_tokens(batch: dict, pad_id: int) -> int:
     return int(batch["input_ids"].numel())
 
 
-def measure(model, init_state, batches: list[dict], warmup: int, steps: int) -> float:
-    """Seconds for `steps` optimizer steps after `warmup` unmeasured ones, from the same weights."""
+def measure(model, init_state, batches: list[dict], warmup: int, steps: int) -> list[float]:
+    """Seconds of each of `steps` optimizer steps after `warmup` unmeasured ones, from the same weights."""
     import torch
 
     model.load_state_dict(init_state)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
-    seconds = 0.0
+    times = []
     for k in range(warmup + steps):
         batch = batches[k % len(batches)]
         start = time.perf_counter()
@@ -154,8 +154,8 @@ def measure(model, init_state, batches: list[dict], warmup: int, steps: int) -> 
         opt.step()
         opt.zero_grad(set_to_none=True)
         if k >= warmup:
-            seconds += time.perf_counter() - start
-    return seconds
+            times.append(time.perf_counter() - start)
+    return times
 
 
 def main() -> dict:
@@ -193,18 +193,20 @@ def main() -> dict:
 
     model = load_model(model_path)
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    times: dict[str, list[float]] = {s: [] for s in SETUPS}
+    times: dict[str, list[list[float]]] = {s: [] for s in SETUPS}
     load = [common.loadavg()]
     for rep in range(args.repeats):
         rotation = SETUPS[rep % len(SETUPS):] + SETUPS[: rep % len(SETUPS)]  # no setup always runs first
         for name in rotation:
             times[name].append(measure(model, init, batches[name], args.warmup, args.steps))
         load.append(common.loadavg())
-        print(f"repeat {rep + 1}: " + ", ".join(f"{s} {times[s][-1]:.2f}s" for s in SETUPS), flush=True)
+        print(f"repeat {rep + 1}: " + ", ".join(f"{s} {sum(times[s][-1]):.2f}s" for s in SETUPS), flush=True)
 
     setups = {}
     for name in SETUPS:
-        secs = common.median(times[name])
+        # median over repeats of each (fixed) batch's step time, then summed: a spike from another
+        # job on the shared machine hits one step of one repeat, not the result
+        secs = sum(common.median([rep[k] for rep in times[name]]) for k in range(args.steps))
         per_step = secs / args.steps
         setups[name] = {
             **shape[name],
@@ -212,7 +214,7 @@ def main() -> dict:
             "tokens_per_s": round(shape[name]["real_tokens_per_step"] / per_step, 1),
             "supervised_tokens_per_s": round(shape[name]["supervised_tokens_per_step"] / per_step, 1),
             "positions_per_s": round(shape[name]["positions_per_step"] / per_step, 1),
-            "repeat_seconds": [round(t, 3) for t in times[name]],
+            "repeat_seconds": [round(sum(t), 3) for t in times[name]],
         }
     tps = {k: v["tokens_per_s"] for k, v in setups.items()}
     n_params = sum(p.numel() for p in model.parameters())

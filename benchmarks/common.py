@@ -61,12 +61,25 @@ def machine() -> dict:
     return info
 
 
+def code_state() -> dict:
+    """Which code was measured (read-only git queries): the tree is shared and edited while we run."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.rstrip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    return {"head": git("rev-parse", "--short", "HEAD").strip(), "modified_files": dirty}
+
+
 def median(values) -> float:
     return float(statistics.median(values))
 
 
 def write_result(name: str, result: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
+    result.setdefault("code", code_state())
+    result.setdefault("measured_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
@@ -81,13 +94,30 @@ def demo_bundle() -> Path:
     return bundle
 
 
+def bench_threads() -> int:
+    """Intra-op threads for every CPU measurement: fixed, the same for every setup, default 1.
+
+    Why 1 and not the 2 cores: on this shared machine (load average 4-6 on 2 cores while other
+    jobs run) a 2-thread OpenMP region stalls whenever one of its threads is descheduled; measured
+    here, 2000 small matmuls took 1.8 s on 1 thread and 33.7 s on 2. One thread degrades with the
+    load instead of collapsing, so ratios between interleaved setups stay meaningful. Set
+    SFTC_BENCH_THREADS=2 on an idle machine.
+    """
+    return int(os.environ.get("SFTC_BENCH_THREADS", "1"))
+
+
 def set_threads() -> int:
-    """Fixed intra-op threads, the same for every setup (2 on the reference machine)."""
     import torch
 
-    n = int(os.environ.get("SFTC_BENCH_THREADS", os.cpu_count() or 1))
+    n = bench_threads()
     torch.set_num_threads(n)
     return n
+
+
+def thread_env() -> dict:
+    """The same thread count for child processes (`sftc run` sessions) that set none themselves."""
+    n = str(bench_threads())
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
 
 
 class Timer:

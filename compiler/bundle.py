@@ -173,7 +173,8 @@ def _build(inputs: Inputs, final: Path, replace: bool = False) -> dict:
     spec, src = inputs.spec, str(inputs.spec_path)
     data = read_data(inputs.data_files, spec.data)
     if not data.examples:
-        raise DataError(f"{src}: data.files: no row was accepted ({len(data.rejects)} rejected)",
+        names = ", ".join(f"{f['path']} ({f['rows_read']} rows)" for f in data.files)
+        raise DataError(f"{src}: data.files: no row was accepted ({len(data.rejects)} rejected) in {names}",
                         [f"{r.file}:{r.row}: {r.reason}: {r.detail}" for r in data.rejects[:10]])
     split = split_examples(data.examples, spec.split)
 

@@ -268,7 +268,7 @@ def shard_fsdp(model, d: Dist):
     if os.environ.get(SKIP_SHARDING_ENV):
         return model
     if d.options.get("activation_checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     device_type = "cuda" if d.device.startswith("cuda") else "cpu"
     if device_type == "cuda":
         model.to(d.device)

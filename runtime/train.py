@@ -415,6 +415,13 @@ def _make_trainer_class():
         def on_train_begin(self, args, state, control, **kwargs):
             # prove the engine on the model the trainer actually steps (after accelerate's prepare)
             d = self.run.dist
+            if self.run.bundle.spec.distributed.activation_checkpointing:
+                inner = self.run.trainer.model
+                on = bool(getattr(inner, "is_activation_checkpointing", False))
+                if not on:
+                    raise RunError("distributed.activation_checkpointing is set but the model does not recompute "
+                                   "its layers (is_activation_checkpointing is False)")
+                d.checks["activation_checkpointing"] = on
             if not d.active:
                 return
             from runtime.distributed import verify_replicated, verify_sharding
@@ -725,6 +732,9 @@ def training_args(bundle: Bundle, run_dir: Path, layout: dict, model, dist=None)
     cuda = torch.cuda.is_available()
     max_steps = int(bundle.lock["budget"]["optimizer_steps"])
     model_dtype = bundle.lock["model"].get("dtype") or spec.model.dtype
+    autocast = spec.distributed.mixed_precision if not (dist is not None and dist.fsdp) else "no"
+    if autocast == "fp16" and not cuda:
+        raise RunError("distributed.mixed_precision 'fp16' needs a CUDA device; use 'bf16' or 'no' on CPU")
     if model_dtype == "float16" and not cuda:
         raise RunError("model.dtype float16 needs a CUDA device (fp16 mixed precision); use float32 or bfloat16 on CPU")
     extra: dict[str, Any] = {}
@@ -756,8 +766,9 @@ def training_args(bundle: Bundle, run_dir: Path, layout: dict, model, dist=None)
         lr_scheduler_type=sched.kind,
         # the lock's integer step count when it has one (a float < 1 would be read as a ratio)
         warmup_steps=int(bundle.lock["budget"].get("warmup_steps", math.ceil(sched.warmup_ratio * max_steps))),
-        bf16=model_dtype == "bfloat16",
-        fp16=model_dtype == "float16",
+        # distributed.mixed_precision: FSDP2's MixedPrecisionPolicy when sharded, else autocast
+        bf16=model_dtype == "bfloat16" or (autocast == "bf16"),
+        fp16=model_dtype == "float16" or (autocast == "fp16"),
         activation_checkpointing=False,
         use_cpu=not cuda,
         logging_strategy="steps",
@@ -841,6 +852,8 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
             dist_.load_full_weights(model, resume)
         model = dist_.shard_fsdp(model, d)
         dist_.verify_sharding(model, d, "after fully_shard")
+    elif spec.distributed.activation_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     max_steps = int(bundle.lock["budget"]["optimizer_steps"])
     # this rank's micro-batches (checked one by one), and the whole stream (for the global totals)

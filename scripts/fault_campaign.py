@@ -384,6 +384,7 @@ def campaign(faults: int, seed: int, size_name: str, work: Path, log=print) -> d
                 fault["injected"] = result["killed"]
                 fault["resume_step_before"] = resume_step
                 if result["killed"]:
+                    fault["staging_left"] = leftovers(ck_root)  # the half-written save the next session must clean
                     trial_faults.append(fault)
                     log(f"trial {trial}: fault {len(injected) + len(trial_faults)}: {fault}, "
                         f"newest valid now {newest_valid(ck_root)[0]}")

@@ -22,6 +22,31 @@ class _Group(click.Group):
         except SftcError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(2)
+        except Exception as exc:
+            message = _input_problem(exc)
+            if message is None:
+                raise  # a bug: keep the traceback
+            click.secho(f"error: {message}", fg="red", err=True)
+            sys.exit(2)
+
+
+def _input_problem(exc: Exception) -> str | None:
+    """A message for exceptions that are a hostile or broken input, not an sftc bug.
+
+    A chat template is code: one that only fails on some rows (e.g. a payload or a
+    raise_exception behind the system-message branch, which the compile-time probe does not
+    render) surfaces from deep inside tokenization as a jinja2 TemplateError, SecurityError
+    included (found by tests/reliability/test_security.py).
+    """
+    try:
+        from jinja2.exceptions import SecurityError, TemplateError
+    except ImportError:  # pragma: no cover - jinja2 is a dependency
+        return None
+    if isinstance(exc, SecurityError):
+        return f"template.chat: the chat template tried something the Jinja sandbox forbids: {exc}"
+    if isinstance(exc, TemplateError):
+        return f"template.chat: the chat template failed while rendering a row: {exc.__class__.__name__}: {exc}"
+    return None
 
 
 @click.group(cls=_Group)
@@ -110,9 +135,21 @@ def verify(bundle: str, allow_drift: bool) -> None:
 @click.option("--allow-drift", is_flag=True, help="Train despite library drift since compile, and record it.")
 def run(bundle: str, run_dir: str | None, fresh: bool, allow_drift: bool) -> None:
     """Verify BUNDLE, then train it, resuming from the newest valid checkpoint."""
-    from runtime.train import run_bundle
+    import pickle
 
-    out = run_bundle(bundle, run_dir=run_dir, fresh=fresh, allow_drift=allow_drift)
+    from runtime.train import run_bundle
+    from sftc.errors import RunError
+
+    try:
+        out = run_bundle(bundle, run_dir=run_dir, fresh=fresh, allow_drift=allow_drift)
+    except pickle.UnpicklingError as exc:
+        # HF Trainer reads optimizer/scheduler/RNG state with torch.load(weights_only=True); a file
+        # that holds anything but tensors and plain containers (a planted payload, say) ends here.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise RunError(
+            f"refused to load a checkpoint state file: torch's weights_only loader rejected it ({first[:300]}); "
+            "sftc never unpickles arbitrary objects. Delete the checkpoint it came from, or run with --fresh"
+        ) from None
     click.echo(f"run finished: {out}")
 
 

@@ -1,0 +1,178 @@
+"""`make bench`: every benchmark, one after the other in one run, then one summary.
+
+Runs each bench_*.py as its own process (so one's imports and memory do not colour the next),
+then reads their results/*.json and writes
+  benchmarks/results/latest.json   the headline numbers, each target met or missed, the machine,
+                                   load averages, code state, and every script's full result
+  benchmarks/results/latest.md     the same as a Markdown table
+
+Ratios are measured within one script run (baseline and candidate interleaved); absolute numbers
+only mean something with the machine description next to them.
+
+    .venv/bin/python benchmarks/run_all.py [--quick] [--only compile,train,...] [--summarize]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+# name -> (script, full args, --quick args). The full set fits ~15 min on 2 shared cores.
+SCRIPTS = {
+    "compile": ("bench_compile.py", ["--repeats", "2"], ["--repeats", "1", "--rows", "4000"]),
+    "packing": ("bench_packing.py", [], []),
+    "train": ("bench_train.py", ["--steps", "5", "--warmup", "1", "--repeats", "3"], ["--steps", "2", "--repeats", "1"]),
+    "checkpoint": ("bench_checkpoint.py", [], []),
+    "eval": ("bench_eval.py", ["--prompts", "32", "--repeats", "3"], ["--prompts", "8", "--repeats", "1"]),
+    "gpu": ("bench_gpu.py", [], []),
+}
+
+# (label, result file, key path, target op, target value, unit/format)
+HEADLINES = [
+    ("Compile: sftc cold / TRL SFTTrainer prep (OrgAccess, 38k rows)", "compile", ["compile_vs_trl_ratio"], "<=", 1.0),
+    ("Compile: same ratio, whole processes incl. imports", "compile", ["compile_vs_trl_ratio_process"], None, None),
+    ("Compile: sftc cold compile s", "compile", ["sftc_compile_s"], None, None),
+    ("Compile: TRL SFTTrainer dataset prep s", "compile", ["trl_prepare_s"], None, None),
+    ("Compile: warm recompile s", "compile", ["warm_recompile_s"], "<=", 2.0),
+    ("Compile: peak RSS MB", "compile", ["compile_peak_rss_mb"], "<=", 2048),
+    ("Packing: bfd efficiency @1024 (lock budget.packing_efficiency)", "packing", ["orgaccess", "lock_packing_efficiency"], ">=", 0.97),
+    ("Packing: bfd rows / ideal rows (ceil(total/1024))", "packing", ["orgaccess", "rows_over_ideal"], None, None),
+    ("Packing: padded batches of 8, no packing (real/processed)", "packing", ["orgaccess", "efficiency", "padded_batches"], None, None),
+    ("Packing: TRL SFTTrainer's own bfd efficiency", "compile", ["trl_packing_efficiency"], None, None),
+    ("Train: sftc packed / TRL padded (tokens/s)", "train", ["train_speedup_vs_padded"], ">=", 1.6),
+    ("Train: sftc packed / dense ceiling (tokens/s)", "train", ["train_vs_dense_ceiling"], ">=", 0.95),
+    ("Train: sftc packed / TRL padding-free flattened", "train", ["train_speedup_vs_trl_flat"], None, None),
+    ("Train: sftc packed tokens/s", "train", ["setups", "sftc_packed", "tokens_per_s"], None, None),
+    ("Train: TRL padded tokens/s", "train", ["setups", "trl_padded", "tokens_per_s"], None, None),
+    ("Train: TRL flattened tokens/s", "train", ["setups", "trl_flat", "tokens_per_s"], None, None),
+    ("Train: dense ceiling tokens/s", "train", ["setups", "dense", "tokens_per_s"], None, None),
+    ("Train: sftc packed supervised tokens/s", "train", ["setups", "sftc_packed", "supervised_tokens_per_s"], None, None),
+    ("Train: TRL padded supervised tokens/s", "train", ["setups", "trl_padded", "supervised_tokens_per_s"], None, None),
+    ("Checkpoint: save / training time per interval (eval excluded)", "checkpoint", ["checkpoint_overhead_fraction"], "<=", 0.03),
+    ("Checkpoint: save incl. its held-out eval / training time", "checkpoint", ["checkpoint_with_eval_fraction"], None, None),
+    ("Start-up to first step, fresh s", "checkpoint", ["startup_fresh_s"], None, None),
+    ("Start-up to first step, resume s", "checkpoint", ["startup_resume_s"], None, None),
+    ("Eval: batched (KV cache) / one prompt at a time", "eval", ["eval_batched_speedup"], None, None),
+    ("Eval: batched generated tokens/s", "eval", ["batched_tokens_per_s"], None, None),
+    ("GPU section ran", "gpu", ["ran"], None, None),
+]
+
+
+def _get(obj, path):
+    for key in path:
+        if not isinstance(obj, dict) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
+def summarize(wall: dict | None = None) -> dict:
+    results = {}
+    for name in SCRIPTS:
+        path = common.RESULTS / f"{name}.json"
+        if path.exists():
+            results[name] = json.loads(path.read_text())
+    rows = []
+    for label, src, path, op, target in HEADLINES:
+        value = _get(results.get(src), path)
+        met = None
+        if op and isinstance(value, (int, float)) and not isinstance(value, bool):
+            met = value <= target if op == "<=" else value >= target
+        rows.append({"metric": label, "key": ".".join([src, *path]), "value": value,
+                     "target": f"{op} {target}" if op else None, "met": met})
+    latest = {
+        "machine": common.machine(),
+        "code": common.code_state(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "gpu": "none lent to this run: the GPU section did not run" if not _get(results.get("gpu"), ["ran"]) else "ran",
+        "script_wall_s": wall or {},
+        "loadavg": {k: v.get("loadavg") for k, v in results.items() if "loadavg" in v},
+        "headline": rows,
+        "results": results,
+    }
+    common.RESULTS.mkdir(parents=True, exist_ok=True)
+    (common.RESULTS / "latest.json").write_text(json.dumps(latest, indent=2) + "\n")
+    (common.RESULTS / "latest.md").write_text(markdown(latest))
+    return latest
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:,.1f}"
+    return "—" if v is None else str(v)
+
+
+def markdown(latest: dict) -> str:
+    m = latest["machine"]
+    lines = [
+        "# sftc benchmarks — latest run",
+        "",
+        f"Measured {latest['measured_at']} on {m.get('cpu_count')} CPU cores ({m.get('cpu_model', m.get('processor'))}), "
+        f"{m.get('mem_total_gb', '?')} GB RAM, {m.get('platform')}, Python {m.get('python')}, torch {m.get('torch')}; "
+        f"GPU: {latest['gpu']}. The machine was shared with other jobs (load averages in latest.json): "
+        "ratios are measured inside one run with the setups interleaved; absolute numbers are for this machine only.",
+        f"Code: HEAD {latest['code']['head']}, {len(latest['code']['modified_files'])} modified tracked file(s).",
+        "",
+        "| metric | value | target | met |",
+        "|---|---:|---|---|",
+    ]
+    for row in latest["headline"]:
+        met = {True: "yes", False: "**no**", None: ""}[row["met"]]
+        lines.append(f"| {row['metric']} | {_fmt(row['value'])} | {row['target'] or ''} | {met} |")
+    train = latest["results"].get("train")
+    if train:
+        lines += ["", f"Training setups ({train['model']['parameters']:,}-parameter model {train['model']['path']}, fp32, sdpa, "
+                  f"batch {train['batch_rows']}, seq_length {train['seq_length']}, {train['torch_threads']} torch threads, "
+                  f"{train['steps']} steps x {train['repeats']} repeats, median):", "",
+                  "| setup | batch shape | real tokens/step | supervised/step | s/step | tokens/s | supervised tokens/s |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for name, s in train["setups"].items():
+            lines.append(f"| {name} | {s['batch_shape']} | {s['real_tokens_per_step']:.0f} | {s['supervised_tokens_per_step']:.0f} "
+                         f"| {s['seconds_per_step']:.3f} | {s['tokens_per_s']:.0f} | {s['supervised_tokens_per_s']:.0f} |")
+    pack = latest["results"].get("packing")
+    if pack:
+        lines += ["", "Packing (real tokens / processed positions):", "",
+                  "| data | L | bound | bfd rows | bfd batches of 8 | padded batches of 8 | padded to L |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for name in ("orgaccess", "demo"):
+            e = pack[name]["efficiency"]
+            lines.append(f"| {name} | {pack[name]['seq_length']} | {e['bound']} | {e['bfd_rows']} | {e['bfd_batches']} "
+                         f"| {e['padded_batches']} | {e['padded_to_max']} |")
+    if latest["script_wall_s"]:
+        lines += ["", "Wall time per script (s): " + ", ".join(f"{k} {v}" for k, v in latest["script_wall_s"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer rows, steps and repeats")
+    parser.add_argument("--only", default=None, help="comma-separated subset of " + ",".join(SCRIPTS))
+    parser.add_argument("--summarize", action="store_true", help="only rebuild latest.json/.md from results/*.json")
+    args = parser.parse_args()
+    wall = {}
+    if not args.summarize:
+        names = args.only.split(",") if args.only else list(SCRIPTS)
+        for name in names:
+            script, full, quick = SCRIPTS[name]
+            print(f"== {name} ({script})", flush=True)
+            start = time.perf_counter()
+            rc = subprocess.run([sys.executable, str(BENCH / script), *(quick if args.quick else full)]).returncode
+            wall[name] = round(time.perf_counter() - start, 1)
+            if rc:
+                print(f"{script} failed with exit code {rc}", file=sys.stderr)
+    latest = summarize(wall)
+    print((common.RESULTS / "latest.md").read_text())
+    failed = [r["metric"] for r in latest["headline"] if r["met"] is False]
+    if failed:
+        print("targets missed: " + "; ".join(failed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Build reports/reliability.json from the reliability tests (and, optionally, a bigger fault campaign).
+
+    python scripts/reliability_report.py                                   # what docs/reliability.md quotes
+    python scripts/reliability_report.py --faults 40 --size large --seed 1 # plus a benchmark-size campaign
+
+Runs `pytest tests/reliability` with SFTC_RELIABILITY_FIGURES set, so every test adds what it
+measured (tests/reliability/conftest.py): the CI-size fault campaign, storage faults, drift cases,
+fuzzed inputs, tracebacks seen. With --faults, a standalone campaign (scripts/fault_campaign.py)
+runs afterwards and its figures are added to the fault totals. The pass/fail count of the tests is
+part of the report: a figure from a failing suite is not a promise kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+KEYS = ("faults_injected", "faults_survived", "corrupt_checkpoints_loaded", "inputs_tried", "tracebacks",
+        "drift_cases", "drift_caught")
+
+
+def run_tests(figures_path: Path, junit: Path) -> dict:
+    env = {**os.environ, "SFTC_RELIABILITY_FIGURES": str(figures_path), "OMP_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "pytest", "tests/reliability", "-p", "no:cacheprovider", "-q", "-W", "ignore",
+               f"--junitxml={junit}"]
+    started = time.monotonic()
+    proc = subprocess.run(command, cwd=REPO, env=env)
+    suite = ET.parse(junit).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    return {"command": "python -m pytest tests/reliability", "exit_code": proc.returncode,
+            "wall_s": round(time.monotonic() - started, 1), **counts,
+            "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO / "reports" / "reliability.json")
+    parser.add_argument("--faults", type=int, default=0, help="also run a standalone campaign with this many faults")
+    parser.add_argument("--size", default="large", choices=["small", "large"])
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="sftc-reliability-") as tmp:
+        figures_path = Path(tmp) / "figures.json"
+        tests = run_tests(figures_path, Path(tmp) / "junit.xml")
+        figures = json.loads(figures_path.read_text()) if figures_path.is_file() else {}
+
+    report = {key: int(figures.get(key, 0)) for key in KEYS}
+    report["details"] = {k: v for k, v in sorted(figures.items()) if k not in KEYS}
+    report["tests"] = tests
+    commands = ["python scripts/reliability_report.py" + (f" --faults {args.faults} --size {args.size} --seed {args.seed}"
+                                                          if args.faults else "")]
+    if args.faults:
+        sys.path.insert(0, str(REPO / "scripts"))
+        import fault_campaign
+
+        campaign = fault_campaign.main(["--faults", str(args.faults), "--seed", str(args.seed), "--size", args.size])
+        report["fault_campaign"] = {k: v for k, v in campaign.items() if k != "faults"}
+        report["fault_campaign"]["faults"] = campaign["faults"]
+        for key in ("faults_injected", "faults_survived", "corrupt_checkpoints_loaded", "tracebacks"):
+            report[key] += int(campaign[key])
+    report["generated"] = {
+        "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commands": commands,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpu(s), CPU only" ,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    print(json.dumps({k: report[k] for k in KEYS} | {"tests": tests}, indent=2))
+    ok = tests["exit_code"] == 0 and report["faults_survived"] == report["faults_injected"] \
+        and not report["corrupt_checkpoints_loaded"] and not report["tracebacks"] \
+        and report["drift_caught"] == report["drift_cases"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
