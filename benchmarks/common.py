@@ -106,6 +106,33 @@ def bench_threads() -> int:
     return int(os.environ.get("SFTC_BENCH_THREADS", "1"))
 
 
+def demo_variant_bundle(seq_length: int) -> Path:
+    """The demo bundle with another packing.seq_length: a copy of the demo's inputs in a scratch
+    project under the cache (specs may not point outside their project), compiled there."""
+    import re
+    import shutil
+
+    from compiler import compile_spec
+
+    project = CACHE / f"demo-pack{seq_length}"
+    for rel in ("data/access_policy/sft_rows.jsonl", "models/access-base", "templates/chat/access-policy.jinja",
+                "evals/access_policy.yaml"):
+        src, dst = REPO / rel, project / rel
+        if dst.exists():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
+    (project / "pyproject.toml").write_text("")
+    spec = DEMO_SPEC.read_text()
+    spec, n = re.subn(r"packing:\s*\{strategy: bfd, seq_length: \d+\}", f"packing: {{strategy: bfd, seq_length: {seq_length}}}", spec)
+    if n != 1:
+        raise SystemExit(f"{DEMO_SPEC}: could not find its packing line to vary")
+    (project / "specs").mkdir(exist_ok=True)
+    (project / "specs" / DEMO_SPEC.name).write_text(spec)
+    bundle, _, _ = compile_spec(str(project / "specs" / DEMO_SPEC.name))
+    return bundle
+
+
 def set_threads() -> int:
     import torch
 

@@ -17,10 +17,10 @@ TOL = 1e-5
 STEPS = 4
 
 
-def _compile(project, strategy: str, **extra):
+def _compile(project, strategy: str, grad_accum: int = 1, **extra):
     distributed = {"strategy": strategy, "procs_per_node": 2, **extra.pop("distributed", {})}
     return project.compile(
-        batch={"per_device": 2, "grad_accum": 1, "world_size": 2},
+        batch={"per_device": 2, "grad_accum": grad_accum, "world_size": 2},
         distributed=distributed,
         schedule={"max_steps": STEPS}, checkpoint={"every_steps": 2, "keep_last": 3}, **extra,
     )
@@ -58,21 +58,29 @@ def test_per_rank_plan_is_the_documented_slice():
     assert together == sorted(order.tolist())
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_ranks_equal_one_rank_with_doubled_grad_accum(project, strategy):
-    # fsdp also with activation checkpointing: recomputation must not change a number
-    bundle = _compile(project, strategy, distributed={"activation_checkpointing": strategy == "fsdp"})
+LORA = {"kind": "lora", "rank": 8, "alpha": 16, "dropout": 0.0}  # no dropout: its masks follow each rank's RNG
+
+
+@pytest.mark.parametrize("strategy, parameterization", [("ddp", None), ("fsdp", None), ("ddp", LORA)],
+                         ids=["ddp", "fsdp", "ddp-lora"])
+def test_two_ranks_equal_one_rank_with_doubled_grad_accum(project, strategy, parameterization):
+    # fsdp also with activation checkpointing (recomputation must not change a number) and with 2
+    # micro-batches per update at world 2 (the first under no_sync: FSDP2 reduce-scatters once)
+    extra = {"parameterization": parameterization} if parameterization else {}
+    grad_accum = 2 if strategy == "fsdp" else 1
+    bundle = _compile(project, strategy, grad_accum=grad_accum,
+                      distributed={"activation_checkpointing": strategy == "fsdp"}, **extra)
     one = project.root / "runs" / "one"
-    run_bundle(bundle, run_dir=one)  # WORLD_SIZE unset: grad_accum re-derived 1 -> 2
+    run_bundle(bundle, run_dir=one)  # WORLD_SIZE unset: grad_accum re-derived x 2
     record_one = json.loads((one / "run.json").read_text())
-    assert record_one["layout"]["grad_accum"] == 2 and record_one["world_size"] == 1
+    assert record_one["layout"]["grad_accum"] == 2 * grad_accum and record_one["world_size"] == 1
 
     two = project.root / "runs" / "two"
     proc = torchrun(bundle, two, nproc=2)
     assert proc.returncode == 0, proc.stderr[-4000:]
     record = json.loads((two / "run.json").read_text())
     assert record["status"] == "finished" and record["world_size"] == 2
-    assert record["layout"]["grad_accum"] == 1
+    assert record["layout"]["grad_accum"] == grad_accum
     dist = record["distributed"]
     assert dist["strategy"] == strategy and dist["backend"] == "gloo" and dist["checks"]["world_size"] == 2
     # every micro-batch of both ranks was checked against the slice; the tokens add up across ranks
@@ -94,7 +102,7 @@ def test_two_ranks_equal_one_rank_with_doubled_grad_accum(project, strategy):
     assert not list(two.glob("checkpoints/.checkpoint-*"))  # no staging left by any rank
 
     loss_diffs, weight_diff = max_diffs(one, two, STEPS)
-    _report(f"{strategy} 2x1 vs 1x2", loss_diffs, weight_diff)
+    _report(f"{strategy}{'-lora' if parameterization else ''} 2x1 vs 1x2", loss_diffs, weight_diff)
     assert max(loss_diffs) <= TOL and weight_diff <= TOL
     # the per-update token counts of the metrics are the global ones
     lines = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
