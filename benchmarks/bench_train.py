@@ -5,8 +5,11 @@ same optimizer, same loss (TRL's fused LM head, which SFTTrainer patches onto th
 sftc's trainer inherits), same batch of 8, same number of steps, fixed torch threads.
 Only the batches differ, and each is made by the real code path:
 
-  sftc_packed   runtime.bundle.collate_rows over 8 bundle rows (bfd @ seq_length, stacked,
-                position ids reset per example, no attention mask): what `sftc run` feeds.
+  sftc_segments runtime.bundle.collate(..., "segments") over 8 bundle rows: each packed example
+                its own right-padded row, no attention mask. What `sftc run` feeds for sdpa/eager
+                (runtime.bundle.choose_layout): the default path, used for the ratios.
+  sftc_packed   runtime.bundle.collate(..., "packed_rows") over the same 8 rows (stacked, position
+                ids reset per example, no attention mask): what `sftc run` feeds for flash-attention.
   trl_padded    SFTTrainer(packing=False) prepares the same examples; its
                 DataCollatorForLanguageModeling pads 8 examples with an attention mask.
   trl_flat      SFTTrainer(packing=True, bfd) (TRL's default packing: padding-free), its
@@ -44,7 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 BATCH = 8
-SETUPS = ("sftc_packed", "trl_padded", "trl_flat", "dense")
+SETUPS = ("sftc_segments", "sftc_packed", "trl_padded", "trl_flat", "dense")
+# the layout `sftc run` chooses for sdpa/eager (runtime.bundle.choose_layout): the default path
+DEFAULT = "sftc_segments"
 
 
 def load_model(path: Path):
@@ -96,8 +101,8 @@ def trl_batches(bundle, tokenizer, model_path: Path, n_batches: int, seed: int) 
     return out
 
 
-def sftc_batches(bundle, pad_id: int, n_batches: int) -> list[dict]:
-    from runtime.bundle import collate_rows
+def sftc_batches(bundle, pad_id: int, n_batches: int, layout: str = "packed_rows") -> list[dict]:
+    from runtime.bundle import collate
 
     tf = bundle.train
     order = tf.epochs[0].tolist()[: n_batches * BATCH]  # the locked order, as `sftc run` draws it
@@ -107,7 +112,7 @@ def sftc_batches(bundle, pad_id: int, n_batches: int) -> list[dict]:
         for r in order[k * BATCH:(k + 1) * BATCH]:
             i, lab, lengths = tf.row(r)
             rows.append({"input_ids": i, "labels": lab, "seq_lengths": lengths})
-        batches.append(collate_rows(rows, pad_id))
+        batches.append(collate(rows, pad_id, layout)[0])
     return batches
 
 
@@ -168,13 +173,13 @@ def measure(model, init_state, batches: list[dict], warmup: int, steps: int) -> 
 def ratios(setups: dict) -> dict:
     out = {}
     tps = {k: v["tokens_per_s"] for k, v in setups.items()}
-    if "sftc_packed" in tps:
+    if DEFAULT in tps:
         for key, other in (("train_speedup_vs_padded", "trl_padded"), ("train_vs_dense_ceiling", "dense"),
-                           ("train_speedup_vs_trl_flat", "trl_flat")):
+                           ("train_speedup_vs_trl_flat", "trl_flat"), ("segments_vs_packed_rows", "sftc_packed")):
             if other in tps:
-                out[key] = round(tps["sftc_packed"] / tps[other], 3)
+                out[key] = round(tps[DEFAULT] / tps[other], 3)
         if "trl_padded" in setups:
-            out["supervised_speedup_vs_padded"] = round(setups["sftc_packed"]["supervised_tokens_per_s"]
+            out["supervised_speedup_vs_padded"] = round(setups[DEFAULT]["supervised_tokens_per_s"]
                                                         / setups["trl_padded"]["supervised_tokens_per_s"], 3)
     return out
 
@@ -215,7 +220,8 @@ def main() -> dict:
     tokenizer = AutoTokenizer.from_pretrained(bundle.tokenizer_path)
     pad_id = int(bundle.lock["tokenizer"]["pad_token_id"])
     n = args.warmup + args.steps
-    batches = {"sftc_packed": sftc_batches(bundle, pad_id, n), "dense": dense_batches(bundle, n)}
+    batches = {"sftc_segments": sftc_batches(bundle, pad_id, n, "segments"),
+               "sftc_packed": sftc_batches(bundle, pad_id, n), "dense": dense_batches(bundle, n)}
     if {"trl_padded", "trl_flat"} & set(setups_run):
         batches.update(trl_batches(bundle, tokenizer, model_path, n, seed=bundle.spec.seed))
     batches = {k: v for k, v in batches.items() if k in setups_run}

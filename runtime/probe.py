@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.bundle import IGNORE, Bundle, collate_rows
+from runtime.bundle import IGNORE, Bundle, collate, collate_rows
 from sftc.errors import RunError
 
 PAD_TAIL = 5  # a short pad segment, so the probe also covers right padding in the batch
@@ -62,6 +62,7 @@ def probe_contamination(
     tolerance: float,
     pass_attention_mask: bool = False,
     use_cache: bool = False,
+    layout: str = "packed_rows",
 ) -> dict[str, Any]:
     """Per-example loss alone vs packed into rows with reset position ids; report the largest gap.
 
@@ -100,22 +101,30 @@ def probe_contamination(
 
             layouts = [list(range(len(examples))), list(range(1, len(examples)))]
             rows = [packed(layouts[0], PAD_TAIL), packed(layouts[1], 0)]
-            batch = collate_rows(rows, pad_token_id)
+            # the micro-batch exactly as the trainer's collator lays it out for this run
+            batch, lengths = collate(rows, pad_token_id, layout)
             real = torch.zeros_like(batch["input_ids"])
-            real[0, : len(rows[0]["input_ids"]) - PAD_TAIL] = 1
-            real[1, : len(rows[1]["input_ids"])] = 1
+            for j, n in enumerate(lengths):
+                real[j, :n] = 1
+            if layout == "packed_rows":
+                real[0, len(rows[0]["input_ids"]) - PAD_TAIL :] = 0
             batch["real"] = real
             logits = forward(batch).cpu()
     finally:
         model.train(was_training)
 
-    per_example = []
-    for r, idx in enumerate(layouts):
-        losses = _example_losses(logits[r], batch["labels"][r], batch["position_ids"][r])
-        for slot, (i, loss) in enumerate(zip(idx, losses)):
-            per_example.append({
-                "example": i, "row": r, "slot": slot, "alone": alone[i], "packed": loss, "diff": abs(loss - alone[i]),
-            })
+    # per-example losses in row order; pad segments carry no scored token and yield none
+    losses = [
+        loss for j in range(logits.shape[0])
+        for loss in _example_losses(logits[j], batch["labels"][j], batch["position_ids"][j])
+    ]
+    slots = [(r, slot, i) for r, idx in enumerate(layouts) for slot, i in enumerate(idx)]
+    if len(losses) != len(slots):
+        raise RunError(f"contamination probe: expected {len(slots)} example losses, got {len(losses)}")
+    per_example = [
+        {"example": i, "row": r, "slot": slot, "alone": alone[i], "packed": loss, "diff": abs(loss - alone[i])}
+        for (r, slot, i), loss in zip(slots, losses)
+    ]
     if not all(np.isfinite([p["alone"] for p in per_example] + [p["packed"] for p in per_example])):
         raise RunError(
             "contamination probe: the model gives a non-finite loss on the probe examples before any "
@@ -132,7 +141,11 @@ def probe_contamination(
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "attention_mask_passed": pass_attention_mask,
         "use_cache": use_cache,
-        "layout": "rows stacked, right-padded, position ids reset per example, no attention_mask",
+        "layout": layout,
+        "layout_description": {
+            "packed_rows": "packed rows stacked, right-padded, position ids reset per example, no attention_mask",
+            "segments": "each packed example its own right-padded row, no attention_mask",
+        }[layout],
         "per_example": per_example,
     }
 

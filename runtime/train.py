@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from runtime import checkpoint as ckpt
-from runtime.bundle import IGNORE, Bundle, TokenFile, collate_rows, load_bundle
+from runtime.bundle import IGNORE, Bundle, TokenFile, choose_layout, collate, collate_rows, load_bundle
 from runtime.verify import verify_bundle
 from sftc.errors import RunError
 from sftc.io import atomic_write_json, atomic_write_text, read_json
@@ -76,16 +76,18 @@ def plan_updates(epochs: list[np.ndarray], per_device: int, grad_accum: int, max
 
 
 def _row_hash(tf: TokenFile, rows: list[int]) -> str:
+    """sha256 of the rows' tokens, concatenated in order: the same for every layout."""
     digest = hashlib.sha256()
     for r in rows:
-        digest.update(np.ascontiguousarray(tf.row(r)[0], dtype=np.int64).tobytes() + b"|")
+        digest.update(np.ascontiguousarray(tf.row(r)[0], dtype=np.int64).tobytes())
     return digest.hexdigest()
 
 
 def _batch_hash(input_ids, n_real: list[int]) -> str:
+    """sha256 of the real (unpadded) tokens of the batch rows, concatenated in order."""
     digest = hashlib.sha256()
     for i, n in enumerate(n_real):
-        digest.update(input_ids[i, :n].cpu().numpy().astype(np.int64).tobytes() + b"|")
+        digest.update(input_ids[i, :n].cpu().numpy().astype(np.int64).tobytes())
     return digest.hexdigest()
 
 
@@ -114,17 +116,19 @@ class LockedOrderSampler:
 
 
 class RowCollator:
-    """Micro-batch of packed rows; keeps the row indices so the trainer can check the order."""
+    """Micro-batch of packed rows in the run's layout; keeps the row indices so the trainer can
+    check the order, and the real length of each batch row for the token hash."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, layout: str):
         self.pad_token_id = pad_token_id
+        self.layout = layout
 
     def __call__(self, rows: list[dict]) -> dict:
         import torch
 
-        batch = collate_rows(rows, self.pad_token_id)
+        batch, lengths = collate(rows, self.pad_token_id, self.layout)
         batch["sftc_rows"] = torch.tensor([int(r["row"]) for r in rows], dtype=torch.long)
-        batch["sftc_lengths"] = torch.tensor([len(r["input_ids"]) for r in rows], dtype=torch.long)
+        batch["sftc_lengths"] = torch.tensor(lengths, dtype=torch.long)
         return batch
 
 
@@ -846,7 +850,11 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
     tokenizer = load_tokenizer(bundle)
     pad_id = pad_token_id(bundle, tokenizer)
     model = load_model(bundle)
-    probe = run_probe(model, bundle, pad_id)
+    execution_layout = choose_layout(bundle.lock["model"]["attn_implementation"])
+    probe = run_probe(model, bundle, pad_id, layout=execution_layout)
+    if d.rank == 0:
+        print(f"sftc: layout {execution_layout} for {bundle.lock['model']['attn_implementation']}; contamination probe "
+              f"max |packed - alone| = {probe['max_abs_diff']:.2e} (tolerance {probe['tolerance']:.0e})", file=sys.stderr)
     if d.fsdp:
         if resume is not None:  # full weights into the unsharded model, then shard
             dist_.load_full_weights(model, resume)
@@ -875,7 +883,7 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        data_collator=RowCollator(pad_id),
+        data_collator=RowCollator(pad_id, execution_layout),
         callbacks=[RunCallback(run)],
         run=run,
         sampler=LockedOrderSampler(bundle.train.epochs),
@@ -897,6 +905,7 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
         "drift_allowed": report["library_drift"]["drift_allowed"],
         "library_drift": report["library_drift"],
         "probe": probe,
+        "execution_layout": execution_layout,
         "resumed_from": str(resume) if resume else None,
         "resumed_step": start_step,
         "skipped_checkpoints": skipped,
