@@ -497,21 +497,7 @@ def save_checkpoint(trainer, model) -> Path:
         (staging / ckpt.SAMPLER_STATE).write_text(json.dumps({**sampler, "global_step": step}, indent=2) + "\n")
 
         metrics = evaluate_checkpoint(trainer, model, staging)
-        run.append_metrics({"kind": "eval", "step": step, **metrics})
-        run.candidates = [c for c in run.candidates if c["step"] != step] + [{"step": step, **metrics}]
-        selection = select(run.candidates, spec)
-        run.selection = selection
-        run.best_step = selection.get("best_step")
-        return {
-            **ckpt.identity(bundle.lock),
-            "global_step": step,
-            "epoch": trainer.state.epoch,
-            "supervised_tokens_total": run.supervised_total,
-            "metrics": metrics,
-            "best_metric": best_metric(run.candidates, run.best_step, spec),
-            "sampler": sampler,
-            "written_at": _now(),
-        }
+        return record_evaluation(run, trainer, step, metrics, sampler)
 
     path = ckpt.write_checkpoint(root, step, fill)
     run.last_checkpoint = path
@@ -595,22 +581,11 @@ def _save_checkpoint_ranks(trainer, root: Path, step: int) -> Path:
             (staging / ckpt.SAMPLER_STATE).write_text(json.dumps({**sampler, "global_step": step}, indent=2) + "\n")
             if samples is not None:
                 (staging / "eval_samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
-            run.append_metrics({"kind": "eval", "step": step, **metrics})
-            run.candidates = [c for c in run.candidates if c["step"] != step] + [{"step": step, **metrics}]
-            run.selection = select(run.candidates, spec)
-            run.best_step = run.selection.get("best_step")
-            return {
-                **ckpt.identity(bundle.lock),
-                "global_step": step,
-                "epoch": trainer.state.epoch,
-                "supervised_tokens_total": run.supervised_total,
-                "metrics": metrics,
-                "best_metric": best_metric(run.candidates, run.best_step, spec),
-                "sampler": sampler,
-                "distributed": {"world_size": d.world_size, "strategy": d.strategy, "state": "full",
-                                "rng_files": [f"rng_state_{r}.pth" for r in range(d.world_size)]},
-                "written_at": _now(),
-            }
+            return record_evaluation(
+                run, trainer, step, metrics, sampler,
+                distributed={"world_size": d.world_size, "strategy": d.strategy, "state": "full",
+                             "rng_files": [f"rng_state_{r}.pth" for r in range(d.world_size)]},
+            )
 
         try:
             path = ckpt.write_checkpoint(root, step, fill)
@@ -625,6 +600,25 @@ def _save_checkpoint_ranks(trainer, root: Path, step: int) -> Path:
     path = dist_.broadcast_object(d, str(path) if path is not None else None)
     run.last_checkpoint = Path(path)
     return run.last_checkpoint
+
+
+def record_evaluation(run, trainer, step: int, metrics: dict, sampler: dict, **extra) -> dict:
+    """Log a checkpoint's eval, re-select the best, and return its checkpoint.json content."""
+    run.append_metrics({"kind": "eval", "step": step, **metrics})
+    run.candidates = [c for c in run.candidates if c["step"] != step] + [{"step": step, **metrics}]
+    run.selection = select(run.candidates, run.bundle.spec)
+    run.best_step = run.selection.get("best_step")
+    return {
+        **ckpt.identity(run.bundle.lock),
+        "global_step": step,
+        "epoch": trainer.state.epoch,
+        "supervised_tokens_total": run.supervised_total,
+        "metrics": metrics,
+        "best_metric": best_metric(run.candidates, run.best_step, run.bundle.spec),
+        "sampler": sampler,
+        **extra,
+        "written_at": _now(),
+    }
 
 
 def evaluate_checkpoint(trainer, model, staging: Path | None) -> dict:
