@@ -12,7 +12,6 @@ manifest, the sampler state and the eval/selection record around them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -26,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from sftc.errors import RunError
-from sftc.io import atomic_write_json, pretty_json, read_json, sha256_file
+from sftc.io import atomic_write_json, fsync_path, pretty_json, read_json, sha256_file
 
 MANIFEST = "checkpoint.json"
 SAMPLER_STATE = "sampler_state.json"
@@ -179,12 +178,7 @@ def manifest_files(staging: Path) -> dict[str, str]:
 
 def _fsync_tree(root: Path, recursive: bool = True) -> None:
     for p in [*(root.rglob("*") if recursive else []), root]:
-        with contextlib.suppress(OSError):
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        fsync_path(p)
 
 
 def write_checkpoint(root: Path, step: int, fill: Callable[[Path], dict]) -> Path:

@@ -52,7 +52,8 @@ def pretty_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's entry list: makes a rename durable)."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -75,7 +76,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -108,7 +109,7 @@ def staging_dir(final: str | os.PathLike, replace: bool = False) -> Iterator[Pat
             os.rename(final, aside / final.name)
             os.rename(tmp, final)
             shutil.rmtree(aside, ignore_errors=True)
-            _fsync_dir(final.parent)
+            fsync_path(final.parent)
             return
         try:
             os.rename(tmp, final)
@@ -116,7 +117,7 @@ def staging_dir(final: str | os.PathLike, replace: bool = False) -> Iterator[Pat
             if not final.exists():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-        _fsync_dir(final.parent)
+        fsync_path(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
