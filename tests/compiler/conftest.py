@@ -70,27 +70,12 @@ def write_tiny_llama_config(directory: Path, vocab_size: int, **extra) -> None:
     ).save_pretrained(directory)
 
 
-def model_dir_from_tokenizer(tokenizer_dir: Path, out: Path, vocab_size: int) -> Path:
-    """A compile-ready model directory: the tokenizer files copied, plus a tiny config.json."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
-        if (tokenizer_dir / name).is_file():
-            shutil.copyfile(tokenizer_dir / name, out / name)
-    write_tiny_llama_config(out, vocab_size)
-    return out
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "model"
-    try:
-        from demo.tiny_model import build_tiny
-    except ImportError:
-        build_tiny = None
-    if build_tiny is not None:
-        build_tiny(out, TINY_CORPUS, seed=7)
-    else:
-        model_dir_from_tokenizer(external_path("tokenizers", "phi3-mini-instruct"), out, 32064)
+    from demo.tiny_model import build_tiny
+
+    build_tiny(out, TINY_CORPUS, seed=7)
     for weights in out.glob("*.safetensors"):
         weights.unlink()
     return out

@@ -18,7 +18,6 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-PHI3 = Path(os.environ.get("SFTC_EXTERNAL", str(REPO.parent / "shared" / "external"))) / "tokenizers" / "phi3-mini-instruct"
 
 CORPUS = [
     "Please grant access to the billing system for the new contractor.",
@@ -66,25 +65,11 @@ RUN_B = seed_spec("run-b", 2, 16, 2, 4)
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "model"
-    try:
-        from demo.tiny_model import build_tiny
-    except ImportError:
-        build_tiny = None
-    if build_tiny is not None:
-        build_tiny(out, CORPUS, seed=7)
-        for weights in out.glob("*.safetensors"):
-            weights.unlink()  # compile reads config + tokenizer only; keeps the per-test copy small
-    else:
-        if not PHI3.is_dir():
-            pytest.skip(f"neither demo.tiny_model nor the Phi-3 tokenizer at {PHI3} is available")
-        from transformers import LlamaConfig
+    from demo.tiny_model import build_tiny
 
-        out.mkdir(parents=True)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
-            if (PHI3 / name).is_file():
-                shutil.copyfile(PHI3 / name, out / name)
-        LlamaConfig(vocab_size=32064, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=2, num_key_value_heads=2).save_pretrained(out)
+    build_tiny(out, CORPUS, seed=7)
+    for weights in out.glob("*.safetensors"):
+        weights.unlink()  # compile reads config + tokenizer only; keeps the per-test copy small
     return out
 
 

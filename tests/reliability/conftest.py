@@ -23,17 +23,6 @@ FIGURES_ENV = "SFTC_RELIABILITY_FIGURES"
 _FIGURES: Counter = Counter()
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _one_thread():
-    # The box is shared: two-thread torch under contention is ~10x slower, and one thread is
-    # what the bit-identity checks are defined on.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch
-
-    torch.set_num_threads(1)
-    yield
-
-
 @pytest.fixture(scope="session")
 def figures():
     yield _FIGURES

@@ -48,16 +48,6 @@ def _train(model, tokenizer, rows, steps: int) -> None:
         opt.zero_grad()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls gain nothing from a second thread, and on a shared 2-core box the spin-waiting
-    # threads make each step ~10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, one_thread):
     from transformers import AutoModelForCausalLM, AutoTokenizer

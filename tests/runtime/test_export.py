@@ -21,15 +21,6 @@ CORPUS = ['{"decision": "approve", "policy": "AC-101", "reply": "Approved under 
           "Vendor wants admin access to the billing database without a ticket."] * 30
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # See test_evaluate: a second thread only adds spin-waiting on a shared 2-core box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory, one_thread):
     from demo.tiny_model import build_tiny
