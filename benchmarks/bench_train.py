@@ -5,11 +5,15 @@ same optimizer, same loss (TRL's fused LM head, which SFTTrainer patches onto th
 sftc's trainer inherits), same batch of 8, same number of steps, fixed torch threads.
 Only the batches differ, and each is made by the real code path:
 
-  sftc_segments runtime.bundle.collate(..., "segments") over 8 bundle rows: each packed example
-                its own right-padded row, no attention mask. What `sftc run` feeds for sdpa/eager
-                (runtime.bundle.choose_layout): the default path, used for the ratios.
-  sftc_packed   runtime.bundle.collate(..., "packed_rows") over the same 8 rows (stacked, position
-                ids reset per example, no attention mask): what `sftc run` feeds for flash-attention.
+  sftc_varlen   runtime.bundle.collate(..., "varlen") over 8 bundle rows: the rows flattened into
+                one with no pad, run with runtime.attention's varlen sdpa (causal SDPA per example).
+                What `sftc run` feeds for sdpa (runtime.bundle.choose_layout): the default path,
+                used for the ratios.
+  sftc_segments runtime.bundle.collate(..., "segments") over the same rows: each packed example its
+                own right-padded row, no attention mask, plain sdpa (what `sftc run` feeds for eager).
+  sftc_packed   runtime.bundle.collate(..., "packed_rows") over the same rows (stacked, position
+                ids reset per example, no attention mask), plain sdpa: transformers builds a dense
+                block-diagonal mask. With flash-attention this is what `sftc run` feeds.
   trl_padded    SFTTrainer(packing=False) prepares the same examples; its
                 DataCollatorForLanguageModeling pads 8 examples with an attention mask.
   trl_flat      SFTTrainer(packing=True, bfd) (TRL's default packing: padding-free), its
@@ -47,9 +51,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 BATCH = 8
-SETUPS = ("sftc_segments", "sftc_packed", "trl_padded", "trl_flat", "dense")
-# the layout `sftc run` chooses for sdpa/eager (runtime.bundle.choose_layout): the default path
-DEFAULT = "sftc_segments"
+SETUPS = ("sftc_varlen", "sftc_segments", "sftc_packed", "trl_padded", "trl_flat", "dense")
+# the layout `sftc run` chooses for sdpa (runtime.bundle.choose_layout): the default path
+DEFAULT = "sftc_varlen"
+
+
+def attention_for(setup: str) -> str:
+    """sftc's default path runs the attention `sftc run` loads for sdpa; every other setup stock sdpa."""
+    from runtime.attention import register
+
+    return register() if setup == "sftc_varlen" else "sdpa"
 
 
 def load_model(path: Path):
@@ -175,7 +186,8 @@ def ratios(setups: dict) -> dict:
     tps = {k: v["tokens_per_s"] for k, v in setups.items()}
     if DEFAULT in tps:
         for key, other in (("train_speedup_vs_padded", "trl_padded"), ("train_vs_dense_ceiling", "dense"),
-                           ("train_speedup_vs_trl_flat", "trl_flat"), ("segments_vs_packed_rows", "sftc_packed")):
+                           ("train_speedup_vs_trl_flat", "trl_flat"), ("default_vs_segments", "sftc_segments"),
+                           ("default_vs_packed_rows", "sftc_packed")):
             if other in tps:
                 out[key] = round(tps[DEFAULT] / tps[other], 3)
         if "trl_padded" in setups:
@@ -220,7 +232,8 @@ def main() -> dict:
     tokenizer = AutoTokenizer.from_pretrained(bundle.tokenizer_path)
     pad_id = int(bundle.lock["tokenizer"]["pad_token_id"])
     n = args.warmup + args.steps
-    batches = {"sftc_segments": sftc_batches(bundle, pad_id, n, "segments"),
+    batches = {"sftc_varlen": sftc_batches(bundle, pad_id, n, "varlen"),
+               "sftc_segments": sftc_batches(bundle, pad_id, n, "segments"),
                "sftc_packed": sftc_batches(bundle, pad_id, n), "dense": dense_batches(bundle, n)}
     if {"trl_padded", "trl_flat"} & set(setups_run):
         batches.update(trl_batches(bundle, tokenizer, model_path, n, seed=bundle.spec.seed))
@@ -253,6 +266,8 @@ def main() -> dict:
     for rep in range(args.repeats):
         rotation = setups_run[rep % len(setups_run):] + setups_run[: rep % len(setups_run)]  # no setup always runs first
         for name in rotation:
+            model.set_attn_implementation(attention_for(name))
+            assert model.config._attn_implementation == attention_for(name)
             times[name].append(measure(model, init, batches[name], args.warmup, args.steps))
         load.append(common.loadavg())
         print(f"repeat {rep + 1}: " + ", ".join(f"{s} {sum(times[s][-1]):.2f}s" for s in setups_run), flush=True)
@@ -278,7 +293,8 @@ def main() -> dict:
         "torch_threads": threads,
         "device": "cpu",
         "model": {"path": str(model_path.relative_to(common.REPO)) if model_path.is_relative_to(common.REPO) else str(model_path),
-                  "parameters": n_params, "dtype": "float32", "attn_implementation": "sdpa"},
+                  "parameters": n_params, "dtype": "float32",
+                  "attn_implementation": {name: attention_for(name) for name in setups_run}},
         "bundle": bundle.bundle_id,
         "seq_length": int(bundle.lock["packing"]["seq_length"]),
         "batch_rows": BATCH,

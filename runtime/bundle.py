@@ -258,7 +258,7 @@ def load_bundle(bundle_dir: str | os.PathLike) -> Bundle:
 
 
 def collate_rows(rows: list[dict], pad_token_id: int):
-    """Stack packed rows for one micro-batch: the layout the trainer and the probe both use.
+    """Stack rows of packed examples into one micro-batch (every layout ends here).
 
     Rows are right-padded to the longest one; position ids restart at 0 at every example and at
     the pad tail (its own segment). No attention_mask: on transformers 5.23 sdpa and eager honour
@@ -266,9 +266,6 @@ def collate_rows(rows: list[dict], pad_token_id: int):
     examples read each other), and under causal attention a right pad is never read by a real
     token. The label at each example's first position is masked so no example is scored from the
     previous one's context.
-
-    Separate packed rows rather than one flattened row per batch: measured 1768 vs 760 tok/s on
-    CPU without flash-attention.
     """
     import torch
 
@@ -293,18 +290,24 @@ def collate_rows(rows: list[dict], pad_token_id: int):
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
-# Which layout executes a micro-batch of packed rows. Both feed the model exactly the bundle's
-# (token, label) pairs of the micro-batch, so the loss and gradient are the same; they differ in
-# cost. Flash-attention kernels read example boundaries from the reset position ids (varlen) at no
-# extra cost, so packed rows keep their full length. sdpa and eager have no varlen path: a packed
-# row gets a dense block-diagonal mask, which costs a full L x L attention per row and pushes SDPA
-# off its fused causal kernel (measured on CPU, demo model, 512-token rows: packed rows ran at 0.74x
-# the tokens/s of plain padding). There each example becomes its own right-padded row instead.
-LAYOUTS = ("packed_rows", "segments")
+# Which layout executes a micro-batch of packed rows. Every layout feeds the model exactly the
+# bundle's (token, label) pairs of the micro-batch, so the loss and gradient are the same; they
+# differ in cost, and each fits one attention implementation:
+#   packed_rows  flash-attention reads example boundaries from the reset position ids (varlen) at
+#                no extra cost, so packed rows keep their full length.
+#   varlen       sdpa: the micro-batch's rows flattened into one row with no pad; runtime.attention
+#                splits attention at the position-id resets (projections and MLPs see real tokens
+#                only). Plain sdpa would instead give a packed row a dense block-diagonal mask, a
+#                full L x L attention per row off the fused causal kernel.
+#   segments     eager (and any other): each example its own right-padded row.
+LAYOUTS = ("packed_rows", "varlen", "segments")
 
 
 def choose_layout(attn_implementation: str | None) -> str:
-    return "packed_rows" if str(attn_implementation or "").startswith("flash_attention") else "segments"
+    name = str(attn_implementation or "")
+    if name.startswith("flash_attention"):
+        return "packed_rows"
+    return "varlen" if name == "sdpa" else "segments"
 
 
 def split_segments(rows: list[dict]) -> list[dict]:
@@ -321,10 +324,17 @@ def split_segments(rows: list[dict]) -> list[dict]:
     return segments
 
 
+def flatten_rows(rows: list[dict]) -> list[dict]:
+    """The packed rows end to end as one row; their examples keep their boundaries."""
+    return [{key: np.concatenate([np.asarray(r[key]) for r in rows]) for key in ("input_ids", "labels", "seq_lengths")}]
+
+
 def collate(rows: list[dict], pad_token_id: int, layout: str) -> tuple[dict, list[int]]:
     """The micro-batch in `layout`, and the real length of each batch row."""
     if layout == "segments":
         rows = split_segments(rows)
+    elif layout == "varlen":
+        rows = flatten_rows(rows)
     elif layout != "packed_rows":
         raise BundleError(f"unknown layout {layout!r}; allowed: {', '.join(LAYOUTS)}")
     return collate_rows(rows, pad_token_id), [len(r["input_ids"]) for r in rows]

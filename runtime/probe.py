@@ -106,8 +106,8 @@ def probe_contamination(
             real = torch.zeros_like(batch["input_ids"])
             for j, n in enumerate(lengths):
                 real[j, :n] = 1
-            if layout == "packed_rows":
-                real[0, len(rows[0]["input_ids"]) - PAD_TAIL :] = 0
+            if layout in ("packed_rows", "varlen"):  # row 0's pad tail (varlen: mid-row, before row 1)
+                real[0, len(rows[0]["input_ids"]) - PAD_TAIL : len(rows[0]["input_ids"])] = 0
             batch["real"] = real
             logits = forward(batch).cpu()
     finally:
@@ -144,6 +144,8 @@ def probe_contamination(
         "layout": layout,
         "layout_description": {
             "packed_rows": "packed rows stacked, right-padded, position ids reset per example, no attention_mask",
+            "varlen": "the rows flattened into one, position ids reset per example, no attention_mask, "
+                      "attention split at the resets (runtime.attention)",
             "segments": "each packed example its own right-padded row, no attention_mask",
         }[layout],
         "per_example": per_example,

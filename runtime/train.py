@@ -162,9 +162,14 @@ def load_model(bundle: Bundle):
     spec = bundle.spec
     locked = bundle.lock["model"]
     dtype_name = locked.get("dtype") or spec.model.dtype
+    attn = locked.get("attn_implementation") or spec.model.attn_implementation
+    if choose_layout(attn) == "varlen":  # sdpa, plus its varlen path for the flattened micro-batch
+        from runtime.attention import register
+
+        attn = register()
     kwargs: dict[str, Any] = {
         "dtype": getattr(torch, dtype_name),
-        "attn_implementation": locked.get("attn_implementation") or spec.model.attn_implementation,
+        "attn_implementation": attn,
         "trust_remote_code": bool(locked.get("trust_remote_code", spec.model.trust_remote_code)),
     }
     if locked.get("revision"):

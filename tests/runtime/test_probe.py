@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.bundle import collate_rows, load_bundle
+from runtime.attention import VARLEN_SDPA
+from runtime.bundle import choose_layout, collate_rows, load_bundle
 from runtime.probe import pick_examples, probe_contamination, run_probe
 from runtime.train import load_model, load_tokenizer, pad_token_id
 from sftc.errors import RunError
@@ -13,28 +14,44 @@ from sftc.errors import RunError
 
 @pytest.fixture(params=["sdpa", "eager"])
 def probed(request, project):
+    """The model as `sftc run` loads it: sdpa runs as runtime.attention's varlen sdpa."""
     bundle = load_bundle(project.compile(model={"path": "model", "attn_implementation": request.param}))
     model = load_model(bundle)
-    assert model.config._attn_implementation == request.param
+    assert model.config._attn_implementation == {"sdpa": VARLEN_SDPA, "eager": "eager"}[request.param]
     pad = pad_token_id(bundle, load_tokenizer(bundle))
     return bundle, model, pad
+
+
+@pytest.fixture(params=["sdpa", "eager"])
+def plain(request, project):
+    """transformers' own sdpa/eager, as any other trainer would load them."""
+    from transformers import AutoModelForCausalLM
+
+    bundle = load_bundle(project.compile(model={"path": "model", "attn_implementation": request.param}))
+    model = AutoModelForCausalLM.from_pretrained(bundle.model_path, attn_implementation=request.param)
+    model.config.use_cache = False
+    return bundle, model, pad_token_id(bundle, load_tokenizer(bundle))
 
 
 def test_trainer_call_keeps_packed_examples_apart(probed):
     bundle, model, pad = probed
     examples = pick_examples(bundle, 4)
     assert len(examples) == 4
-    result = probe_contamination(model, examples, pad_token_id=pad, tolerance=1e-4)
-    assert result["passed"], result
-    # 4 examples in row 0 plus 3 in row 1, each compared with its loss alone
-    assert len(result["per_example"]) == 7
-    assert result["max_abs_diff"] < 1e-5
-    assert result["attention_mask_passed"] is False and result["use_cache"] is False
+    own = choose_layout(bundle.lock["model"]["attn_implementation"])
+    assert own == {"sdpa": "varlen", "eager": "segments"}[bundle.lock["model"]["attn_implementation"]]
+    for layout in (own, "packed_rows"):  # the run's own layout, and stacked packed rows
+        result = probe_contamination(model, examples, pad_token_id=pad, tolerance=1e-4, layout=layout)
+        assert result["passed"], result
+        # 4 examples in row 0 plus 3 in row 1, each compared with its loss alone
+        assert len(result["per_example"]) == 7
+        assert result["max_abs_diff"] < 1e-5
+        assert result["attention_mask_passed"] is False and result["use_cache"] is False
+        assert result["layout"] == layout
 
 
 @pytest.mark.parametrize("bad", [{"pass_attention_mask": True}, {"use_cache": True}])
-def test_leaking_calls_are_caught(probed, bad):
-    bundle, model, pad = probed
+def test_leaking_calls_are_caught(plain, bad):
+    bundle, model, pad = plain
     examples = pick_examples(bundle, 4)
     result = probe_contamination(model, examples, pad_token_id=pad, tolerance=1e-4, **bad)
     assert not result["passed"]
@@ -47,6 +64,18 @@ def test_leaking_calls_are_caught(probed, bad):
     message = str(err.value)
     assert "contamination probe failed" in message
     assert ("attention_mask passed" in message) if "pass_attention_mask" in bad else ("use_cache=True" in message)
+
+
+def test_varlen_sdpa_leaks_under_a_mask_and_the_probe_says_so(project):
+    """With a mask, varlen sdpa is plain sdpa (that is how generation stays correct), so a mask
+    passed with packed rows leaks there too; the probe on the run's own layout catches it."""
+    bundle = load_bundle(project.compile())
+    model = load_model(bundle)
+    assert model.config._attn_implementation == VARLEN_SDPA
+    pad = pad_token_id(bundle, load_tokenizer(bundle))
+    result = probe_contamination(model, pick_examples(bundle, 4), pad_token_id=pad, tolerance=1e-4,
+                                 pass_attention_mask=True, layout="varlen")
+    assert not result["passed"] and result["max_abs_diff"] > 1e-3
 
 
 def test_collated_rows_restart_positions_and_mask_boundaries(project):
