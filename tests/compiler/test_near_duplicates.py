@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from compiler.data import Example
-from compiler.split import near_duplicate_pairs, shingles, split_examples
+from compiler.split import iter_near_duplicates, near_duplicate_pairs, shingles, split_examples
 from compiler.spec import SplitSpec
 
 from .conftest import base_spec, bundle_tokenizer, load_tokens, read_jsonl, segments
@@ -110,3 +110,46 @@ def test_split_examples_merges_transitively_and_stays_disjoint():
 def test_near_duplicate_pairs_finds_the_pair_and_nothing_else():
     texts = [BASE, *UNRELATED, NEAR]
     assert near_duplicate_pairs(texts, 0.85) == [(0, len(texts) - 1)]
+
+
+def test_skipping_pairs_inside_merged_groups_gives_the_components_of_every_pair():
+    """split_examples skips candidate pairs (and whole buckets) already inside one merged group;
+    its clusters must equal the connected components over every near-duplicate pair."""
+    import random
+
+    rng = random.Random(5)
+    names = ["Victor", "Lucas", "Maya", "Ines", "Omar", "Kenji", "Ana", "Lena"]
+    families = [BASE, *[(u + " ") * 4 for u in UNRELATED]]
+    examples = []
+    for i in range(160):
+        text = rng.choice(families)
+        for name in rng.sample(names, 2):  # one or two words changed: near, not exact, copies
+            text = text.replace(rng.choice(text.split()), name, 1)
+        examples.append(_example(f"G{rng.randrange(60)}", text))
+
+    result = split_examples(examples, SplitSpec(eval_fraction=0.3, seed=3, near_duplicates=0.8))
+    parent = {e.group: e.group for e in examples}
+
+    def find(g):
+        while parent[g] != g:
+            g = parent[g]
+        return g
+
+    for left, right in near_duplicate_pairs([e.messages[0]["content"] for e in examples], 0.8):
+        a, b = find(examples[left].group), find(examples[right].group)
+        parent[max(a, b)] = min(a, b)
+    expected = {}
+    for g in parent:
+        expected.setdefault(find(g), []).append(g)
+    expected = sorted(sorted(m) for m in expected.values() if len(m) > 1)
+    assert len(expected) >= 3 and result.record["merged_near_duplicates"] == expected
+
+
+def test_pairs_inside_one_component_are_skipped_and_bridges_still_found():
+    third = NEAR.replace("Workday", "Okta")
+    texts = [BASE, NEAR, third, *UNRELATED]
+    assert {(0, 1), (0, 2), (1, 2)} <= set(near_duplicate_pairs(texts, 0.8))
+    merged = {0: "x", 1: "x"}  # rows 0 and 1 already in one group: only a pair reaching row 2 matters
+    found = list(iter_near_duplicates(texts, 0.8, component=lambda i: merged.get(i, i)))
+    assert found and all(2 in pair for pair in found)
+    assert list(iter_near_duplicates(texts, 0.8, component=lambda i: "x")) == []
