@@ -5,7 +5,11 @@ so `make bench` records that the GPU section did not run instead of failing.
 
 On a GPU: the demo bundle's rows (or --bundle), a model built from --model (default
 models/access-base; a bigger one, e.g. a Qwen2.5-0.5B directory, gives meaningful MFU), bf16,
-batch of 8 rows, three setups, each fed by the real code path:
+batch of 8 rows, each setup fed by the real code path:
+  sftc_varlen_sdpa    runtime.bundle.collate(..., "varlen") with runtime.attention's varlen sdpa:
+                      what `sftc run` does for sdpa (a Python loop of SDPA calls per layer; on a
+                      GPU this measures what the launches cost against flash varlen)
+  trl_padded_sdpa     TRL's padded collator (attention mask), sdpa: the baseline
   sftc_packed_sdpa    runtime.bundle.collate_rows (stacked rows, reset position ids, no mask), sdpa
   sftc_packed_flash   the same batch with attn_implementation=flash_attention_2 (when installed):
                       transformers derives varlen boundaries from the position ids
@@ -58,10 +62,15 @@ def main() -> dict:
     tokenizer = AutoTokenizer.from_pretrained(bundle.tokenizer_path)
     pad_id = int(bundle.lock["tokenizer"]["pad_token_id"])
     n = args.warmup + args.steps
+    from runtime.attention import register
+
+    trl = bench_train.trl_batches(bundle, tokenizer, Path(bundle.model_path), n, bundle.spec.seed)
     batches = {"sftc_packed": bench_train.sftc_batches(bundle, pad_id, n),
-               "trl_flat": bench_train.trl_batches(bundle, tokenizer, Path(bundle.model_path), n, bundle.spec.seed)["trl_flat"]}
+               "sftc_varlen": bench_train.sftc_batches(bundle, pad_id, n, "varlen"),
+               "trl_padded": trl["trl_padded"], "trl_flat": trl["trl_flat"]}
     has_flash = importlib.util.find_spec("flash_attn") is not None
-    setups = [("sftc_packed_sdpa", "sftc_packed", "sdpa")]
+    setups = [("sftc_varlen_sdpa", "sftc_varlen", register()), ("trl_padded_sdpa", "trl_padded", "sdpa"),
+              ("sftc_packed_sdpa", "sftc_packed", "sdpa")]
     if has_flash:
         setups += [("sftc_packed_flash", "sftc_packed", "flash_attention_2"), ("trl_flat_flash", "trl_flat", "flash_attention_2")]
     out = {}
