@@ -14,6 +14,9 @@ Only the batches differ, and each is made by the real code path:
   sftc_packed   runtime.bundle.collate(..., "packed_rows") over the same rows (stacked, position
                 ids reset per example, no attention mask), plain sdpa: transformers builds a dense
                 block-diagonal mask. With flash-attention this is what `sftc run` feeds.
+  sftc_varlen_eq  the same path with as many packed rows per micro-batch as hold about 8 examples
+                (the padded baseline's batch): the same examples per step, so the same work per
+                update; a small model on CPU runs faster per token on smaller micro-batches
   trl_padded    SFTTrainer(packing=False) prepares the same examples; its
                 DataCollatorForLanguageModeling pads 8 examples with an attention mask.
   trl_flat      SFTTrainer(packing=True, bfd) (TRL's default packing: padding-free), its
@@ -51,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 BATCH = 8
-SETUPS = ("sftc_varlen", "sftc_segments", "sftc_packed", "trl_padded", "trl_flat", "dense")
+SETUPS = ("sftc_varlen", "sftc_varlen_eq", "sftc_segments", "sftc_packed", "trl_padded", "trl_flat", "dense")
 # the layout `sftc run` chooses for sdpa (runtime.bundle.choose_layout): the default path
 DEFAULT = "sftc_varlen"
 
@@ -60,7 +63,7 @@ def attention_for(setup: str) -> str:
     """sftc's default path runs the attention `sftc run` loads for sdpa; every other setup stock sdpa."""
     from runtime.attention import register
 
-    return register() if setup == "sftc_varlen" else "sdpa"
+    return register() if setup.startswith("sftc_varlen") else "sdpa"
 
 
 def load_model(path: Path):
@@ -112,15 +115,23 @@ def trl_batches(bundle, tokenizer, model_path: Path, n_batches: int, seed: int) 
     return out
 
 
-def sftc_batches(bundle, pad_id: int, n_batches: int, layout: str = "packed_rows") -> list[dict]:
+def rows_for_equal_examples(bundle) -> int:
+    """Packed rows per micro-batch that hold about BATCH examples, the padded baseline's batch."""
+    tf = bundle.train
+    per_row = sum(len(tf.row(r)[2]) for r in range(tf.n_rows)) / tf.n_rows
+    return max(1, round(BATCH / per_row))
+
+
+def sftc_batches(bundle, pad_id: int, n_batches: int, layout: str = "packed_rows", rows: int = BATCH) -> list[dict]:
     from runtime.bundle import collate
 
     tf = bundle.train
-    order = tf.epochs[0].tolist()[: n_batches * BATCH]  # the locked order, as `sftc run` draws it
+    per_batch = rows
+    order = tf.epochs[0].tolist()[: n_batches * per_batch]  # the locked order, as `sftc run` draws it
     batches = []
     for k in range(n_batches):
         rows = []
-        for r in order[k * BATCH:(k + 1) * BATCH]:
+        for r in order[k * per_batch:(k + 1) * per_batch]:
             i, lab, lengths = tf.row(r)
             rows.append({"input_ids": i, "labels": lab, "seq_lengths": lengths})
         batches.append(collate(rows, pad_id, layout)[0])
@@ -160,6 +171,14 @@ def real_tokens(batch: dict, pad_id: int) -> int:
     return int(batch["input_ids"].numel())
 
 
+def examples_in(batch: dict, pad_id: int) -> int:
+    if "position_ids" not in batch:
+        return int(batch["input_ids"].shape[0]) if "attention_mask" in batch else 0  # dense: no examples
+    starts = batch["position_ids"] == 0
+    # a pad tail restarts the positions too: count only starts whose token is real
+    return int((starts & (batch["input_ids"] != pad_id)).sum())
+
+
 def measure(model, init_state, batches: list[dict], warmup: int, steps: int) -> list[float]:
     """Seconds of each of `steps` optimizer steps after `warmup` unmeasured ones, from the same weights."""
     import torch
@@ -196,6 +215,8 @@ def ratios(setups: dict) -> dict:
             # from elsewhere (shorter attention, fewer steps' overhead).
             pad = setups["trl_padded"]
             out["padded_baseline_positions_per_real_token"] = round(pad["positions_per_step"] / pad["real_tokens_per_step"], 3)
+            if "sftc_varlen_eq" in tps:
+                out["train_speedup_vs_padded_equal_examples"] = round(tps["sftc_varlen_eq"] / tps["trl_padded"], 3)
             out["supervised_speedup_vs_padded"] = round(setups[DEFAULT]["supervised_tokens_per_s"]
                                                         / setups["trl_padded"]["supervised_tokens_per_s"], 3)
     return out
@@ -213,6 +234,9 @@ def main() -> dict:
     parser.add_argument("--pack-length", type=int, default=None,
                         help="the demo data packed at this seq_length instead of the spec's (a scratch compile)")
     parser.add_argument("--model", default=None, help="default: the bundle's model (models/access-base for the demo)")
+    parser.add_argument("--scale-10m", action="store_true",
+                        help="a ~10M-parameter model of the same shape family instead (common.SCALED_10M), "
+                             "the size of the issue's lab figures")
     parser.add_argument("--setups", default=",".join(SETUPS))
     parser.add_argument("--out", default=None, help="results/<out>.json (default train, or train_orgaccess)")
     args = parser.parse_args()
@@ -234,10 +258,14 @@ def main() -> dict:
         args.model = args.model or str(common.REPO / "models" / "access-base")
     bundle = load_bundle(args.bundle or common.demo_bundle())
     model_path = Path(args.model or bundle.model_path)
+    if args.scale_10m:
+        model_path = common.scaled_model(model_path)
     tokenizer = AutoTokenizer.from_pretrained(bundle.tokenizer_path)
     pad_id = int(bundle.lock["tokenizer"]["pad_token_id"])
     n = args.warmup + args.steps
+    eq_rows = rows_for_equal_examples(bundle)
     batches = {"sftc_varlen": sftc_batches(bundle, pad_id, n, "varlen"),
+               "sftc_varlen_eq": sftc_batches(bundle, pad_id, n, "varlen", rows=eq_rows),
                "sftc_segments": sftc_batches(bundle, pad_id, n, "segments"),
                "sftc_packed": sftc_batches(bundle, pad_id, n), "dense": dense_batches(bundle, n)}
     if {"trl_padded", "trl_flat"} & set(setups_run):
@@ -253,6 +281,9 @@ def main() -> dict:
             "real_tokens_per_step": sum(real_tokens(b, pad_id) for b in measured) / args.steps,
             "supervised_tokens_per_step": sum(int((b["labels"][:, 1:] != -100).sum()) for b in measured) / args.steps,
             "batch_shape": list(measured[0]["input_ids"].shape),
+            # examples: position-id restarts where there are position ids (a pad tail counts as
+            # none only when it has no real token), else one per row
+            "examples_per_step": sum(examples_in(b, pad_id) for b in measured) / args.steps,
         }
 
     model = load_model(model_path)
@@ -303,6 +334,7 @@ def main() -> dict:
         "bundle": bundle.bundle_id,
         "seq_length": int(bundle.lock["packing"]["seq_length"]),
         "batch_rows": BATCH,
+        "equal_examples_rows": eq_rows,
         "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
         "setups": setups,
         "token_ids_folded_mod": vocab if folded else None,

@@ -94,6 +94,31 @@ def demo_bundle() -> Path:
     return bundle
 
 
+# A ~10M-parameter Llama of the demo model's shape (its vocabulary and tokenizer), the size the
+# issue's lab figures were taken on: 6 layers, hidden 384, 6 heads (2 kv heads), MLP 1024.
+SCALED_10M = {"hidden_size": 384, "num_hidden_layers": 6, "intermediate_size": 1024,
+              "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 64}
+
+
+def scaled_model(base: Path, shape: dict = SCALED_10M) -> Path:
+    """`base` with a bigger body and fresh random weights, saved once under the cache. Throughput
+    depends on the shape, not the weights, so the benchmark needs no trained 10M model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = CACHE / "models" / ("scaled-" + "-".join(f"{k}{v}" for k, v in sorted(shape.items())))
+    if not (out / "config.json").exists():
+        config = AutoConfig.from_pretrained(base)
+        for key, value in shape.items():
+            setattr(config, key, value)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tmp = out.with_name(out.name + ".tmp")
+        model.save_pretrained(tmp, safe_serialization=True)
+        tmp.rename(out)
+    return out
+
+
 def bench_threads() -> int:
     """Intra-op threads for every CPU measurement: fixed, the same for every setup, default 1.
 

@@ -32,15 +32,20 @@ SCRIPTS = {
     # 5 repeats: under a load average of 2-5 single repeats of the same batches differ by +-15%
     "train": ("bench_train.py", ["--steps", "4", "--warmup", "1", "--repeats", "5"], ["--steps", "2", "--repeats", "1"]),
     # the spec lever on CPU: the same demo examples packed into 256-token rows instead of 512
-    "train_pack256": ("bench_train.py", ["--pack-length", "256", "--setups", "sftc_varlen,sftc_segments,trl_padded,dense", "--out",
+    "train_pack256": ("bench_train.py", ["--pack-length", "256", "--setups", "sftc_varlen,sftc_varlen_eq,sftc_segments,trl_padded,dense", "--out",
                                          "train_pack256", "--steps", "4", "--warmup", "1", "--repeats", "3"],
-                      ["--pack-length", "256", "--setups", "sftc_varlen,sftc_segments,trl_padded,dense", "--out", "train_pack256",
+                      ["--pack-length", "256", "--setups", "sftc_varlen,sftc_varlen_eq,sftc_segments,trl_padded,dense", "--out", "train_pack256",
                        "--steps", "1", "--repeats", "1"]),
     # OrgAccess lengths (L=1024, 33% padding when unpacked) on the same tiny model; TRL's flattened
     # setup is left out here: one 8192-token row with a materialized mask costs ~30 s a step on CPU
-    "train_orgaccess": ("bench_train.py", ["--orgaccess", "--setups", "sftc_varlen,sftc_segments,trl_padded,dense", "--steps", "3",
+    "train_orgaccess": ("bench_train.py", ["--orgaccess", "--setups", "sftc_varlen,sftc_varlen_eq,sftc_segments,trl_padded,dense", "--steps", "3",
                                            "--warmup", "1", "--repeats", "3"],
-                        ["--orgaccess", "--setups", "sftc_varlen,sftc_segments,trl_padded,dense", "--steps", "1", "--repeats", "1"]),
+                        ["--orgaccess", "--setups", "sftc_varlen,sftc_varlen_eq,sftc_segments,trl_padded,dense", "--steps", "1", "--repeats", "1"]),
+    # the same OrgAccess lengths on a ~10M-parameter model, the size of the lab figures
+    "train_orgaccess_10m": ("bench_train.py", ["--orgaccess", "--scale-10m", "--setups", "sftc_varlen,sftc_varlen_eq,trl_padded,dense",
+                                               "--out", "train_orgaccess_10m", "--steps", "2", "--warmup", "1", "--repeats", "3"],
+                            ["--orgaccess", "--scale-10m", "--setups", "sftc_varlen,sftc_varlen_eq,trl_padded,dense",
+                             "--out", "train_orgaccess_10m", "--steps", "1", "--repeats", "1"]),
     "checkpoint": ("bench_checkpoint.py", [], []),
     "eval": ("bench_eval.py", ["--prompts", "32", "--repeats", "3"], ["--prompts", "8", "--repeats", "1"]),
     "gpu": ("bench_gpu.py", [], []),
@@ -59,6 +64,7 @@ HEADLINES = [
     ("Packing: padded batches of 8, no packing (real/processed)", "packing", ["orgaccess", "efficiency", "padded_batches"], None, None),
     ("Packing: TRL SFTTrainer's own bfd efficiency", "compile", ["trl_packing_efficiency"], None, None),
     ("Train: sftc default (varlen) / TRL padded (tokens/s)", "train", ["train_speedup_vs_padded"], ">=", 1.6),
+    ("Train: same, sftc at equal examples per step (varlen, fewer packed rows)", "train", ["train_speedup_vs_padded_equal_examples"], ">=", 1.6),
     ("Train: TRL padded positions / real tokens (the speedup removing pad alone can give)", "train", ["padded_baseline_positions_per_real_token"], None, None),
     ("Train: sftc default (varlen) / dense ceiling (tokens/s)", "train", ["train_vs_dense_ceiling"], ">=", 0.95),
     ("Train: sftc default (varlen) / TRL padding-free flattened", "train", ["train_speedup_vs_trl_flat"], None, None),
@@ -73,8 +79,12 @@ HEADLINES = [
     ("Train: TRL padded supervised tokens/s", "train", ["setups", "trl_padded", "supervised_tokens_per_s"], None, None),
     ("Train, OrgAccess lengths @1024: sftc default / TRL padded", "train_orgaccess", ["train_speedup_vs_padded"], ">=", 1.6),
     ("Train, OrgAccess lengths @1024: sftc default / dense ceiling", "train_orgaccess", ["train_vs_dense_ceiling"], ">=", 0.95),
+    ("Train, OrgAccess lengths: same, sftc at equal examples per step", "train_orgaccess", ["train_speedup_vs_padded_equal_examples"], ">=", 1.6),
     ("Train, OrgAccess lengths: TRL padded positions / real tokens", "train_orgaccess", ["padded_baseline_positions_per_real_token"], None, None),
     ("Train, OrgAccess lengths: sftc default supervised tokens/s / TRL padded", "train_orgaccess", ["supervised_speedup_vs_padded"], None, None),
+    ("Train, OrgAccess lengths, 10M-param model: sftc default / TRL padded", "train_orgaccess_10m", ["train_speedup_vs_padded"], ">=", 1.6),
+    ("Train, OrgAccess lengths, 10M-param model: same, sftc at equal examples per step", "train_orgaccess_10m", ["train_speedup_vs_padded_equal_examples"], ">=", 1.6),
+    ("Train, OrgAccess lengths, 10M-param model: sftc default / dense ceiling", "train_orgaccess_10m", ["train_vs_dense_ceiling"], ">=", 0.95),
     ("Train, demo packed into 256-token rows: sftc default / TRL padded", "train_pack256", ["train_speedup_vs_padded"], None, None),
     ("Train, demo packed into 256-token rows: sftc default / dense @256", "train_pack256", ["train_vs_dense_ceiling"], None, None),
     ("Checkpoint: save / training time per interval (eval excluded)", "checkpoint", ["checkpoint_overhead_fraction"], "<=", 0.03),
@@ -154,19 +164,22 @@ def markdown(latest: dict) -> str:
     for row in latest["headline"]:
         met = {True: "yes", False: "**no**", None: ""}[row["met"]]
         lines.append(f"| {row['metric']} | {_fmt(row['value'])} | {row['target'] or ''} | {met} |")
-    for key in ("train", "train_pack256", "train_orgaccess"):
+    for key in ("train", "train_pack256", "train_orgaccess", "train_orgaccess_10m"):
         train = latest["results"].get(key)
         if not train:
             continue
         data = {"train": "demo data", "train_pack256": "demo data packed into 256-token rows",
-                "train_orgaccess": "OrgAccess lengths (ids folded into the model's vocabulary)"}[key]
+                "train_orgaccess": "OrgAccess lengths (ids folded into the model's vocabulary)",
+                "train_orgaccess_10m": "OrgAccess lengths, 10M-parameter model of the same family"}[key]
+        attn = train["model"]["attn_implementation"]
         lines += ["", f"Training setups, {data} ({train['model']['parameters']:,}-parameter model {train['model']['path']}, fp32, "
-                  f"sdpa, batch {train['batch_rows']}, seq_length {train['seq_length']}, {train['torch_threads']} torch thread(s), "
+                  f"batch {train['batch_rows']}, seq_length {train['seq_length']}, {train['torch_threads']} torch thread(s), "
                   f"{train['steps']} steps x {train['repeats']} repeats, median):", "",
-                  "| setup | batch shape | real tokens/step | supervised/step | s/step | tokens/s | supervised tokens/s |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+                  "| setup | attention | batch shape | examples/step | real tokens/step | supervised/step | s/step | tokens/s | supervised tokens/s |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for name, s in train["setups"].items():
-            lines.append(f"| {name} | {s['batch_shape']} | {s['real_tokens_per_step']:.0f} | {s['supervised_tokens_per_step']:.0f} "
+            lines.append(f"| {name} | {attn.get(name, '') if isinstance(attn, dict) else attn} | {s['batch_shape']} | {s.get('examples_per_step', 0):.1f} "
+                         f"| {s['real_tokens_per_step']:.0f} | {s['supervised_tokens_per_step']:.0f} "
                          f"| {s['seconds_per_step']:.3f} | {s['tokens_per_s']:.0f} | {s['supervised_tokens_per_s']:.0f} |")
     pack = latest["results"].get("packing")
     if pack:
