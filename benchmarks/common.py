@@ -68,7 +68,9 @@ def code_state() -> dict:
             return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.rstrip()
         except (OSError, subprocess.SubprocessError):
             return ""
-    dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    # results/ is what this run writes, not code that was measured
+    dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+             if not line[3:].startswith("benchmarks/results/")]
     return {"head": git("rev-parse", "--short", "HEAD").strip(), "modified_files": dirty}
 
 

@@ -178,7 +178,7 @@ def markdown(latest: dict) -> str:
                   "| setup | attention | batch shape | examples/step | real tokens/step | supervised/step | s/step | tokens/s | supervised tokens/s |",
                   "|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for name, s in train["setups"].items():
-            lines.append(f"| {name} | {attn.get(name, '') if isinstance(attn, dict) else attn} | {s['batch_shape']} | {s.get('examples_per_step', 0):.1f} "
+            lines.append(f"| {name} | {attn.get(name, '') if isinstance(attn, dict) else attn} | {s['batch_shape']} | {s['examples_per_step'] if s.get('examples_per_step') else '-'} "
                          f"| {s['real_tokens_per_step']:.0f} | {s['supervised_tokens_per_step']:.0f} "
                          f"| {s['seconds_per_step']:.3f} | {s['tokens_per_s']:.0f} | {s['supervised_tokens_per_s']:.0f} |")
     pack = latest["results"].get("packing")
