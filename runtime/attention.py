@@ -23,8 +23,9 @@ from typing import Any
 
 VARLEN_SDPA = "sftc_sdpa_varlen"
 
-# Attention features this loop does not implement: refused rather than silently dropped.
-_UNSUPPORTED = ("sliding_window", "softcap", "s_aux")
+# Attention features this loop does not implement: refused rather than silently dropped. A
+# sliding window is only refused where it would bite (an example longer than the window).
+_UNSUPPORTED = ("softcap", "s_aux")
 
 
 def segment_bounds(position_ids) -> list[list[tuple[int, int]]]:
@@ -61,9 +62,18 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout: fl
     if position_ids is None:
         raise ValueError(f"{VARLEN_SDPA}: {type(module).__name__} did not pass position_ids to attention, "
                          f"so example boundaries are unknown")
+    all_bounds = segment_bounds(position_ids.expand(query.shape[0], -1))
+    window = kwargs.get("sliding_window")
+    longest = max(e - s for bounds in all_bounds for s, e in bounds)
+    if window is not None and longest > window:
+        raise ValueError(
+            f"{VARLEN_SDPA}: {type(module).__name__} has sliding_window={window} and an example of {longest} "
+            f"tokens, which the varlen loop does not window; set model.attn_implementation to "
+            f"flash_attention_2 (GPU) or eager in the spec"
+        )
     gqa = query.shape[1] != key.shape[1]
     rows = []
-    for b, bounds in enumerate(segment_bounds(position_ids.expand(query.shape[0], -1))):
+    for b, bounds in enumerate(all_bounds):
         rows.append(torch.cat([
             F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
                                            dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)

@@ -98,7 +98,10 @@ def test_features_the_loop_lacks_are_refused(kwarg):
     out, _ = sdpa_varlen_attention(module, q, kv, kv, None, position_ids=pos)
     assert out.shape == (1, 6, 2, 8)
     with pytest.raises(ValueError, match=kwarg):
-        sdpa_varlen_attention(module, q, kv, kv, None, position_ids=pos, **{kwarg: 4})
+        sdpa_varlen_attention(module, q, kv, kv, None, position_ids=pos, **{kwarg: 2})
+    if kwarg == "sliding_window":  # a window no example reaches never bites: same output
+        same, _ = sdpa_varlen_attention(module, q, kv, kv, None, position_ids=pos, sliding_window=3)
+        torch.testing.assert_close(same, out)
     module.is_causal = False
     with pytest.raises(ValueError, match="non-causal"):
         sdpa_varlen_attention(module, q, kv, kv, None, position_ids=pos)
