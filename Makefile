@@ -1,4 +1,4 @@
-# make bench: every benchmark side by side in one run -> benchmarks/results/latest.{json,md} (~15 min on 2 cores)
+# make bench: every benchmark side by side in one run -> benchmarks/results/latest.{json,md} (~16 min on 2 idle cores)
 # make bench-quick: the same scripts with fewer rows/steps/repeats, a smoke test (~4 min)
 # make test: what CI runs
 PYTHON ?= .venv/bin/python

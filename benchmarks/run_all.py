@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
-# name -> (script, full args, --quick args). The full set fits ~15 min on 2 shared cores.
+# name -> (script, full args, --quick args). The full set takes ~16 min on 2 idle cores.
 SCRIPTS = {
     "compile": ("bench_compile.py", ["--repeats", "2"], ["--repeats", "1", "--rows", "4000"]),
     "packing": ("bench_packing.py", [], []),
