@@ -44,8 +44,8 @@ def segment_bounds(position_ids) -> list[list[tuple[int, int]]]:
 def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                           scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any):
     """AttentionInterface signature: query [B, H, T, D], key/value [B, Hkv, T, D] -> ([B, T, H, D], None)."""
-    import torch.nn.functional as F
     import torch
+    import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if attention_mask is not None or query.shape[2] != key.shape[2]:
