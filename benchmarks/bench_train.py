@@ -122,11 +122,10 @@ def rows_for_equal_examples(bundle) -> int:
     return max(1, round(BATCH / per_row))
 
 
-def sftc_batches(bundle, pad_id: int, n_batches: int, layout: str = "packed_rows", rows: int = BATCH) -> list[dict]:
+def sftc_batches(bundle, pad_id: int, n_batches: int, layout: str = "packed_rows", per_batch: int = BATCH) -> list[dict]:
     from runtime.bundle import collate
 
     tf = bundle.train
-    per_batch = rows
     order = tf.epochs[0].tolist()[: n_batches * per_batch]  # the locked order, as `sftc run` draws it
     batches = []
     for k in range(n_batches):
@@ -265,7 +264,7 @@ def main() -> dict:
     n = args.warmup + args.steps
     eq_rows = rows_for_equal_examples(bundle)
     batches = {"sftc_varlen": sftc_batches(bundle, pad_id, n, "varlen"),
-               "sftc_varlen_eq": sftc_batches(bundle, pad_id, n, "varlen", rows=eq_rows),
+               "sftc_varlen_eq": sftc_batches(bundle, pad_id, n, "varlen", per_batch=eq_rows),
                "sftc_segments": sftc_batches(bundle, pad_id, n, "segments"),
                "sftc_packed": sftc_batches(bundle, pad_id, n), "dense": dense_batches(bundle, n)}
     if {"trl_padded", "trl_flat"} & set(setups_run):

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.runtime.conftest import CORPUS, Project, _rows
+# the runtime tests' tiny model and project, shared rather than rebuilt
+from tests.runtime.conftest import project, tiny_model_dir  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
 FIGURES_ENV = "SFTC_RELIABILITY_FIGURES"
@@ -33,26 +34,6 @@ def figures():
         merged = Counter(previous)
         merged.update(_FIGURES)
         path.write_text(json.dumps(dict(sorted(merged.items())), indent=2) + "\n", encoding="utf-8")
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    from demo.tiny_model import build_tiny
-
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    build_tiny(out, CORPUS, seed=7, vocab_size=512, hidden_size=64, num_layers=2)
-    return out
-
-
-@pytest.fixture
-def project(tmp_path, tiny_model_dir) -> Project:
-    root = tmp_path / "proj"
-    root.mkdir()
-    (root / "pyproject.toml").write_text("[project]\nname = 'rel-test'\n", encoding="utf-8")
-    shutil.copytree(tiny_model_dir, root / "model")
-    (root / "data").mkdir()
-    (root / "data" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows()), encoding="utf-8")
-    return Project(root)
 
 
 def subprocess_env(**extra) -> dict:
