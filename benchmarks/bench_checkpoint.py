@@ -37,7 +37,7 @@ SAVE_AT = 5  # 4 measured steps after a warm-up step, then the save
 
 CHILD = r"""
 import json, os, sys, time
-import runtime.train as T
+import sftc.runtime.train as T
 events = {"steps": [], "saves": [], "evals": []}
 _args = T.training_args
 def training_args(*a, **k):
@@ -82,7 +82,7 @@ def session(bundle: Path, run_dir: Path, stop_after: int, save_at: int) -> dict:
 def main() -> dict:
     import argparse
 
-    from runtime.bundle import load_bundle
+    from sftc.runtime.bundle import load_bundle
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--full-interval", action="store_true", help="save at the spec's every_steps (slow)")

@@ -95,7 +95,7 @@ import json, resource, sys, time
 t0 = time.perf_counter()
 import torch, transformers, trl, peft  # what compile imports lazily; timed apart for the record
 t1 = time.perf_counter()
-from compiler import compile_spec
+from sftc.compiler import compile_spec
 b, l, r = compile_spec(sys.argv[1], force=True)
 t2 = time.perf_counter()
 print(json.dumps({"seconds": t2 - t0, "import_s": t1 - t0, "bundle": str(b), "reused": r,
@@ -178,7 +178,7 @@ def profile(project: Path, top: int = 25) -> list[dict]:
 
     prof = cProfile.Profile()
     prof.enable()
-    from compiler import compile_spec
+    from sftc.compiler import compile_spec
 
     compile_spec(str(project / "specs/orgaccess.yaml"), force=True)
     prof.disable()

@@ -34,8 +34,8 @@ def main() -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from runtime.bundle import load_bundle
-    from runtime.evaluate import generate_ids
+    from sftc.runtime.bundle import load_bundle
+    from sftc.runtime.evaluate import generate_ids
 
     threads = common.set_threads()
     bundle = load_bundle(common.demo_bundle())

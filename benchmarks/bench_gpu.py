@@ -55,14 +55,14 @@ def main() -> dict:
     from trl.trainer import add_fused_lm_head
 
     import bench_train
-    from runtime.bundle import load_bundle
+    from sftc.runtime.bundle import load_bundle
 
     bundle = load_bundle(args.bundle or common.demo_bundle())
     model_path = Path(args.model or bundle.model_path)
     tokenizer = AutoTokenizer.from_pretrained(bundle.tokenizer_path)
     pad_id = int(bundle.lock["tokenizer"]["pad_token_id"])
     n = args.warmup + args.steps
-    from runtime.attention import register
+    from sftc.runtime.attention import register
 
     trl = bench_train.trl_batches(bundle, tokenizer, Path(bundle.model_path), n, bundle.spec.seed)
     batches = {"sftc_packed": bench_train.sftc_batches(bundle, pad_id, n),

@@ -30,7 +30,7 @@ BATCH = 8
 
 def orgaccess_bundle() -> Path:
     import bench_compile
-    from compiler import compile_spec
+    from sftc.compiler import compile_spec
 
     spec = bench_compile.PROJECT / "specs/orgaccess.yaml"
     if not spec.exists():
@@ -43,7 +43,7 @@ def orgaccess_bundle() -> Path:
 def efficiency(bundle_dir: Path, seed: int = 0) -> dict:
     import numpy as np
 
-    from runtime.bundle import load_bundle
+    from sftc.runtime.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
     tf = bundle.train

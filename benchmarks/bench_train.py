@@ -61,7 +61,7 @@ DEFAULT = "sftc_varlen"
 
 def attention_for(setup: str) -> str:
     """sftc's default path runs the attention `sftc run` loads for sdpa; every other setup stock sdpa."""
-    from runtime.attention import register
+    from sftc.runtime.attention import register
 
     return register() if setup.startswith("sftc_varlen") else "sdpa"
 
@@ -123,7 +123,7 @@ def rows_for_equal_examples(bundle) -> int:
 
 
 def sftc_batches(bundle, pad_id: int, n_batches: int, layout: str = "packed_rows", per_batch: int = BATCH) -> list[dict]:
-    from runtime.bundle import collate
+    from sftc.runtime.bundle import collate
 
     tf = bundle.train
     order = tf.epochs[0].tolist()[: n_batches * per_batch]  # the locked order, as `sftc run` draws it
@@ -244,7 +244,7 @@ def main() -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from runtime.bundle import load_bundle
+    from sftc.runtime.bundle import load_bundle
 
     threads = common.set_threads()
     if args.orgaccess:

@@ -90,7 +90,7 @@ def write_result(name: str, result: dict) -> Path:
 def demo_bundle() -> Path:
     """The demo's full-SFT bundle (access-base model, access-policy data), compiled into the
     benchmark cache; a warm recompile when it is already there."""
-    from compiler import compile_spec
+    from sftc.compiler import compile_spec
 
     bundle, _, _ = compile_spec(str(DEMO_SPEC), bundles_dir=CACHE / "bundles")
     return bundle
@@ -139,7 +139,7 @@ def demo_variant_bundle(seq_length: int) -> Path:
     import re
     import shutil
 
-    from compiler import compile_spec
+    from sftc.compiler import compile_spec
 
     project = CACHE / f"demo-pack{seq_length}"
     for rel in ("data/access_policy/sft_rows.jsonl", "models/access-base", "templates/chat/access-policy.jinja",

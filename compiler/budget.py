@@ -17,8 +17,8 @@ import math
 
 import numpy as np
 
-from compiler.pack import Packed
-from compiler.spec import Spec, examples_per_update
+from sftc.compiler.pack import Packed
+from sftc.compiler.spec import Spec, examples_per_update
 
 
 def plan_order(rows: int, steps: int, per_update: int, seed: int) -> np.ndarray:

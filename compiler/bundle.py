@@ -11,6 +11,7 @@ bundle already built and returns in well under a second.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -20,16 +21,39 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler import spec as spec_mod
+from sftc.compiler import spec as spec_mod
 from sftc import __version__
 from sftc.errors import BundleError, DataError, SftcError
-from sftc.io import canonical_json, pretty_json, read_json, sha256_bytes, sha256_file, sha256_tree, staging_dir
+from sftc.io import canonical_json, pretty_json, read_json, sha256_bytes, sha256_file, staging_dir
 
 FORMAT_VERSION = 1
 # a change in any of these can change the token stream (rendering, tokenization, packing)
 TOKEN_STREAM_LIBRARIES = ("jinja2", "tokenizers", "transformers", "trl")
 RECORDED_LIBRARIES = TOKEN_STREAM_LIBRARIES + ("torch", "peft", "accelerate", "datasets", "safetensors", "bitsandbytes", "numpy", "pyarrow")
-COMPILER_DIR = Path(__file__).resolve().parent
+# The code that shapes a bundle's bytes, listed explicitly: a fixed masking or packing bug must not
+# reuse a bundle built by the buggy version, and a change to `sftc diff` or `sftc status` (review/)
+# or to the runtime must not change a bundle id. Paths are the module names inside the package.
+HASHED_CODE = (
+    "sftc.io", "sftc.errors",
+    "sftc.compiler.spec", "sftc.compiler.data", "sftc.compiler.split", "sftc.compiler.template",
+    "sftc.compiler.tokens", "sftc.compiler.pack", "sftc.compiler.budget", "sftc.compiler.model",
+    "sftc.compiler.report", "sftc.compiler.bundle",
+)
+
+
+def code_hash() -> str:
+    """sha256 over the source of HASHED_CODE and the launch template, by module name (so the hash is
+    the same for a checkout and an installed wheel)."""
+    import importlib.util
+
+    from sftc.compiler.report import package_template
+
+    digest = hashlib.sha256()
+    for name in HASHED_CODE:
+        origin = importlib.util.find_spec(name).origin
+        digest.update(name.encode() + b"\0" + sha256_file(origin).encode() + b"\n")
+    digest.update(b"templates/launch.sh.j2\0" + sha256_bytes(package_template("launch.sh.j2").encode()).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def library_versions(names=RECORDED_LIBRARIES) -> dict[str, str]:
@@ -73,8 +97,8 @@ def _display(path: Path, root: Path) -> str:
 
 
 def resolve_inputs(spec_path: str | os.PathLike) -> Inputs:
-    from compiler.template import local_dir, tokenizer_version
-    from compiler.model import config_sha256
+    from sftc.compiler.template import local_dir, tokenizer_version
+    from sftc.compiler.model import config_sha256
 
     spec_path = Path(spec_path)
     spec = spec_mod.load_spec(spec_path)
@@ -126,10 +150,8 @@ def resolve_inputs(spec_path: str | os.PathLike) -> Inputs:
         "model_config": config_sha256(model_dir),
         "rules": ("sha256:" + sha256_file(rules_path)) if rules_path else None,
         "libraries": library_versions(TOKEN_STREAM_LIBRARIES),
-        # the compiler's own code is an input too: a fixed masking or packing bug must not reuse
-        # a bundle built by the buggy version
-        "compiler": sha256_tree(COMPILER_DIR, sorted(p.name for p in COMPILER_DIR.glob("*.py"))),
-        "launch_template": sha256_file(COMPILER_DIR.parent / "templates" / "launch.sh.j2"),
+        # the compiler's own code is an input too (HASHED_CODE)
+        "compiler": code_hash(),
     }
     return Inputs(spec, spec_path, root, data_files, model_dir, tokenizer_dir, chat_path, rules_path, hashes)
 
@@ -161,13 +183,13 @@ def compile_spec(spec_path: str | os.PathLike, bundles_dir: str | os.PathLike | 
 
 
 def _build(inputs: Inputs, final: Path, replace: bool = False) -> dict:
-    from compiler.budget import compute_budget
-    from compiler.data import read_data
-    from compiler.model import count_parameters, estimate_memory, load_config
-    from compiler.pack import pack, unpacked
-    from compiler.split import split_examples
-    from compiler.template import load_template, load_tokenizer, tokenizer_version
-    from compiler.tokens import check_mask, tokenize_chat, tokenize_text
+    from sftc.compiler.budget import compute_budget
+    from sftc.compiler.data import read_data
+    from sftc.compiler.model import count_parameters, estimate_memory, load_config
+    from sftc.compiler.pack import pack, unpacked
+    from sftc.compiler.split import split_examples
+    from sftc.compiler.template import load_template, load_tokenizer, tokenizer_version
+    from sftc.compiler.tokens import check_mask, tokenize_chat, tokenize_text
 
     spec, src = inputs.spec, str(inputs.spec_path)
     data = read_data(inputs.data_files, spec.data)
@@ -222,7 +244,7 @@ def _build(inputs: Inputs, final: Path, replace: bool = False) -> dict:
 
     rules_info = None
     if inputs.rules_path is not None:
-        from runtime.evaluate import load_rules
+        from sftc.runtime.evaluate import load_rules
 
         rules = load_rules(inputs.rules_path)
         rules_info = {"sha256": "sha256:" + sha256_file(inputs.rules_path), "metrics": list(rules.metric_names)}
@@ -326,7 +348,7 @@ def _build(inputs: Inputs, final: Path, replace: bool = False) -> dict:
                 }).encode()),
             },
         }
-        from compiler.report import render_deepspeed, render_launch, render_report
+        from sftc.compiler.report import render_deepspeed, render_launch, render_report
 
         (stage / "launch.sh").write_text(render_launch(lock), encoding="utf-8")
         deepspeed = render_deepspeed(lock)  # zero2 / zero3 only (docs/distributed.md)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compiler.tokens import IGNORE_INDEX
+from sftc.compiler.tokens import IGNORE_INDEX
 
 
 @dataclass

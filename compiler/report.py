@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from importlib.resources import files
 
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from compiler.tokens import IGNORE_INDEX
+from sftc.compiler.tokens import IGNORE_INDEX
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+
+def package_template(name: str) -> str:
+    """A template that ships inside the package (templates/ installs as sftc.templates)."""
+    return files("sftc.templates").joinpath(name).read_text(encoding="utf-8")
 
 
 def render_launch(lock: dict) -> str:
     env = ImmutableSandboxedEnvironment(keep_trailing_newline=True)
-    template = env.from_string((TEMPLATES_DIR / "launch.sh.j2").read_text(encoding="utf-8"))
+    template = env.from_string(package_template("launch.sh.j2"))
     dist = lock["spec"]["distributed"]
     budget = lock["budget"]
     return template.render(

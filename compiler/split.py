@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compiler.data import Example
+from sftc.compiler.data import Example
 from sftc.errors import DataError
 
 _WORD = re.compile(r"[a-z0-9]+")

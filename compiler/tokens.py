@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from compiler.data import Example, Reject
+from sftc.compiler.data import Example, Reject
 from sftc.errors import DataError
 
 IGNORE_INDEX = -100

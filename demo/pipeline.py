@@ -25,7 +25,7 @@ SFT_RUNS = ("access-policy-full", "access-policy-lora", "access-policy-qlora")
 
 
 def compile_and_run(name: str) -> dict:
-    from compiler import compile_spec
+    from sftc.compiler import compile_spec
     from sftc.io import atomic_write_json
 
     bundles = REPO / "bundles" / name
@@ -43,7 +43,7 @@ def compile_and_run(name: str) -> dict:
         raise SystemExit(f"sftc run {bundle} failed (exit {os.waitstatus_to_exitcode(status)})")
     resources = {"bundle_id": lock["bundle_id"], "wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
     atomic_write_json(run_dir / "resources.json", resources)
-    from runtime.report import render_report
+    from sftc.review.report import render_report
 
     render_report(run_dir)  # loss curves, behaviour per checkpoint, tokens per update
     return resources
@@ -64,7 +64,7 @@ def base_scores(bundle_dir: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from runtime.evaluate import behaviour_metrics, load_rules
+    from sftc.runtime.evaluate import behaviour_metrics, load_rules
 
     lock = json.loads((bundle_dir / "bundle.lock.json").read_text())
     prompts = [json.loads(line) for line in (bundle_dir / "eval_prompts.jsonl").read_text().splitlines() if line]

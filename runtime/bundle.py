@@ -149,7 +149,7 @@ class Bundle:
 
     @cached_property
     def spec(self):
-        from compiler.spec import Spec
+        from sftc.compiler.spec import Spec
 
         return Spec.model_validate(self.lock["spec"])
 

@@ -22,7 +22,7 @@ from typing import Any
 from sftc.errors import BundleError, RunError
 from sftc.io import pretty_json, read_json, sha256_file
 
-from runtime.runs import bundle_dir_of, checkpoint_problems, lock_location, read_best
+from sftc.runtime.rundir import bundle_dir_of, checkpoint_problems, lock_location, read_best
 
 FULL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")

@@ -205,8 +205,8 @@ def select_run(run_dir, select_spec: dict | None = None, write: bool = True) -> 
     """Select among a run's evaluated checkpoints (metrics.jsonl) by its bundle's rule, and write
     best.json. Steps whose checkpoint no longer exists stay candidates (they were evaluated), so if
     rotation ever removed the winner, export fails loudly instead of shipping the runner-up."""
-    from runtime.runs import candidates as run_candidates
-    from runtime.runs import read_lock
+    from sftc.runtime.rundir import candidates as run_candidates
+    from sftc.runtime.rundir import read_lock
 
     run_dir = Path(run_dir)
     lock = read_lock(run_dir) if select_spec is None else None

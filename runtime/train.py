@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from runtime import checkpoint as ckpt
-from runtime.bundle import IGNORE, Bundle, TokenFile, choose_layout, collate, collate_rows, load_bundle
-from runtime.verify import verify_bundle
+from sftc.runtime import checkpoint as ckpt
+from sftc.runtime.bundle import IGNORE, Bundle, TokenFile, choose_layout, collate, collate_rows, load_bundle
+from sftc.runtime.verify import verify_bundle
 from sftc.errors import RunError
 from sftc.io import atomic_write_json, atomic_write_text, read_json
 
@@ -164,7 +164,7 @@ def load_model(bundle: Bundle):
     dtype_name = locked.get("dtype") or spec.model.dtype
     attn = locked.get("attn_implementation") or spec.model.attn_implementation
     if choose_layout(attn) == "varlen":  # sdpa, plus its varlen path for the flattened micro-batch
-        from runtime.attention import register
+        from sftc.runtime.attention import register
 
         attn = register()
     kwargs: dict[str, Any] = {
@@ -262,7 +262,7 @@ class RunState:
 
     def __init__(self, bundle: Bundle, run_dir: Path, plan: list[dict] | None, pad_id: int, tokenizer,
                  supervised_total: int, stop_after_steps: int | None, dist=None):
-        from runtime.distributed import Dist
+        from sftc.runtime.distributed import Dist
 
         self.dist = dist if dist is not None else Dist()
         self.trainer = None
@@ -330,7 +330,7 @@ class RunState:
                 )
         if self.dist.active:
             # each rank checked its own slice above; the update's totals are the sum over ranks
-            from runtime.distributed import all_sum
+            from sftc.runtime.distributed import all_sum
 
             self.update_supervised, self.update_tokens = all_sum(self.dist, [self.update_supervised, self.update_tokens])
         elapsed = time.perf_counter() - (self.update_started or time.perf_counter())
@@ -411,7 +411,7 @@ def _make_trainer_class():
         def _load_optimizer_and_scheduler(self, checkpoint):
             if checkpoint is None or not self.run.dist.fsdp:
                 return super()._load_optimizer_and_scheduler(checkpoint)
-            from runtime.distributed import load_full_optimizer_state
+            from sftc.runtime.distributed import load_full_optimizer_state
 
             state = torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location="cpu", weights_only=True)
             load_full_optimizer_state(self.model, getattr(self.optimizer, "optimizer", self.optimizer), state)
@@ -433,7 +433,7 @@ def _make_trainer_class():
                 d.checks["activation_checkpointing"] = on
             if not d.active:
                 return
-            from runtime.distributed import verify_replicated, verify_sharding
+            from sftc.runtime.distributed import verify_replicated, verify_sharding
 
             stepped = self.run.trainer.model_wrapped
             if d.fsdp:
@@ -548,7 +548,7 @@ def _save_checkpoint_ranks(trainer, root: Path, step: int) -> Path:
     from transformers.trainer import TRAINER_STATE_NAME
     from transformers.trainer_callback import ExportableState
 
-    from runtime import distributed as dist_
+    from sftc.runtime import distributed as dist_
 
     run: RunState = trainer.run
     d = run.dist
@@ -640,7 +640,7 @@ def evaluate_checkpoint(trainer, model, staging: Path | None) -> dict:
         if bundle.eval is not None and bundle.eval.n_rows:
             metrics.update(eval_loss(model, bundle.eval, run.pad_id, spec.eval.batch_size))
         if bundle.rules_path is not None:
-            from runtime.evaluate import behaviour_metrics, load_rules
+            from sftc.runtime.evaluate import behaviour_metrics, load_rules
 
             prompts = bundle.eval_prompts()
             if spec.eval.max_prompts:
@@ -674,7 +674,7 @@ def evaluate_checkpoint(trainer, model, staging: Path | None) -> dict:
 
 
 def select(candidates: list[dict], spec) -> dict:
-    from runtime.select import select_best
+    from sftc.runtime.select import select_best
 
     return select_best(candidates, spec.select.model_dump(mode="json"))
 
@@ -797,7 +797,7 @@ def training_args(bundle: Bundle, run_dir: Path, layout: dict, model, dist=None)
 def run_bundle(bundle_dir, run_dir=None, fresh: bool = False, allow_drift: bool = False,
                stop_after_steps: int | None = None) -> Path:
     """Train on the bundle; resume from the newest valid checkpoint unless fresh. Returns the run dir."""
-    from runtime import distributed as dist_
+    from sftc.runtime import distributed as dist_
 
     bundle = load_bundle(bundle_dir)
     report = verify_bundle(bundle, allow_drift=allow_drift)
@@ -826,8 +826,8 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
     import transformers
     from transformers import PrinterCallback, set_seed
 
-    from runtime import distributed as dist_
-    from runtime.probe import run_probe
+    from sftc.runtime import distributed as dist_
+    from sftc.runtime.probe import run_probe
 
     spec = bundle.spec
     layout = report["layout"]
@@ -990,7 +990,7 @@ def _export(run_dir: Path, record: dict) -> None:
     """Export the selected checkpoint. A run where no checkpoint met the constraints finished
     training but exports nothing (unless the spec says export_if_none_eligible): say so, and
     record it, instead of failing a finished run."""
-    from runtime.export import export_run
+    from sftc.runtime.export import export_run
 
     best = read_json(run_dir / "best.json") if (run_dir / "best.json").is_file() else {}
     if best.get("best_step") is None and not bundle_select(run_dir).get("export_if_none_eligible"):

@@ -13,7 +13,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from runtime.bundle import Bundle, load_bundle
+from sftc.runtime.bundle import Bundle, load_bundle
 from sftc.errors import BundleError
 from sftc.io import sha256_file, sha256_tree
 
@@ -159,7 +159,7 @@ def verify_bundle(bundle_dir: str | os.PathLike | Bundle, allow_drift: bool = Fa
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     layout = derive_layout(bundle.lock["budget"], world_size)
     # the engine must exist before a model is loaded (deepspeed for zero2/zero3, CUDA for offload)
-    from runtime.distributed import check_strategy
+    from sftc.runtime.distributed import check_strategy
 
     check_strategy(bundle.spec, world_size)
     return {

@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from runtime import checkpoint as ckpt  # noqa: E402  (light: numpy and sftc.io only)
+from sftc.runtime import checkpoint as ckpt  # noqa: E402  (light: numpy and sftc.io only)
 
 KINDS = ("kill_during_checkpoint", "corrupt_checkpoint", "kill_random", "kill_after_checkpoint")
 SIZES = {
@@ -106,7 +106,7 @@ def build_project(root: Path, size: dict) -> Path:
     """The project on disk, compiled; returns the bundle directory."""
     import yaml
 
-    from compiler import compile_spec
+    from sftc.compiler import compile_spec
     from demo.tiny_model import build_tiny
 
     data = rows(size["rows"])
@@ -213,7 +213,7 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    from runtime.train import read_metrics
+    from sftc.runtime.train import read_metrics
 
     return read_metrics(run_dir / "metrics.jsonl")
 

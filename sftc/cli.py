@@ -62,8 +62,8 @@ def main() -> None:
 @click.option("--quiet", is_flag=True, help="Print only the bundle path.")
 def compile_cmd(spec: str, bundles_dir: str | None, force: bool, quiet: bool) -> None:
     """Compile SPEC into bundles/<name>-<hash12>/."""
-    from compiler import compile_spec
-    from compiler.report import summary_lines
+    from sftc.compiler import compile_spec
+    from sftc.compiler.report import summary_lines
 
     bundle, lock, reused = compile_spec(spec, bundles_dir=bundles_dir, force=force)
     if quiet:
@@ -83,10 +83,10 @@ def inspect(bundle: str, row: int, which: str, color: bool | None) -> None:
     """Show one row token by token, supervised tokens highlighted."""
     from safetensors.numpy import load_file
 
-    from compiler.bundle import load_lock
-    from compiler.pack import position_ids
-    from compiler.report import marked_row
-    from compiler.template import load_tokenizer
+    from sftc.compiler.bundle import load_lock
+    from sftc.compiler.pack import position_ids
+    from sftc.compiler.report import marked_row
+    from sftc.compiler.template import load_tokenizer
 
     lock = load_lock(bundle)
     path = Path(bundle) / f"{which}.safetensors"
@@ -112,7 +112,7 @@ def inspect(bundle: str, row: int, which: str, color: bool | None) -> None:
 @main.command()
 def schema() -> None:
     """Print the spec's JSON schema, with field descriptions."""
-    from compiler.spec import json_schema
+    from sftc.compiler.spec import json_schema
 
     click.echo(json.dumps(json_schema(), indent=2))
 
@@ -122,7 +122,7 @@ def schema() -> None:
 @click.option("--allow-drift", is_flag=True, help="Record, instead of refusing, drift since compile.")
 def verify(bundle: str, allow_drift: bool) -> None:
     """Check a bundle against its lock: file hashes, data, tokenizer, template, libraries."""
-    from runtime.verify import verify_bundle
+    from sftc.runtime.verify import verify_bundle
 
     report = verify_bundle(bundle, allow_drift=allow_drift)
     click.echo(json.dumps(report, indent=2, sort_keys=True, default=str))
@@ -137,7 +137,7 @@ def run(bundle: str, run_dir: str | None, fresh: bool, allow_drift: bool) -> Non
     """Verify BUNDLE, then train it, resuming from the newest valid checkpoint."""
     import pickle
 
-    from runtime.train import run_bundle
+    from sftc.runtime.train import run_bundle
     from sftc.errors import RunError
 
     try:
@@ -158,7 +158,7 @@ def run(bundle: str, run_dir: str | None, fresh: bool, allow_drift: bool) -> Non
 @click.option("--allow-ineligible", is_flag=True, help="Export the best checkpoint even if it fails the constraints.")
 def export(run_dir: str, allow_ineligible: bool) -> None:
     """Export the selected checkpoint of RUN_DIR to RUN_DIR/export/."""
-    from runtime.export import export_run
+    from sftc.runtime.export import export_run
 
     click.echo(f"exported: {export_run(run_dir, allow_ineligible=allow_ineligible)}")
 
@@ -167,7 +167,7 @@ def export(run_dir: str, allow_ineligible: bool) -> None:
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
 def status(run_dir: str) -> None:
     """List a run's checkpoints, metrics and the selected best."""
-    from runtime.status import status as run_status
+    from sftc.review.status import status as run_status
 
     click.echo(run_status(run_dir))
 
@@ -177,7 +177,7 @@ def status(run_dir: str) -> None:
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Default: RUN_DIR/report/.")
 def report(run_dir: str, out: str | None) -> None:
     """Render loss curves, behaviour metrics and token budget as PNGs and HTML."""
-    from runtime.report import render_report
+    from sftc.review.report import render_report
 
     click.echo(f"report: {render_report(run_dir, out)}")
 
@@ -186,7 +186,7 @@ def report(run_dir: str, out: str | None) -> None:
 @click.option("--root", type=click.Path(file_okay=False), default=".", show_default=True)
 def runs(root: str) -> None:
     """Every run in the project side by side."""
-    from runtime.runs import format_runs, list_runs
+    from sftc.review.runs import format_runs, list_runs
 
     click.echo(format_runs(list_runs(root)))
 
@@ -202,7 +202,7 @@ def diff(a: str, b: str, fmt: str, fail_on: tuple[str, ...], color: bool | None)
     """What changing A into B does to the run. A and B: spec files, bundles, or REV:path/to/spec.yaml.
 
     Exit 0: no change; 1: changed; 3: a --fail-on kind changed; 2: error."""
-    from compiler.diff import diff_command
+    from sftc.review.diff import diff_command
 
     sys.exit(diff_command(a, b, fmt, fail_on, color))
 
@@ -211,7 +211,7 @@ def diff(a: str, b: str, fmt: str, fail_on: tuple[str, ...], color: bool | None)
 @click.argument("path")
 def textconv(path: str) -> None:
     """Compiled summary of a spec, for `git diff` (see docs/diff.md)."""
-    from compiler.diff import textconv as summary
+    from sftc.review.diff import textconv as summary
 
     click.echo(summary(path), nl=False)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from compiler.spec import load_spec
+from sftc.compiler.spec import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 SPECS = sorted((REPO / "specs").rglob("*.yaml"))
@@ -20,7 +20,7 @@ def test_shipped_spec_loads(path):
     spec = load_spec(path)
     assert spec.name in path.stem or path.parent.name == "examples"
     if spec.eval.rules:
-        from runtime.evaluate import load_rules
+        from sftc.runtime.evaluate import load_rules
 
         rules = load_rules(REPO / spec.eval.rules)
         for metric in spec.select.require:

@@ -128,7 +128,7 @@ class Project:
         return path
 
     def compile(self, spec: dict | Path, bundles_dir: Path | None = None, force: bool = False):
-        from compiler import compile_spec
+        from sftc.compiler import compile_spec
 
         path = spec if isinstance(spec, Path) else self.write_spec(spec)
         return compile_spec(path, bundles_dir=bundles_dir, force=force)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from compiler.budget import plan_order
+from sftc.compiler.budget import plan_order
 
 from .conftest import IGNORE_INDEX, base_spec, load_tokens
 

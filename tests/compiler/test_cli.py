@@ -58,12 +58,12 @@ def test_compile_then_warm_recompile_is_up_to_date(project, spec):
 def test_warm_recompile_does_not_rebuild(project, spec, monkeypatch):
     runner = CliRunner()
     assert runner.invoke(main, ["compile", str(spec)]).exit_code == 0
-    import compiler.bundle
+    import sftc.compiler.bundle
 
     def no_build(*args, **kwargs):
         raise AssertionError("an unchanged spec must not be rebuilt")
 
-    monkeypatch.setattr(compiler.bundle, "_build", no_build)
+    monkeypatch.setattr(sftc.compiler.bundle, "_build", no_build)
     result = runner.invoke(main, ["compile", str(spec)])
     assert result.exit_code == 0, result.output
     assert "up to date" in result.output

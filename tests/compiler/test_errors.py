@@ -185,12 +185,12 @@ def test_unsupported_data_suffix(project):
 
 def test_failure_while_writing_leaves_no_partial_bundle(project, rows, monkeypatch):
     """A crash after staging began (here: rendering REPORT.md) removes the temp dir; no bundle appears."""
-    import compiler.report
+    import sftc.compiler.report
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(compiler.report, "render_report", boom)
+    monkeypatch.setattr(sftc.compiler.report, "render_report", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         project.compile(base_spec())
     assert (project.root / "bundles").is_dir()  # staging had started

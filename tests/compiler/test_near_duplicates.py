@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from compiler.data import Example
-from compiler.split import iter_near_duplicates, near_duplicate_pairs, shingles, split_examples
-from compiler.spec import SplitSpec
+from sftc.compiler.data import Example
+from sftc.compiler.split import iter_near_duplicates, near_duplicate_pairs, shingles, split_examples
+from sftc.compiler.spec import SplitSpec
 
 from .conftest import base_spec, bundle_tokenizer, load_tokens, read_jsonl, segments
 

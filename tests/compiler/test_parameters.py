@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from compiler.model import count_parameters, estimate_memory, load_config
-from compiler.spec import parse_spec
+from sftc.compiler.model import count_parameters, estimate_memory, load_config
+from sftc.compiler.spec import parse_spec
 
 from .conftest import base_spec, external_path
 

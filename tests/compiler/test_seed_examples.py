@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compiler.pack import position_ids
-from compiler.spec import examples_per_update
+from sftc.compiler.pack import position_ids
+from sftc.compiler.spec import examples_per_update
 from sftc.errors import DataError, SftcError
 
 from .conftest import IGNORE_INDEX, base_spec, bundle_tokenizer, load_tokens, read_jsonl, segments

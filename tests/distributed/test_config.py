@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from runtime.distributed import check_strategy
-from runtime.train import run_bundle
+from sftc.runtime.distributed import check_strategy
+from sftc.runtime.train import run_bundle
 from sftc.errors import RunError, SpecError
 
 
@@ -58,7 +58,7 @@ def test_zero3_bundle_has_deepspeed_config_and_the_run_refuses_without_deepspeed
     lock = json.loads((bundle / "bundle.lock.json").read_text())
     assert "deepspeed.json" in lock["files"]  # hashed like every bundle file
     assert not (project.compile() / "deepspeed.json").exists()
-    from runtime.distributed import deepspeed_available
+    from sftc.runtime.distributed import deepspeed_available
 
     if deepspeed_available():
         pytest.skip("deepspeed is installed here")
@@ -80,7 +80,7 @@ def test_spec_refuses_inconsistent_engine_options(project, overrides, message):
 
 
 def test_sharded_strategy_refusals_before_any_model_is_loaded(project):
-    from compiler.spec import Spec
+    from sftc.compiler.spec import Spec
 
     lock = json.loads((project.compile() / "bundle.lock.json").read_text())
 

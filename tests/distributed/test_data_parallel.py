@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from runtime.train import plan_updates, run_bundle
+from sftc.runtime.train import plan_updates, run_bundle
 
 from .conftest import final_tensors, torchrun, train_losses
 

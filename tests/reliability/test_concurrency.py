@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from runtime.verify import verify_bundle
+from sftc.runtime.verify import verify_bundle
 
 from tests.compiler.conftest import base_spec
 

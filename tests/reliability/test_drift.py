@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import runtime.verify
+import sftc.runtime.verify
 from sftc.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,7 +44,7 @@ def _edit_template(root: Path, monkeypatch):
 
 def _upgrade_transformers(root: Path, monkeypatch):
     real = runtime.verify.installed_version
-    monkeypatch.setattr(runtime.verify, "installed_version", lambda name: DRIFTED if name == "transformers" else real(name))
+    monkeypatch.setattr(sftc.runtime.verify, "installed_version", lambda name: DRIFTED if name == "transformers" else real(name))
     return "transformers: compiled with"
 
 
@@ -96,7 +96,7 @@ def test_drift_is_refused_by_verify_and_run(project, monkeypatch, case, figures)
 def test_drift_in_a_library_that_does_not_shape_tokens_is_recorded_not_refused(project, monkeypatch):
     bundle = project.compile()
     real = runtime.verify.installed_version
-    monkeypatch.setattr(runtime.verify, "installed_version", lambda name: "9.9.9" if name == "torch" else real(name))
+    monkeypatch.setattr(sftc.runtime.verify, "installed_version", lambda name: "9.9.9" if name == "torch" else real(name))
     result, out = _cli("verify", bundle)
     assert result.exit_code == 0, out
     report = json.loads(out)

@@ -19,8 +19,8 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compiler.data import read_data
-from compiler.spec import parse_spec
+from sftc.compiler.data import read_data
+from sftc.compiler.spec import parse_spec
 from sftc.cli import main
 from sftc.errors import DataError
 

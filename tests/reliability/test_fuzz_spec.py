@@ -16,7 +16,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compiler.spec import Spec, canonical_spec, load_spec_text, parse_spec
+from sftc.compiler.spec import Spec, canonical_spec, load_spec_text, parse_spec
 from sftc.errors import SftcError
 from sftc.io import canonical_json
 

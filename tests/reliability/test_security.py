@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from compiler.spec import load_spec_text
-from runtime import checkpoint as ckpt
+from sftc.compiler.spec import load_spec_text
+from sftc.runtime import checkpoint as ckpt
 from sftc.cli import main
 from sftc.errors import SftcError, SpecError
 from sftc.io import pretty_json
@@ -157,8 +157,8 @@ def test_trust_remote_code_is_off_unless_the_spec_says_so_and_the_lock_records_i
     # the runtime loads the model and tokenizer with exactly the locked value
     import transformers
 
-    from runtime.bundle import load_bundle
-    from runtime.train import load_model, load_tokenizer
+    from sftc.runtime.bundle import load_bundle
+    from sftc.runtime.train import load_model, load_tokenizer
 
     seen = []
 
@@ -258,7 +258,7 @@ def test_planted_pickle_in_a_valid_checkpoint_is_never_executed(project, tmp_pat
     through torch's weights_only loader, with a clear error and no traceback, and never run it."""
     bundle = project.compile(schedule={"max_steps": 4}, checkpoint={"every_steps": 2, "keep_last": 2})
     run_dir = project.root / "runs" / "r"
-    from runtime.train import run_bundle
+    from sftc.runtime.train import run_bundle
 
     run_bundle(bundle, run_dir=run_dir, stop_after_steps=2)
     target = run_dir / "checkpoints" / "checkpoint-2"

@@ -12,8 +12,8 @@ import warnings
 import pytest
 from click.testing import CliRunner
 
-from runtime import checkpoint as ckpt
-from runtime.train import run_bundle
+from sftc.runtime import checkpoint as ckpt
+from sftc.runtime.train import run_bundle
 from sftc.cli import main
 from sftc.errors import RunError
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.attention import VARLEN_SDPA, register, sdpa_varlen_attention, segment_bounds
-from runtime.bundle import collate, load_bundle
-from runtime.train import load_model, load_tokenizer, pad_token_id
+from sftc.runtime.attention import VARLEN_SDPA, register, sdpa_varlen_attention, segment_bounds
+from sftc.runtime.bundle import collate, load_bundle
+from sftc.runtime.train import load_model, load_tokenizer, pad_token_id
 
 
 def _rows(bundle, n: int) -> list[dict]:

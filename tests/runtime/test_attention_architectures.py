@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.attention import register
+from sftc.runtime.attention import register
 
 EXTERNAL = Path(os.environ.get("SFTC_EXTERNAL", Path(__file__).resolve().parents[3] / "shared" / "external"))
 CONFIGS = EXTERNAL / "model-configs"

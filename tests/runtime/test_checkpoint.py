@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime import checkpoint as ckpt
-from runtime.bundle import load_bundle
-from runtime.train import run_bundle, run_lock
-from runtime.verify import verify_bundle
+from sftc.runtime import checkpoint as ckpt
+from sftc.runtime.bundle import load_bundle
+from sftc.runtime.train import run_bundle, run_lock
+from sftc.runtime.verify import verify_bundle
 from sftc.errors import BundleError, RunError
 from sftc.io import pretty_json
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.evaluate import (RulesError, aggregate, behaviour_metrics, generate_ids, generate_replies, load_rules,
+from sftc.runtime.evaluate import (RulesError, aggregate, behaviour_metrics, generate_ids, generate_replies, load_rules,
                               load_rules_text, row_problems, score, stop_token_ids)
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,8 +11,8 @@ import torch
 
 from sftc.errors import RunError
 from sftc.io import pretty_json, sha256_file
-from runtime.export import export_run
-from runtime.select import select_best
+from sftc.runtime.export import export_run
+from sftc.runtime.select import select_best
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = (REPO / "templates" / "chat" / "access-policy.jinja").read_text(encoding="utf-8")
@@ -220,9 +220,9 @@ def test_end_to_end_real_run_selects_exports_reports(project):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
-    from runtime.report import render_report
-    from runtime.runs import format_runs, list_runs
-    from runtime.status import status
+    from sftc.review.report import render_report
+    from sftc.review.runs import format_runs, list_runs
+    from sftc.review.status import status
     from tests.runtime.conftest import run_in_subprocess
 
     bundle = project.compile(

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from compiler.spec import SelectSpec
-from runtime.select import parse_constraint, select_best, select_run
+from sftc.compiler.spec import SelectSpec
+from sftc.runtime.select import parse_constraint, select_best, select_run
 
 # The seed document's example, verbatim (it says val_loss; the runtime logs eval_loss).
 SEED = [

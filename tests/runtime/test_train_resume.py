@@ -13,8 +13,8 @@ import warnings
 
 import torch
 
-from runtime.checkpoint import KILL_AFTER_ENV, CheckpointWarning, validate
-from runtime.train import run_bundle
+from sftc.runtime.checkpoint import KILL_AFTER_ENV, CheckpointWarning, validate
+from sftc.runtime.train import run_bundle
 
 from .conftest import final_tensors, run_in_subprocess, train_losses
 

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from compiler.diff import (
+from sftc.review.diff import (
     CATEGORIES, EXIT_CHANGED, EXIT_FAIL_ON, EXIT_SAME, changed_fields, diff_command, diff_paths, flatten,
     parse_fail_on, ratio, textconv,
 )
 from sftc.errors import SftcError
-from tests.diff.conftest import RUN_A, RUN_B, Project, rows, seed_spec
+from tests.review.conftest import RUN_A, RUN_B, Project, rows, seed_spec
 
 
 def run(capsys, a, b, fmt="json", fail_on=(), color=None):
@@ -103,7 +103,7 @@ def test_unchanged_spec_is_no_change(seed, capsys):
 
 
 def test_bundle_directory_side(seed, capsys):
-    from compiler import compile_spec
+    from sftc.compiler import compile_spec
 
     a, b = seed
     bundle_a, _, _ = compile_spec(a)
@@ -118,7 +118,7 @@ def test_bundle_directory_side(seed, capsys):
 
 
 def test_changed_data_file_shows_new_hash_and_counts(project, capsys):
-    from compiler import compile_spec
+    from sftc.compiler import compile_spec
     from sftc.io import sha256_file
 
     spec = project.write_spec(seed_spec("run-a", 4, 8, 1, 4), "specs/x.yaml")
@@ -198,7 +198,7 @@ def test_textconv_summary_and_git_diff(project):
     # end to end: git hands textconv a temp copy of the old blob outside the project
     (project.root / ".gitattributes").write_text("specs/*.yaml diff=sftc\n", encoding="utf-8")
     project.git("init", "-q")
-    project.git("config", "diff.sftc.textconv", f"{sys.executable} -m compiler.diff textconv")
+    project.git("config", "diff.sftc.textconv", f"{sys.executable} -m sftc.review.diff textconv")
     project.git("add", "-A")
     project.git("commit", "-q", "-m", "spec")
     project.write_spec(seed_spec("x", 2, 8, 1, 4), "specs/x.yaml")

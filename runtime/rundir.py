@@ -1,4 +1,4 @@
-"""Reading run directories (`runs/<bundle_id>/`), and the one-line-per-run overview.
+"""The run directory (`runs/<bundle_id>/`): where its records are and how each is read.
 
 status, report, select and export all read the same files; reading them here keeps one idea of
 what a valid checkpoint is and which eval line counts for a step.
@@ -7,7 +7,6 @@ what a valid checkpoint is and which eval line counts for a step.
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -177,120 +176,6 @@ def metric_names(lock: dict) -> list[str]:
         if name not in out:
             out.append(name)
     return out if len(out) > 1 else []
-
-
-# --- overview of all runs --------------------------------------------------------------------
-
-
-def _short(value: Any, n: int = 12) -> str:
-    if not value:
-        return "-"
-    text = str(value).removeprefix("sha256:")
-    return text[:n]
-
-
-def _mean(value: Any) -> Any:
-    return value.get("mean") if isinstance(value, dict) else value
-
-
-def list_runs(project_root) -> list[dict]:
-    """One row per `runs/*/` directory: what it trained (from the bundle lock) and what it selected."""
-    root = Path(project_root) / "runs"
-    rows = []
-    if not root.is_dir():
-        return rows
-    for run_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        row: dict[str, Any] = {"run": run_dir.name, "run_dir": str(run_dir)}
-        try:
-            lock = read_lock(run_dir)
-        except (RunError, OSError, json.JSONDecodeError) as exc:
-            row["error"] = str(exc).splitlines()[0]
-            rows.append(row)
-            continue
-        spec = lock.get("spec", {})
-        param = spec.get("parameterization", {})
-        kind = param.get("kind", "?")
-        if kind in ("lora", "qlora"):
-            kind = f"{kind} r={param.get('rank')}"
-        budget = lock.get("budget", {})
-        params = lock.get("parameters", {})
-        packing = lock.get("packing", {})
-        train, _ = read_metrics(run_dir)
-        best = read_best(run_dir) or {}
-        best_step = best.get("best_step")
-        shown_step = best_step if best_step is not None else best.get("fallback_step")
-        best_metrics = {}
-        wanted = metric_names(lock)
-        for cand in best.get("candidates", []):
-            if cand.get("step") == shown_step:
-                best_metrics = {k: v for k, v in cand.items() if (k in wanted if wanted else k not in DIAGNOSTICS)
-                                and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        row.update({
-            "bundle_id": lock.get("bundle_id"),
-            "parameterization": kind,
-            "trainable_params": params.get("trainable"),
-            "trainable_fraction": params.get("trainable_fraction"),
-            "seq_length": packing.get("seq_length") or spec.get("tokenize", {}).get("max_length"),
-            "examples_per_update": budget.get("examples_per_update"),
-            "supervised_tokens_per_update": _mean(budget.get("supervised_tokens_per_update")),
-            "total_tokens": budget.get("total_tokens"),
-            "optimizer_steps": budget.get("optimizer_steps"),
-            "last_step": train[-1].get("step") if train else None,
-            "data_hash": (lock.get("data_manifest") or {}).get("hash"),
-            "template_version": lock.get("template_version"),
-            "tokenizer_version": lock.get("tokenizer_version"),
-            "best_step": best_step,
-            "best_eligible": best_step is not None if best else None,
-            "best_metrics": best_metrics,
-        })
-        rows.append(row)
-    return rows
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return f"{value:.3f}" if abs(value) < 1000 else f"{value:,.1f}"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}" if abs(value) >= 10000 else str(value)
-    return str(value)
-
-
-def format_runs(rows: list[dict]) -> str:
-    """A fixed-width table, one line per run; metric columns are the union over runs."""
-    if not rows:
-        return "no runs"
-    metric_names: list[str] = []
-    for row in rows:
-        for name in row.get("best_metrics", {}):
-            if name not in metric_names:
-                metric_names.append(name)
-    headers = ["run", "param", "trainable", "seq", "ex/upd", "sup_tok/upd", "total_tok", "data", "template",
-               "step", "best"] + metric_names
-    table, unreadable = [], []
-    for row in rows:
-        if "error" in row:
-            unreadable.append(f"{row['run']}: unreadable ({row['error']})")
-            continue
-        best = row.get("best_step")
-        if best is None:
-            best = "none eligible" if row.get("best_eligible") is False else "-"
-        step = row.get("last_step")
-        steps = f"{_fmt(step)}/{_fmt(row.get('optimizer_steps'))}"
-        table.append([
-            row["run"], row["parameterization"], _fmt(row.get("trainable_params")), _fmt(row.get("seq_length")),
-            _fmt(row.get("examples_per_update")), _fmt(row.get("supervised_tokens_per_update")),
-            _fmt(row.get("total_tokens")), _short(row.get("data_hash")), _short(row.get("template_version")),
-            steps, _fmt(best),
-        ] + [_fmt(row["best_metrics"].get(m)) for m in metric_names])
-    widths = [max([len(headers[i])] + [len(r[i]) for r in table]) for i in range(len(headers))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    for r in table:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    return "\n".join(lines + unreadable)
 
 
 def project_root_of(bundle_dir, lock: dict) -> Path:

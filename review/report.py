@@ -15,8 +15,8 @@ from typing import Any
 from sftc.errors import RunError
 from sftc.io import atomic_write_text
 
-from runtime.runs import candidates, read_best, read_lock, read_metrics
-from runtime.select import parse_constraint
+from sftc.runtime.rundir import candidates, read_best, read_lock, read_metrics
+from sftc.runtime.select import parse_constraint
 
 # Numbers logged with eval lines that are not behaviour metrics.
 _NOT_METRICS = {"step", "eval_loss", "val_loss", "n_prompts", "generated_tokens", "generation_seconds",

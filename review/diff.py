@@ -58,7 +58,7 @@ def _is_bundle_dir(path: Path) -> bool:
 
 def load_side(arg: str, bundles_dir: str | os.PathLike | None = None) -> Side:
     """Resolve a spec file, a bundle directory or `REV:PATH` to its lock (compiling if needed)."""
-    from compiler.bundle import load_lock
+    from sftc.compiler.bundle import load_lock
 
     path = Path(arg)
     if path.is_dir():
@@ -68,7 +68,7 @@ def load_side(arg: str, bundles_dir: str | os.PathLike | None = None) -> Side:
     if path.is_file():
         if path.name == "bundle.lock.json":
             return Side(arg, "bundle", load_lock(path.parent))
-        from compiler import compile_spec
+        from sftc.compiler import compile_spec
 
         _, lock, _ = compile_spec(path, bundles_dir=bundles_dir)
         return Side(arg, "spec", lock)
@@ -140,7 +140,7 @@ def compile_transient(spec_path: Path, bundles_dir: str | os.PathLike | None = N
     Taken from the bundle cache when an identical bundle exists; otherwise compiled into a
     throwaway directory, so bundles/ never holds a lock whose spec_source is a deleted temp file.
     """
-    from compiler.bundle import compile_spec, default_bundles_dir, existing_bundle, load_lock, resolve_inputs
+    from sftc.compiler.bundle import compile_spec, default_bundles_dir, existing_bundle, load_lock, resolve_inputs
 
     inputs = resolve_inputs(spec_path)
     cached = (Path(bundles_dir) if bundles_dir else default_bundles_dir(inputs)) / inputs.bundle_id
@@ -181,7 +181,7 @@ def flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def _spec_order() -> dict[str, int]:
-    from compiler.spec import Spec
+    from sftc.compiler.spec import Spec
 
     return {name: i for i, name in enumerate(Spec.model_fields)}
 
@@ -692,7 +692,7 @@ def diff_command(a: str, b: str, fmt: str, fail_on: tuple[str, ...], color: bool
 
 
 def _has_project_marker(path: Path) -> bool:
-    from compiler.spec import ROOT_MARKERS
+    from sftc.compiler.spec import ROOT_MARKERS
 
     start = path.resolve().parent
     return any((d / m).exists() for d in (start, *start.parents) for m in ROOT_MARKERS)
@@ -704,7 +704,7 @@ def _textconv_lock(path: Path) -> dict:
     the top of the work tree, so the copy goes there (paths in a spec resolve against the project
     root, not the spec's own directory)."""
     if _has_project_marker(path):
-        from compiler import compile_spec
+        from sftc.compiler import compile_spec
 
         _, lock, _ = compile_spec(path)
         return lock
@@ -768,9 +768,9 @@ def textconv(path: str | os.PathLike) -> str:
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":  # `python -m compiler.diff textconv PATH` until the CLI has the command
+if __name__ == "__main__":  # `python -m sftc.review.diff textconv PATH` until the CLI has the command
     if len(sys.argv) == 3 and sys.argv[1] == "textconv":
         sys.stdout.write(textconv(sys.argv[2]))
     else:
-        sys.stderr.write("usage: python -m compiler.diff textconv PATH\n")
+        sys.stderr.write("usage: python -m sftc.review.diff textconv PATH\n")
         sys.exit(2)

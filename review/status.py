@@ -8,7 +8,7 @@ from typing import Any
 
 from sftc.errors import RunError
 
-from runtime.runs import (DIAGNOSTICS, candidates, checkpoint_dirs, checkpoint_problems, read_best, read_lock,
+from sftc.runtime.rundir import (DIAGNOSTICS, candidates, checkpoint_dirs, checkpoint_problems, read_best, read_lock,
                           read_metrics, read_run_json)
 
 

@@ -8,10 +8,10 @@ import random
 from pathlib import Path
 
 from sftc.io import pretty_json, sha256_file
-from runtime.report import render_report
-from runtime.runs import format_runs, list_runs
-from runtime.select import select_best
-from runtime.status import status
+from sftc.review.report import render_report
+from sftc.review.runs import format_runs, list_runs
+from sftc.runtime.select import select_best
+from sftc.review.status import status
 
 BUNDLE_ID = "demo-lora-0123456789ab"
 RULE = {"require": {"format_pass_rate": ">= 0.98"}, "maximize": "policy_pass_rate",
