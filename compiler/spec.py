@@ -209,8 +209,11 @@ class SelectSpec(Strict):
         default_factory=dict, description="Constraints every candidate must meet, e.g. {format_pass_rate: '>= 0.98'}."
     )
     maximize: str | None = Field(None, description="Product metric to maximize among eligible checkpoints.")
-    tie_break: list[Objective] = Field(
-        default_factory=lambda: [Objective(minimize="eval_loss")], description="Applied in order after the metric."
+    # The union is for the JSON schema only: a single mapping is accepted (and made a one-item
+    # list by _single_to_list), so the schema must accept it too or editors flag valid specs.
+    tie_break: Union[list[Objective], Objective] = Field(
+        default_factory=lambda: [Objective(minimize="eval_loss")],
+        description="Applied in order after the metric; one {minimize|maximize: metric} or a list of them.",
     )
     export_if_none_eligible: bool = Field(False, description="Export the best ineligible checkpoint anyway.")
 
