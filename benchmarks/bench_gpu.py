@@ -6,11 +6,11 @@ so `make bench` records that the GPU section did not run instead of failing.
 On a GPU: the demo bundle's rows (or --bundle), a model built from --model (default
 models/access-base; a bigger one, e.g. a Qwen2.5-0.5B directory, gives meaningful MFU), bf16,
 batch of 8 rows, each setup fed by the real code path:
-  sftc_varlen_sdpa    runtime.bundle.collate(..., "varlen") with runtime.attention's varlen sdpa:
+  sftc_varlen_sdpa    runtime.batching.collate(..., "varlen") with runtime.attention's varlen sdpa:
                       what `sftc run` does for sdpa (a Python loop of SDPA calls per layer; on a
                       GPU this measures what the launches cost against flash varlen)
   trl_padded_sdpa     TRL's padded collator (attention mask), sdpa: the baseline
-  sftc_packed_sdpa    runtime.bundle.collate_rows (stacked rows, reset position ids, no mask), sdpa
+  sftc_packed_sdpa    runtime.batching.collate_rows (stacked rows, reset position ids, no mask), sdpa
   sftc_packed_flash   the same batch with attn_implementation=flash_attention_2 (when installed):
                       transformers derives varlen boundaries from the position ids
   trl_flat_flash      TRL's padding-free collator (flattened row + cu_seq_lens), flash_attention_2

@@ -5,13 +5,13 @@ same optimizer, same loss (TRL's fused LM head, which SFTTrainer patches onto th
 sftc's trainer inherits), same batch of 8, same number of steps, fixed torch threads.
 Only the batches differ, and each is made by the real code path:
 
-  sftc_varlen   runtime.bundle.collate(..., "varlen") over 8 bundle rows: the rows flattened into
+  sftc_varlen   runtime.batching.collate(..., "varlen") over 8 bundle rows: the rows flattened into
                 one with no pad, run with runtime.attention's varlen sdpa (causal SDPA per example).
-                What `sftc run` feeds for sdpa (runtime.bundle.choose_layout): the default path,
+                What `sftc run` feeds for sdpa (runtime.batching.choose_layout): the default path,
                 used for the ratios.
-  sftc_segments runtime.bundle.collate(..., "segments") over the same rows: each packed example its
+  sftc_segments runtime.batching.collate(..., "segments") over the same rows: each packed example its
                 own right-padded row, no attention mask, plain sdpa (what `sftc run` feeds for eager).
-  sftc_packed   runtime.bundle.collate(..., "packed_rows") over the same rows (stacked, position
+  sftc_packed   runtime.batching.collate(..., "packed_rows") over the same rows (stacked, position
                 ids reset per example, no attention mask), plain sdpa: transformers builds a dense
                 block-diagonal mask. With flash-attention this is what `sftc run` feeds.
   sftc_varlen_eq  the same path with as many packed rows per micro-batch as hold about 8 examples
@@ -55,7 +55,7 @@ import common  # noqa: E402
 
 BATCH = 8
 SETUPS = ("sftc_varlen", "sftc_varlen_eq", "sftc_segments", "sftc_packed", "trl_padded", "trl_flat", "dense")
-# the layout `sftc run` chooses for sdpa (runtime.bundle.choose_layout): the default path
+# the layout `sftc run` chooses for sdpa (runtime.batching.choose_layout): the default path
 DEFAULT = "sftc_varlen"
 
 
@@ -123,7 +123,7 @@ def rows_for_equal_examples(bundle) -> int:
 
 
 def sftc_batches(bundle, pad_id: int, n_batches: int, layout: str = "packed_rows", per_batch: int = BATCH) -> list[dict]:
-    from sftc.runtime.bundle import collate
+    from sftc.runtime.batching import collate
 
     tf = bundle.train
     order = tf.epochs[0].tolist()[: n_batches * per_batch]  # the locked order, as `sftc run` draws it

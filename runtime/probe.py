@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from sftc.runtime.bundle import IGNORE, Bundle, collate, collate_rows
+from sftc.runtime.batching import collate, collate_rows
+from sftc.runtime.bundle import IGNORE, Bundle
 from sftc.errors import RunError
 
 PAD_TAIL = 5  # a short pad segment, so the probe also covers right padding in the batch

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from sftc.runtime import checkpoint as ckpt
-from sftc.runtime.bundle import IGNORE, Bundle, TokenFile, choose_layout, collate, collate_rows, load_bundle
+from sftc.runtime.batching import LockedOrderSampler, RowCollator, choose_layout, collate_rows, plan_updates
+from sftc.runtime.bundle import IGNORE, Bundle, TokenFile, load_bundle
 from sftc.runtime.verify import verify_bundle
 from sftc.errors import RunError
 from sftc.io import atomic_write_json, atomic_write_text, read_json
@@ -38,41 +39,6 @@ HASHED_MICROBATCHES = 4
 
 
 # --- the locked data order ------------------------------------------------------------------
-
-
-def plan_updates(epochs: list[np.ndarray], per_device: int, grad_accum: int, max_steps: int,
-                 world_size: int = 1, rank: int = 0) -> list[dict]:
-    """The rows of every micro-batch of every optimizer update of this rank, as HF Trainer will draw them.
-
-    Mirrors transformers 5.23 `set_initial_training_values` / `_run_epoch`: a sampler epoch of n
-    indices is ceil(n / per_device) micro-batches (the last one may be short), grouped into updates
-    of grad_accum (the last update of an epoch may have fewer). With several ranks the micro-batches
-    are dealt round-robin (accelerate's BatchSamplerShard): micro-step a of rank r in update u takes
-    the per_device rows starting at u*E + (a*world_size + r)*per_device, E = examples per update, as
-    docs/bundle-format.md fixes. With the compiler's flat stream (one epoch of steps x E rows) every
-    update is full.
-    """
-    plan = []
-    if world_size > 1:
-        uneven = [len(e) for e in epochs if len(e) % (per_device * world_size)]
-        if uneven:
-            raise RunError(
-                f"the bundle's order has an epoch of {uneven[0]} rows, not a multiple of per_device {per_device} x "
-                f"world_size {world_size}: ranks would get different numbers of micro-batches; recompile the bundle"
-            )
-    for e, rows in enumerate(epochs):
-        rows = rows.tolist()
-        micro = [rows[i:i + per_device] for i in range(0, len(rows), per_device)]
-        mine = micro[rank::world_size]
-        per_epoch = max(math.ceil(len(mine) / grad_accum), 1)
-        for u in range(per_epoch):
-            plan.append({"epoch": e, "update_in_epoch": u, "microbatches": mine[u * grad_accum:(u + 1) * grad_accum]})
-        if len(plan) >= max_steps:
-            return plan[:max_steps]
-    raise RunError(
-        f"budget.optimizer_steps is {max_steps}, but the bundle's order holds only {len(plan)} update(s) of "
-        f"{per_device} x {grad_accum} rows; recompile the bundle"
-    )
 
 
 def _row_hash(tf: TokenFile, rows: list[int]) -> str:
@@ -89,47 +55,6 @@ def _batch_hash(input_ids, n_real: list[int]) -> str:
     for i, n in enumerate(n_real):
         digest.update(input_ids[i, :n].cpu().numpy().astype(np.int64).tobytes())
     return digest.hexdigest()
-
-
-class LockedOrderSampler:
-    """Yields the bundle's locked row order for the epoch HF asks for, so a resumed run sees the
-    same data. HF Trainer (and accelerate's DataLoaderShard / SkipBatchSampler on resume) call
-    set_epoch(e) before iterating epoch e.
-    """
-
-    def __init__(self, epochs: list[np.ndarray]):
-        self.epochs = epochs
-        self.epoch = 0
-        if len({len(e) for e in epochs}) > 1:
-            raise RunError("the bundle's per-epoch orders differ in length")
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch >= len(self.epochs):
-            raise RunError(f"the trainer asked for epoch {epoch}, the bundle's order has {len(self.epochs)}")
-        self.epoch = int(epoch)
-
-    def __iter__(self):
-        return iter(self.epochs[self.epoch].tolist())
-
-    def __len__(self) -> int:
-        return len(self.epochs[0])
-
-
-class RowCollator:
-    """Micro-batch of packed rows in the run's layout; keeps the row indices so the trainer can
-    check the order, and the real length of each batch row for the token hash."""
-
-    def __init__(self, pad_token_id: int, layout: str):
-        self.pad_token_id = pad_token_id
-        self.layout = layout
-
-    def __call__(self, rows: list[dict]) -> dict:
-        import torch
-
-        batch, lengths = collate(rows, self.pad_token_id, self.layout)
-        batch["sftc_rows"] = torch.tensor([int(r["row"]) for r in rows], dtype=torch.long)
-        batch["sftc_lengths"] = torch.tensor(lengths, dtype=torch.long)
-        return batch
 
 
 # --- model and tokenizer --------------------------------------------------------------------

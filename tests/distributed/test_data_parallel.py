@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from sftc.runtime.train import plan_updates, run_bundle
+from sftc.runtime.batching import plan_updates
+from sftc.runtime.train import run_bundle
 
 from .conftest import final_tensors, torchrun, train_losses
 

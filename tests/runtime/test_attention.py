@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from sftc.runtime.attention import VARLEN_SDPA, register, sdpa_varlen_attention, segment_bounds
-from sftc.runtime.bundle import collate, load_bundle
+from sftc.runtime.batching import collate
+from sftc.runtime.bundle import load_bundle
 from sftc.runtime.train import load_model, load_tokenizer, pad_token_id
 
 

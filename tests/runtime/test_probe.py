@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from sftc.runtime.attention import VARLEN_SDPA
-from sftc.runtime.bundle import choose_layout, collate_rows, load_bundle
+from sftc.runtime.batching import choose_layout, collate_rows
+from sftc.runtime.bundle import load_bundle
 from sftc.runtime.probe import pick_examples, probe_contamination, run_probe
 from sftc.runtime.train import load_model, load_tokenizer, pad_token_id
 from sftc.errors import RunError
