@@ -14,10 +14,10 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sftc.errors import SpecError
+from sftc.yaml import load_yaml_text, read_yaml_file
 
 
 class Strict(BaseModel):
@@ -338,32 +338,6 @@ def _select_metrics(spec: Spec) -> list[str]:
 # --- loading ---------------------------------------------------------------------------------
 
 
-class _Loader(yaml.SafeLoader):
-    """safe_load, and duplicate keys are an error instead of last-one-wins."""
-
-
-def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        try:
-            hash(key)
-        except TypeError:  # `? [a, b] : 1`; without this check `key in seen` raised a bare TypeError
-            raise yaml.constructor.ConstructorError(
-                None, None, f"found an unhashable key (a {type(key).__name__}); keys must be plain scalars",
-                key_node.start_mark,
-            ) from None
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
 def _model_at(loc: tuple) -> type[BaseModel] | None:
     """The pydantic model class that owns the key at `loc` (for listing allowed keys)."""
     model: Any = Spec
@@ -415,51 +389,13 @@ def parse_spec(raw: Any, source: str = "<spec>") -> Spec:
     return spec
 
 
-# A spec is a few hundred values. Aliases can make a few lines expand to billions ("billion
-# laughs"), which pydantic would then walk; nesting deeper than any spec needs overflows the
-# recursive YAML parser. Both are refused with a message instead of a hang or a RecursionError.
-MAX_SPEC_VALUES = 100_000
-MAX_SPEC_DEPTH = 64
-
-
-def _check_size(raw: Any, source: str) -> None:
-    count, stack = 0, [(raw, 0)]
-    while stack:
-        value, depth = stack.pop()
-        count += 1
-        if count > MAX_SPEC_VALUES:
-            raise SpecError(f"{source}: the spec expands to more than {MAX_SPEC_VALUES} values (YAML aliases?); refused")
-        if depth > MAX_SPEC_DEPTH:
-            raise SpecError(f"{source}: the spec is nested more than {MAX_SPEC_DEPTH} levels deep; refused")
-        if isinstance(value, dict):
-            stack.extend((v, depth + 1) for v in value.values())
-        elif isinstance(value, list):
-            stack.extend((v, depth + 1) for v in value)
-
-
 def load_spec_text(text: str, source: str) -> Spec:
-    try:
-        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError(f"{source}:{where}: not valid YAML for a spec: {problem} (only plain YAML, no tags)") from None
-    except RecursionError:
-        raise SpecError(f"{source}: not valid YAML for a spec: nested too deeply") from None
-    _check_size(raw, source)
-    return parse_spec(raw, source)
+    return parse_spec(load_yaml_text(text, source, "spec", SpecError), source)
 
 
 def load_spec(path: str | os.PathLike) -> Spec:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError(f"{path}: spec file not found") from None
-    except (UnicodeDecodeError, IsADirectoryError) as exc:
-        raise SpecError(f"{path}: cannot read the spec as UTF-8 text ({exc.__class__.__name__})") from None
-    return load_spec_text(text, str(path))
+    raw = read_yaml_file(path, "spec file", SpecError)
+    return parse_spec(raw, str(path))
 
 
 def canonical_spec(spec: Spec) -> dict:
