@@ -16,11 +16,11 @@ from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sftc.errors import SpecError
 from sftc.io import sha256_bytes
+from sftc.yaml import load_yaml_text, read_text_file
 
 RULES_VERSION = 1
 # Names the runtime itself writes next to the declared metrics; a metric may not shadow them.
@@ -149,23 +149,6 @@ def _file_problems(rules: RulesFile) -> list[str]:
 # --- loading ---------------------------------------------------------------------------------
 
 
-class _Loader(yaml.SafeLoader):
-    """safe_load, and a duplicate key is an error instead of last-one-wins."""
-
-
-def _mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
-
-
 def _describe(error: dict, raw: Any) -> str:
     loc = list(error["loc"])
     # The discriminator tag pydantic puts in the location is noise to a reader; a check's name is not.
@@ -235,13 +218,8 @@ class Rules:
 
 
 def load_rules_text(text: str, source: str = "<rules>") -> Rules:
-    try:
-        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RulesError(f"{source}:{where} not valid YAML for a rules file: {problem}") from None
+    # the one strict loader (sftc/yaml.py): the same guards as a spec
+    raw = load_yaml_text(text, source, "rules file", RulesError)
     if not isinstance(raw, dict):
         raise RulesError(f"{source}: a rules file is a YAML mapping (version, parse, checks, metrics); "
                          f"found {type(raw).__name__}")
@@ -264,16 +242,7 @@ def load_rules_text(text: str, source: str = "<rules>") -> Rules:
 
 def load_rules(path) -> Rules:
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise RulesError(f"{path}: rules file not found") from None
-    except IsADirectoryError:
-        raise RulesError(f"{path}: is a directory, expected a rules YAML file") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise RulesError(f"{path}: not UTF-8 text") from None
+    text, data = read_text_file(path, "rules file", RulesError)  # size, encoding and readability guards
     rules = load_rules_text(text, str(path))
     # "sha256:<hex>" of the bytes on disk, the form the lock uses for template and tokenizer versions.
     return Rules(source=rules.source, sha256="sha256:" + sha256_bytes(data), spec=rules.spec, _regex=rules._regex,
