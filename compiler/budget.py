@@ -18,7 +18,8 @@ import math
 import numpy as np
 
 from sftc.compiler.pack import Packed
-from sftc.compiler.spec import Spec, examples_per_update
+from sftc.compiler.spec import Spec, examples_per_update, planned_rows_problem
+from sftc.errors import SpecError
 
 
 def plan_order(rows: int, steps: int, per_update: int, seed: int) -> np.ndarray:
@@ -43,6 +44,9 @@ def compute_budget(spec: Spec, packed: Packed) -> tuple[dict, np.ndarray]:
         steps = spec.schedule.max_steps
     else:
         steps = max(1, math.ceil(spec.schedule.epochs * rows / per_update))
+    too_big = planned_rows_problem(steps, per_update, rows)
+    if too_big:
+        raise SpecError(too_big)
     order = plan_order(rows, steps, per_update, spec.seed)
 
     lengths = packed.row_lengths()[order]

@@ -10,14 +10,41 @@ separate fields, validated separately: LoRA is a way to run SFT, not an alternat
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sftc.errors import SpecError
 from sftc.yaml import load_yaml_text, read_yaml_file
+
+
+# Ranges every later pass can honour. numpy and torch seeds are 0..2**32-1; the rest bound the work
+# or memory that grows with a value (an order of MAX_PLANNED_ROWS int64 is 256 MiB) before it starts.
+MAX_SEED = 2**32 - 1
+MAX_SEQ_LENGTH = 1 << 20
+MAX_BATCH = 1 << 16
+MAX_PROCESSES = 1 << 16
+MAX_LORA_RANK = 1 << 16
+MAX_EPOCHS = 10_000.0
+MAX_PLANNED_ROWS = 1 << 25
+# A path or name from the spec reaches os calls: a NUL byte there is a ValueError, not a missing file.
+PathText = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]
+Name = Annotated[str, Field(min_length=1, max_length=1000, pattern=r"^[^\x00]+$")]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+def planned_rows_problem(steps: int, per_update: int, rows: int) -> str | None:
+    """Why the data order a schedule asks for is too big to plan, or None. Checked before the order
+    is built: `epochs: 1e15` or `batch.per_device: 10**9` would otherwise hang the compile."""
+    planned = steps * per_update
+    if planned <= MAX_PLANNED_ROWS:
+        return None
+    return (f"schedule: {steps} optimizer steps x {per_update} rows per update = {planned} rows planned over "
+            f"{rows} train rows; at most {MAX_PLANNED_ROWS} are planned in one bundle: lower schedule.epochs / "
+            "schedule.max_steps or batch.per_device x grad_accum x world_size")
 
 
 class Strict(BaseModel):
@@ -39,10 +66,10 @@ class LoraParameterization(Strict):
     """Low-rank adapters in the named layers; base weights stay frozen."""
 
     kind: Literal["lora"] = "lora"
-    rank: int = Field(16, gt=0, description="LoRA rank r.")
-    alpha: int = Field(32, gt=0, description="LoRA scaling alpha (effective scale alpha / r).")
+    rank: int = Field(16, gt=0, le=MAX_LORA_RANK, description="LoRA rank r.")
+    alpha: int = Field(32, gt=0, le=1_000_000, description="LoRA scaling alpha (effective scale alpha / r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
-    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+    target_modules: Union[Literal["all-linear"], Annotated[list[Name], Field(min_length=1, max_length=1000)]] = Field(
         "all-linear", description="'all-linear' (every linear layer but the output head) or module names."
     )
     merge_on_export: bool = Field(False, description="Also export base weights with the adapter merged in.")
@@ -75,9 +102,9 @@ Parameterization = Annotated[
 
 
 class ModelSpec(Strict):
-    path: str = Field(description="Local model directory or hub id, loaded with from_pretrained.")
-    revision: str | None = Field(None, description="Hub revision (commit, tag or branch); recorded in the lock.")
-    tokenizer: str | None = Field(None, description="Tokenizer directory or hub id; defaults to model.path.")
+    path: PathText = Field(description="Local model directory or hub id, loaded with from_pretrained.")
+    revision: Name | None = Field(None, description="Hub revision (commit, tag or branch); recorded in the lock.")
+    tokenizer: PathText | None = Field(None, description="Tokenizer directory or hub id; defaults to model.path.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Training dtype of the weights.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = Field(
         "sdpa", description="Attention kernel; packed training is refused unless it honours example boundaries."
@@ -96,7 +123,7 @@ class FieldMap(Strict):
 
 
 class DataSpec(Strict):
-    files: list[str] = Field(min_length=1, description="Input files: .jsonl, .json (a list of rows) or .parquet.")
+    files: list[PathText] = Field(min_length=1, description="Input files: .jsonl, .json (a list of rows) or .parquet.")
     format: Literal["prompt_completion", "conversational", "text"] = Field(
         description="Row shape. 'text' is for continued_pretraining."
     )
@@ -108,7 +135,7 @@ class DataSpec(Strict):
 
 class SplitSpec(Strict):
     eval_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="Share of groups held out (by group, never by row).")
-    seed: int = Field(13, description="Seed of the group hash that decides each group's side.")
+    seed: int = Field(13, ge=0, le=MAX_SEED, description="Seed of the group hash that decides each group's side.")
     eval_groups: list[str] | None = Field(None, description="Explicit held-out groups; overrides eval_fraction.")
     near_duplicates: float | None = Field(
         0.85, gt=0.0, le=1.0,
@@ -117,15 +144,15 @@ class SplitSpec(Strict):
 
 
 class TemplateSpec(Strict):
-    chat: str | None = Field(None, description="Chat template file (templates/chat/*.jinja); null uses the tokenizer's.")
-    system: str | None = Field(None, description="System message prepended to every conversation.")
+    chat: PathText | None = Field(None, description="Chat template file (templates/chat/*.jinja); null uses the tokenizer's.")
+    system: str | None = Field(None, max_length=100_000, description="System message prepended to every conversation.")
     terminator: str | None = Field(
-        None, description="End-of-turn string that must be supervised; default: detected from the template."
+        None, min_length=1, max_length=1000, description="End-of-turn string that must be supervised; default: detected from the template."
     )
 
 
 class TokenizeSpec(Strict):
-    max_length: int = Field(512, gt=8, description="Tokens per example after templating; longer rows are truncated.")
+    max_length: int = Field(512, gt=8, le=MAX_SEQ_LENGTH, description="Tokens per example after templating; longer rows are truncated.")
     on_truncated_answer: Literal["reject", "error"] = Field(
         "reject", description="A row whose answer loses tokens to truncation is rejected and counted, or fails compile."
     )
@@ -135,16 +162,16 @@ class PackingSpec(Strict):
     strategy: Literal["none", "bfd", "bfd_split", "wrapped"] = Field(
         "bfd", description="TRL packing strategy; 'none' pads each example alone."
     )
-    seq_length: int | None = Field(None, gt=8, description="Packed row length; defaults to tokenize.max_length.")
+    seq_length: int | None = Field(None, gt=8, le=MAX_SEQ_LENGTH, description="Packed row length; defaults to tokenize.max_length.")
     allow_mixing: bool = Field(
         False, description="Acknowledge that 'wrapped' lets one example read another; required for 'wrapped'."
     )
 
 
 class BatchSpec(Strict):
-    per_device: int = Field(4, gt=0, description="Rows per device per micro-batch.")
-    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer update.")
-    world_size: int = Field(1, gt=0, description="Data-parallel processes (nodes x processes per node).")
+    per_device: int = Field(4, gt=0, le=MAX_BATCH, description="Rows per device per micro-batch.")
+    grad_accum: int = Field(1, gt=0, le=MAX_BATCH, description="Micro-batches accumulated per optimizer update.")
+    world_size: int = Field(1, gt=0, le=MAX_PROCESSES, description="Data-parallel processes (nodes x processes per node).")
 
     @property
     def examples_per_update(self) -> int:
@@ -158,18 +185,18 @@ def examples_per_update(per_device: int, grad_accum: int, world_size: int) -> in
 
 class OptimizerSpec(Strict):
     name: Literal["adamw_torch"] = Field("adamw_torch", description="Optimizer.")
-    lr: float = Field(gt=0.0, description="Peak learning rate. No default: choose it for the update surface.")
-    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay (recorded even when 0).")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
-    eps: float = Field(1e-8, gt=0.0, description="Adam epsilon.")
+    lr: float = Field(gt=0.0, le=10.0, description="Peak learning rate. No default: choose it for the update surface.")
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0, description="Decoupled weight decay (recorded even when 0).")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="Adam betas.")
+    eps: float = Field(1e-8, gt=0.0, le=1.0, description="Adam epsilon.")
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping norm; null disables.")
 
 
 class ScheduleSpec(Strict):
     kind: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine", description="LR schedule.")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of steps spent warming up.")
-    epochs: float | None = Field(None, gt=0.0, description="Passes over the packed train rows.")
-    max_steps: int | None = Field(None, gt=0, description="Optimizer updates; overrides epochs.")
+    epochs: float | None = Field(None, gt=0.0, le=MAX_EPOCHS, description="Passes over the packed train rows.")
+    max_steps: int | None = Field(None, gt=0, le=MAX_PLANNED_ROWS, description="Optimizer updates; overrides epochs.")
 
     @model_validator(mode="after")
     def _one_length(self) -> "ScheduleSpec":
@@ -179,18 +206,32 @@ class ScheduleSpec(Strict):
 
 
 class CheckpointSpec(Strict):
-    every_steps: int = Field(50, gt=0, description="Save (and evaluate) every N optimizer updates, and at the end.")
-    keep_last: int = Field(3, gt=0, description="Checkpoints kept by rotation; the best is never deleted.")
+    every_steps: int = Field(50, gt=0, le=MAX_PLANNED_ROWS, description="Save (and evaluate) every N optimizer updates, and at the end.")
+    keep_last: int = Field(3, gt=0, le=10_000, description="Checkpoints kept by rotation; the best is never deleted.")
 
 
 class EvalSpec(Strict):
-    rules: str | None = Field(None, description="Versioned rules file (format and policy checks, metric definitions).")
-    max_new_tokens: int = Field(96, gt=0, description="Greedy generation budget per held-out prompt.")
-    batch_size: int = Field(16, gt=0, description="Prompts generated together (left-padded, KV cache on).")
-    max_prompts: int | None = Field(None, gt=0, description="Cap on held-out prompts scored per evaluation.")
+    rules: PathText | None = Field(None, description="Versioned rules file (format and policy checks, metric definitions).")
+    max_new_tokens: int = Field(96, gt=0, le=MAX_SEQ_LENGTH, description="Greedy generation budget per held-out prompt.")
+    batch_size: int = Field(16, gt=0, le=MAX_BATCH, description="Prompts generated together (left-padded, KV cache on).")
+    max_prompts: int | None = Field(None, gt=0, le=10_000_000, description="Cap on held-out prompts scored per evaluation.")
 
 
-Constraint = Annotated[str, Field(pattern=r"^\s*(>=|<=|>|<|==)\s*-?[0-9.eE+-]+\s*$")]
+def _parsed_constraint(text: str) -> str:
+    """The selector's own parser decides (runtime/select.py): `<= .` passed a regex here and then
+    crashed the run at its first checkpoint."""
+    from sftc.runtime.select import parse_constraint
+
+    try:
+        _, bound = parse_constraint(text)
+    except ValueError:  # the selector's regex lets `<= .` through to float(); say what is allowed
+        raise ValueError(f"constraint {text!r}: expected '<op> <number>' with op one of >=, <=, >, <, ==") from None
+    if not math.isfinite(bound):
+        raise ValueError(f"constraint {text!r}: the bound must be a finite number")
+    return text
+
+
+Constraint = Annotated[str, Field(max_length=100), AfterValidator(_parsed_constraint)]
 
 
 class Objective(Strict):
@@ -224,7 +265,7 @@ class SelectSpec(Strict):
 
 
 class VerifySpec(Strict):
-    probe_examples: int = Field(4, ge=2, description="Held-out or train examples packed together in the contamination probe.")
+    probe_examples: int = Field(4, ge=2, le=256, description="Held-out or train examples packed together in the contamination probe.")
     probe_tolerance: float = Field(1e-4, gt=0.0, description="Max |packed - isolated| per-example loss allowed.")
 
 
@@ -238,8 +279,8 @@ class DistributedSpec(Strict):
         "'fsdp' (PyTorch FSDP2: parameters, gradients and optimizer state sharded), 'zero2' / 'zero3' (DeepSpeed, "
         "optional extra).",
     )
-    nodes: int = Field(1, gt=0, description="Machines.")
-    procs_per_node: int = Field(1, gt=0, description="Processes (devices) per machine.")
+    nodes: int = Field(1, gt=0, le=MAX_PROCESSES, description="Machines.")
+    procs_per_node: int = Field(1, gt=0, le=MAX_PROCESSES, description="Processes (devices) per machine.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="Compute dtype under fsdp / zero (weights and optimizer stay in model.dtype); fp16 needs CUDA."
     )
@@ -255,7 +296,7 @@ class Spec(Strict):
     """A supervised fine-tuning run, declared. `sftc compile` turns it into a locked bundle."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="Run name; the bundle is <name>-<hash12>.")
-    seed: int = Field(1234, description="Seed of weights init, data order and dropout.")
+    seed: int = Field(1234, ge=0, le=MAX_SEED, description="Seed of weights init, data order and dropout.")
     objective: Literal["sft", "continued_pretraining"] = Field(
         description="What signal to learn from: answers to prompts (sft) or next tokens of domain text."
     )
