@@ -1,0 +1,394 @@
+"""The Lock: the typed, versioned, sealed record of a compiled bundle (`bundle.lock.json`).
+
+It is the only contract between `sftc compile` and everything that reads a bundle (runtime,
+review, export). Each fact is stored once; a value derivable from others is a property here or
+was computed once by the compiler, so no reader re-derives it with a fallback.
+
+The seal: `seal.sha256` is the sha256 of the canonical lock without the seal (so it covers every
+listed file's sha256, the spec, the budget, the bundle id ...), and `seal.fields` holds a short
+hash per field so a refused edit names the field that changed. The bundle id is
+`<name>-<first 12 hex of the content hash>`, the content being the lock without its id, its seal
+and the files rendered from the lock (REPORT.md, launch.sh, deepspeed.json name the bundle id, so
+they cannot be inside the hash the id comes from; they are inside the seal). Anyone can recompute
+a sha256, so the seal detects edits and rot, not a forger who rewrites the lock, its seal and its
+id together; the id check makes such a forgery a different bundle.
+
+`load_lock` is the one loader: every damaged lock is a BundleError naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+
+from sftc.compiler.spec import BatchSpec, Spec
+from sftc.errors import BundleError
+from sftc.io import canonical_json, pretty_json, sha256_bytes
+
+FORMAT_VERSION = 2
+LOCK_NAME = "bundle.lock.json"
+# Files rendered from the lock itself (each names the bundle id): sealed, but outside the content
+# hash the bundle id is derived from.
+RENDERED_FILES = ("REPORT.md", "deepspeed.json", "launch.sh")
+# How deep seal.fields names a changed value (spec.optimizer.lr is depth 3); lists are leaves.
+SEAL_DEPTH = 3
+# The base-model files sealed into the lock (model.files) and checked before loading: what
+# from_pretrained reads for the weights and the architecture, and any code a trust_remote_code
+# model would import. Tokenizer files are covered by tokenizer.version.
+MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+                       "*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.gguf", "*.py")
+FORMAT_HISTORY = {
+    1: "untyped lock; bundle id = hash of the compile inputs; no seal",
+    2: "typed Lock (sftc/lock.py); sealed; bundle id = hash of the lock content (docs/bundle-format.md)",
+}
+
+
+class Record(BaseModel):
+    """Every level of the lock: unknown keys are refused, nothing is mutated after compile."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class Stats(Record):
+    min: int = Field(description="Smallest value over the planned run.")
+    mean: float = Field(description="Mean over the planned run, 2 decimals.")
+    max: int = Field(description="Largest value over the planned run.")
+
+
+class DataFile(Record):
+    path: str = Field(description="Data file, relative to the project.")
+    sha256: str = Field(description="sha256 of the bytes the compiler read.")
+    rows_read: int = Field(description="Rows read from this file.")
+    accepted: int = Field(description="Rows accepted from this file.")
+    rejected: dict[str, int] = Field(description="Rejected rows of this file, by reason.")
+
+
+class DataManifest(Record):
+    files: tuple[DataFile, ...] = Field(description="Every input data file, in spec order.")
+    rows_read: int = Field(description="Rows read over all files.")
+    train_examples: int = Field(description="Examples in train.safetensors (before packing).")
+    eval_examples: int = Field(description="Examples in eval.safetensors.")
+    rejected: dict[str, int] = Field(description="Rejected rows by reason (rejects.jsonl lists each).")
+    hash: str = Field(description="sha256 over the data files' sha256s, in order.")
+
+
+class Split(Record):
+    by: Literal["group"] = Field(description="Unit of the split: whole groups go to one side.")
+    seed: int = Field(description="split.seed used.")
+    eval_fraction: float = Field(description="Requested fraction of groups held out.")
+    near_duplicate_threshold: float | None = Field(description="Similarity above which groups were merged.")
+    train_groups: tuple[str, ...] = Field(description="Groups on the train side, sorted.")
+    eval_groups: tuple[str, ...] = Field(description="Groups held out, sorted.")
+    train_rows: int = Field(description="Examples on the train side.")
+    eval_rows: int = Field(description="Examples held out.")
+    merged_near_duplicates: tuple[tuple[str, ...], ...] = Field(description="Groups merged as near duplicates.")
+    disjoint: bool = Field(description="No group on both sides.")
+    overlap: tuple[str, ...] = Field(description="Groups on both sides (always empty when disjoint).")
+
+
+class Template(Record):
+    source: Literal["file", "tokenizer"] = Field(description="Where the chat template came from.")
+    path: str | None = Field(description="Template file relative to the project (source file); the bundle holds a copy.")
+    version: str = Field(description="sha256 of the template text: what rendered the tokens.")
+    terminator: str = Field(description="Token that ends a supervised answer.")
+    terminator_id: int = Field(description="Its id.")
+    system: str | None = Field(description="System message rendered into every example.")
+
+
+class Tokenizer(Record):
+    source: Literal["local", "hub"] = Field(description="A project directory, or a hub id from the local cache.")
+    path: str = Field(description="Directory relative to the project, or the hub id.")
+    revision: str | None = Field(description="Hub commit of the cached snapshot (hub only).")
+    files: tuple[str, ...] = Field(description="Tokenizer files the version covers.")
+    version: str = Field(description="sha256 over the tokenizer files: what tokenized the data.")
+    eos_token: str | None
+    eos_token_id: int | None
+    pad_token: str | None
+    pad_token_id: int | None
+    vocab_size: int = Field(description="len(tokenizer), added tokens included.")
+
+
+class BaseModelRecord(Record):
+    source: Literal["local", "hub"] = Field(description="A project directory, or a hub id from the local cache.")
+    path: str = Field(description="Directory relative to the project, or the hub id.")
+    revision: str | None = Field(description="Hub commit of the cached snapshot (hub only).")
+    files: dict[str, str] = Field(
+        description="sha256 of the config, weight and code files, checked before the model is loaded."
+    )
+    architecture: str | None
+    model_type: str | None
+
+    @property
+    def config_sha256(self) -> str:
+        return "sha256:" + self.files["config.json"]
+
+
+class Tokenize(Record):
+    max_length: int = Field(description="tokenize.max_length.")
+    examples: int = Field(description="Examples tokenized (train + eval).")
+    truncated_rejected: int = Field(description="Examples rejected because truncation would cut the answer.")
+    mean_length: float
+    max_length_seen: int
+
+
+class Packing(Record):
+    strategy: str = Field(description="packing.strategy used.")
+    seq_length: int = Field(description="Row length packed to.")
+    rows: int = Field(description="Packed train rows.")
+    examples: int = Field(description="Examples packed.")
+    ideal_rows: int | None = Field(None, description="Rows a perfect packing would need (packed strategies).")
+    overflow_tokens_dropped: int
+    orphaned_supervised_tokens: int
+    boundary_safe: bool = Field(description="No example reads another one (false only for 'wrapped').")
+
+
+class Budget(Record):
+    """The batch budget over the exact planned run (compiler/budget.py). The batch layout itself is
+    spec.batch (Lock.batch): not repeated here."""
+
+    source_examples_per_update: Stats
+    supervised_tokens_per_update: Stats
+    tokens_per_update: Stats
+    optimizer_steps: int = Field(gt=0, description="Optimizer updates of the run.")
+    epochs: float = Field(description="Passes over the train rows the steps amount to.")
+    train_rows: int
+    total_tokens: int
+    supervised_tokens: int = Field(description="Tokens the loss scores over the run.")
+    packing_efficiency: float
+    padding_fraction: float
+    lr_per_example: float
+    warmup_steps: int = Field(ge=0, description="Warmup updates: ceil(schedule.warmup_ratio x optimizer_steps).")
+
+
+class Parameters(Record):
+    """compiler/model.py count_parameters, from the real module tree (LoRA through peft)."""
+
+    total: int
+    trainable: int
+    trainable_fraction: float
+    base: int
+    embedding: int
+    tied_embeddings: bool
+    quantizable_linear: int = Field(description="Parameters of the linear layers qlora quantizes.")
+    quantizable_linear_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_attention_heads: int
+    kv_dim: int
+    vocab_size: int
+    trainable_tensors: int
+    trainable_small: int = Field(description="Trainable parameters in tensors too small for 8-bit optimizer state.")
+    trainable_factored: int = Field(description="Elements of Adafactor's factored state.")
+
+
+class Memory(Record):
+    """compiler/model.py estimate_memory: the total, and its parts as that estimate reports them."""
+
+    total_bytes: int
+    total_gib: float
+    basis: str
+    parts: dict[str, JsonValue] = Field(description="The estimate's breakdown (bytes per part, ...).")
+
+    @classmethod
+    def from_estimate(cls, estimate: dict) -> "Memory":
+        rest = {k: v for k, v in estimate.items() if k not in ("total_bytes", "total_gib", "basis")}
+        return cls(total_bytes=estimate["total_bytes"], total_gib=estimate["total_gib"], basis=estimate["basis"], parts=rest)
+
+
+class EvalManifest(Record):
+    prompts: int = Field(description="Lines of eval_prompts.jsonl.")
+    examples: int = Field(description="Examples in eval.safetensors.")
+    rules_path: str | None = Field(description="Rules file the bundle's rules.yaml was copied from, relative to the project.")
+    rules_sha256: str | None
+    metrics: tuple[str, ...] = Field(description="Metrics the rules declare.")
+    hash: str = Field(description="sha256 over the eval groups, the prompts file and the rules.")
+
+
+class Seal(Record):
+    sha256: str = Field(description="sha256 of the canonical lock without this seal.")
+    fields: dict[str, str] = Field(description="Short sha256 of each field (dotted path), to name an edited one.")
+
+
+class Lock(Record):
+    """bundle.lock.json, format 2."""
+
+    format_version: Literal[2] = Field(description="Lock format; 2 since the sealed typed lock.")
+    sftc_version: str
+    bundle_id: str = Field(description="<name>-<first 12 hex of the content hash>.")
+    name: str
+    inputs_hash: str = Field(
+        description="sha256 over the compile inputs (spec, data, template, tokenizer, model files, rules, "
+        "token-stream libraries, compiler code): a recompile of unchanged inputs finds this bundle."
+    )
+    spec: Spec = Field(description="The spec with every default filled in.")
+    spec_source: str = Field(description="Spec file relative to the project.")
+    project_root: str = Field(description="The project, relative to the bundle directory.")
+    data_manifest: DataManifest
+    split: Split
+    template: Template | None = Field(description="None for plain text (continued pretraining).")
+    tokenizer: Tokenizer
+    model: BaseModelRecord
+    libraries: dict[str, str] = Field(description="Installed versions at compile.")
+    token_stream_libraries: tuple[str, ...] = Field(description="Libraries whose version can change the tokens.")
+    tokenize: Tokenize
+    packing: Packing
+    budget: Budget
+    parameters: Parameters
+    memory: Memory
+    eval_manifest: EvalManifest
+    files: dict[str, str] = Field(description="sha256 of every file of the bundle directory but this lock.")
+    seal: Seal
+
+    @property
+    def batch(self) -> BatchSpec:
+        return self.spec.batch
+
+    @property
+    def tokenizer_version(self) -> str:
+        return self.tokenizer.version
+
+    @property
+    def template_version(self) -> str | None:
+        return self.template.version if self.template else None
+
+    def to_json(self) -> str:
+        return pretty_json(self.model_dump(mode="json"))
+
+
+def model_file_names(model_dir: str | os.PathLike) -> list[str]:
+    """The model directory's files that model.files seals (top level, sorted)."""
+    root = Path(model_dir)
+    names = {p.name for pattern in MODEL_FILE_PATTERNS for p in root.glob(pattern) if p.is_file()}
+    return sorted(names)
+
+
+# --- the seal ----------------------------------------------------------------------------------
+
+
+def _leaves(value: Any, prefix: str, depth: int, out: dict[str, str]) -> None:
+    if isinstance(value, dict) and depth < SEAL_DEPTH and value:
+        for key, item in value.items():
+            _leaves(item, f"{prefix}.{key}" if prefix else str(key), depth + 1, out)
+    else:
+        out[prefix] = sha256_bytes(canonical_json(value).encode())[:16]
+
+
+def field_hashes(payload: dict) -> dict[str, str]:
+    out: dict[str, str] = {}
+    _leaves({k: v for k, v in payload.items() if k != "seal"}, "", 0, out)
+    return out
+
+
+def content_hash(payload: dict) -> str:
+    """What the bundle id comes from: the lock minus its id, its seal and the rendered files."""
+    content = {k: v for k, v in payload.items() if k not in ("bundle_id", "seal")}
+    content["files"] = {k: v for k, v in (payload.get("files") or {}).items() if k not in RENDERED_FILES}
+    return sha256_bytes(canonical_json(content).encode())
+
+
+def bundle_id_for(name: str, payload: dict) -> str:
+    return f"{name}-{content_hash(payload)[:12]}"
+
+
+def seal(payload: dict) -> dict:
+    """The seal of a lock payload (a JSON dict without `seal`)."""
+    body = {k: v for k, v in payload.items() if k != "seal"}
+    return {"sha256": sha256_bytes(canonical_json(body).encode()), "fields": field_hashes(body)}
+
+
+def seal_problems(raw: dict) -> list[str]:
+    """Why a parsed lock no longer matches its seal (empty when intact)."""
+    recorded = raw.get("seal") if isinstance(raw.get("seal"), dict) else {}
+    now = seal(raw)
+    if recorded.get("sha256") == now["sha256"] and recorded.get("fields") == now["fields"]:
+        problems = []
+    else:
+        then = recorded.get("fields") if isinstance(recorded.get("fields"), dict) else {}
+        changed = sorted(k for k in set(then) | set(now["fields"]) if then.get(k) != now["fields"].get(k))
+        problems = [f"{k}: edited after compile (its value no longer matches the seal)" for k in changed]
+        if not problems:
+            problems = ["seal.sha256: edited after compile (the fields match, the lock hash does not)"]
+    name = raw.get("name")
+    if isinstance(name, str) and raw.get("bundle_id") != bundle_id_for(name, raw):
+        problems.append(
+            f"bundle_id: {raw.get('bundle_id')!r} is not the hash of this lock's content "
+            f"({bundle_id_for(name, raw)!r}): the content was changed and resealed"
+        )
+    return problems
+
+
+# --- the one loader ----------------------------------------------------------------------------
+
+
+def _validation_problems(exc: ValidationError) -> list[str]:
+    problems = []
+    for error in exc.errors()[:20]:
+        where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        found = "" if error["type"] == "missing" else f" (found {json.dumps(error.get('input'), default=str)[:80]})"
+        problems.append(f"{where}: {error['msg']}{found}")
+    return problems
+
+
+def parse_lock(text: str | bytes, source: str, sealed: bool = True) -> Lock:
+    """A Lock from the bytes of a bundle.lock.json; `source` names the file in every error."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BundleError(f"{source}: not UTF-8 text ({exc.reason}); compile the bundle again") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{source}: not valid JSON (line {exc.lineno}: {exc.msg}); compile the bundle again") from None
+    if not isinstance(raw, dict):
+        raise BundleError(f"{source}: a lock is a JSON object, found {type(raw).__name__}; compile the bundle again")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        known = FORMAT_HISTORY.get(version) if isinstance(version, int) and not isinstance(version, bool) else None
+        spec_source = raw.get("spec_source")
+        again = f"sftc compile {spec_source}" if isinstance(spec_source, str) else "sftc compile <spec>"
+        raise BundleError(
+            f"{source}: format_version {json.dumps(version, default=str)[:40]} is not readable by sftc's lock format "
+            f"{FORMAT_VERSION}" + (f" (format {version}: {known})" if known else "") + f"; recompile with `{again}`"
+        )
+    try:
+        lock = Lock.model_validate(raw)
+    except ValidationError as exc:
+        raise BundleError(
+            f"{source}: not a valid format-{FORMAT_VERSION} lock ({exc.error_count()} problem(s)); "
+            "recompile the bundle instead of editing the lock", _validation_problems(exc)
+        ) from None
+    if sealed:
+        problems = seal_problems(raw)
+        if text != pretty_json(raw):
+            problems.append("the file is not in the form sftc wrote (spacing, key order or a duplicate key edited)")
+        if problems:
+            raise BundleError(
+                f"{source}: the lock was changed after compile ({len(problems)} problem(s)); the lock is sealed: "
+                "recompile the spec instead of editing the bundle", problems
+            )
+    return lock
+
+
+def load_lock(bundle_dir: str | os.PathLike, sealed: bool = True) -> Lock:
+    """The one way to read a bundle's lock."""
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / LOCK_NAME
+    if not bundle_dir.is_dir():
+        raise BundleError(f"{bundle_dir}: no such bundle directory")
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; not a bundle, or an incomplete one (compile it again)")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot read ({exc.strerror})") from None
+    return parse_lock(data, str(path), sealed=sealed)
+
+
+def lock_schema() -> dict:
+    return Lock.model_json_schema()
