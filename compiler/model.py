@@ -55,18 +55,23 @@ def count_parameters(config, spec) -> dict:
     embedding = model.get_input_embeddings().weight.numel()
     output = model.get_output_embeddings()
     tied = output is not None and output.weight is model.get_input_embeddings().weight
-    linear_in_layers = sum(
-        m.weight.numel() for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and m is not output
-    )
+    # bitsandbytes quantizes every nn.Linear but the output head (transformers' skip list)
+    quantizable = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not output]
+    linear_in_layers = sum(m.weight.numel() for m in quantizable)
     kind = spec.parameterization.kind
     if kind == "full":
         trainable, total = total_base, total_base
+        trained = model
     else:
         from peft import get_peft_model
 
-        peft_model = get_peft_model(model, lora_config(spec.parameterization))
-        trainable, total = peft_model.get_nb_trainable_parameters()
+        trained = get_peft_model(model, lora_config(spec.parameterization))
+        trainable, total = trained.get_nb_trainable_parameters()
+    shapes = [tuple(p.shape) for p in trained.parameters() if p.requires_grad]
+    attention_heads = int(getattr(config, "num_attention_heads", 0) or 0)
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    head_dim = int(getattr(config, "head_dim", 0) or (hidden // attention_heads if attention_heads else 0))
+    kv_heads = int(getattr(config, "num_key_value_heads", 0) or attention_heads)
     return {
         "total": int(total),
         "trainable": int(trainable),
@@ -75,45 +80,211 @@ def count_parameters(config, spec) -> dict:
         "embedding": int(embedding),
         "tied_embeddings": bool(tied),
         "quantizable_linear": int(linear_in_layers),
-        "hidden_size": int(getattr(config, "hidden_size", 0) or 0),
+        "quantizable_linear_layers": len(quantizable),
+        "hidden_size": hidden,
+        "intermediate_size": int(getattr(config, "intermediate_size", 0) or 4 * hidden),
         "num_layers": int(getattr(config, "num_hidden_layers", 0) or 0),
+        "num_attention_heads": attention_heads,
+        "kv_dim": kv_heads * head_dim,
         "vocab_size": int(getattr(config, "vocab_size", 0) or 0),
+        # what the optimizer-state formulas need beyond the count (estimate_memory)
+        "trainable_tensors": len(shapes),
+        "trainable_small": int(sum(_numel(s) for s in shapes if _numel(s) < BNB_MIN_8BIT_SIZE)),
+        "trainable_factored": int(sum(_factored_elements(s) for s in shapes)),
     }
+
+
+def _numel(shape: tuple) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _factored_elements(shape: tuple) -> int:
+    """Adafactor's second-moment state: a row and a column vector for a matrix, the full tensor otherwise."""
+    if len(shape) >= 2:
+        return _numel(shape[:-1]) + _numel(shape[:-2] + shape[-1:])
+    return _numel(shape)
+
+
+# --- the memory estimate (docs/memory.md has each formula and its source) ------------------
+
+# bitsandbytes' blockwise 4-bit storage: one absmax per 64 weights, float32, or with double
+# quantization an 8-bit absmax whose own float32 constants cover 256 blocks (QLoRA paper 3:
+# 32/64 = 0.5 bit/param, 8/64 + 32/(64*256) = 0.127 bit/param).
+NF4_BLOCK = 64
+NESTED_BLOCK = 256
+# per quantized tensor: the 16-entry 4-bit code book (float32), and with double quantization the
+# 256-entry 8-bit code book and the float32 offset (bitsandbytes QuantState)
+CODEBOOK_BYTES = 16 * 4
+NESTED_CODEBOOK_BYTES = 256 * 4 + 4
+# bitsandbytes 8-bit optimizers: tensors under 4096 elements keep float32 states; larger ones
+# one uint8 per moment plus a float32 absmax per 256 elements (bnb.optim Optimizer2State)
+BNB_MIN_8BIT_SIZE = 4096
+BNB_8BIT_BLOCK = 256
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor")
+
+
+def quantized_weight_bytes(elements: int, tensors: int, double_quant: bool) -> dict:
+    """4-bit storage of `elements` weights in `tensors` bitsandbytes Params4bit tensors."""
+    data = elements // 2
+    blocks = elements / NF4_BLOCK
+    if double_quant:
+        constants = blocks * 1 + (blocks / NESTED_BLOCK) * 4 + tensors * (CODEBOOK_BYTES + NESTED_CODEBOOK_BYTES)
+    else:
+        constants = blocks * 4 + tensors * CODEBOOK_BYTES
+    return {"data": int(data), "constants": int(round(constants))}
+
+
+def optimizer_state_bytes(name: str, parameters: dict, param_bytes: int) -> int:
+    """Optimizer state held for the trainable parameters, by HF `optim` name."""
+    n, tensors = parameters["trainable"], parameters["trainable_tensors"]
+    if name in ("adamw_torch", "adamw_torch_fused"):
+        # torch.optim.AdamW: exp_avg and exp_avg_sq like the parameter, plus a float32 step tensor each
+        return 2 * param_bytes * n + 4 * tensors
+    if name in ("adamw_8bit", "paged_adamw_8bit"):
+        small = parameters["trainable_small"]
+        big = n - small
+        # plus the two 256-entry float32 code books, shared by every tensor
+        return int(small * 8 + big * 2 + 2 * 4 * (big / BNB_8BIT_BLOCK)) + (2 * 256 * 4 if big else 0)
+    if name == "paged_adamw_32bit":
+        return 8 * n  # bitsandbytes keeps 32-bit states in float32 whatever the parameter dtype
+    if name == "adafactor":
+        # transformers' Adafactor as HF's Trainer builds it: beta1=None (no first moment), the
+        # second moment factored into row and column statistics, in the parameter dtype, and a
+        # float32 RMS scalar per tensor
+        return param_bytes * parameters["trainable_factored"] + 4 * tensors
+    raise ValueError(f"optimizer.name: {name!r}; allowed: {', '.join(OPTIMIZERS)}")
+
+
+def activation_bytes_per_token(parameters: dict, spec, act_bytes: int) -> dict:
+    """What autograd saves per token: one decoder layer, and outside the layers.
+
+    Counted from what a Llama-style decoder layer (RMSNorm, rotary attention, SwiGLU MLP) hands
+    to autograd in transformers' code, checked tensor by tensor against saved-tensor hooks in
+    benchmarks/bench_memory.py. Frozen base layers save no input (their weight needs no
+    gradient); LoRA saves its dropout's output and mask for each adapted module.
+    """
+    h, i, kv = parameters["hidden_size"], parameters["intermediate_size"], parameters["kv_dim"]
+    b = act_bytes
+    param = spec.parameterization
+    # RMSNorm upcasts to float32: the float32 input and its normalized copy for the rsqrt and pow
+    norm = 4 * h
+    if param.kind == "full":
+        # plus the normalized input of the weight's gradient and the scaled output the projections save
+        norm_trained = norm + 2 * b * h
+        layer = 2 * norm_trained + b * (3 * h + 2 * kv) + 4 * b * i
+        outside = norm_trained
+    else:
+        # q, k, v (rotated) and the attention output for sdpa's backward; gate, up, silu(gate) for the MLP
+        layer = 2 * norm + b * (2 * h + 2 * kv) + 3 * b * i
+        dropout = param.dropout > 0
+        for width, modules in _adapted_inputs(param.target_modules, h, i):
+            # adapters reading one input: a dropout output and bool mask each, or (no dropout) the input once
+            layer += modules * (b * width + width) if dropout else b * width
+            layer += modules * param.rank * b  # lora_A's output, saved for lora_B
+        outside = norm
+    return {"layer": int(layer), "outside": int(outside)}
+
+
+def _adapted_inputs(targets, h: int, i: int) -> list[tuple[int, int]]:
+    """(input width, adapted modules) per distinct input of a Llama-style layer's projections."""
+    groups = [(h, ["q_proj", "k_proj", "v_proj"]), (h, ["o_proj"]), (h, ["gate_proj", "up_proj"]), (i, ["down_proj"])]
+    chosen = []
+    for width, names in groups:
+        modules = len(names) if targets == "all-linear" else sum(n in targets for n in names)
+        if modules:
+            chosen.append((width, modules))
+    return chosen
 
 
 def estimate_memory(parameters: dict, spec, seq_length: int) -> dict:
-    """A per-device estimate, by part, before any sharding. Rough by design; the formula is the point.
+    """Training memory per device, by part, in bytes, with the assumptions that produced it.
 
-    weights: base in model.dtype (qlora: quantizable linear layers at 4 bits + 1/64 for the block
-    constants, the rest at compute dtype) plus adapters in float32; gradients: trainable x dtype;
-    optimizer: AdamW keeps two float32 moments per trainable parameter; activations: about
-    34 x hidden bytes per token per layer at 2-byte precision (the Megatron estimate, no
-    recomputation), scaled by dtype, plus float32 logits for the micro-batch.
+    A flat record: every value an int, bool or str. Each part's formula and its check against
+    published numbers are in docs/memory.md; benchmarks/bench_memory.py measures the same parts.
     """
     dtype_bytes = _DTYPE_BYTES[spec.model.dtype]
+    param = spec.parameterization
+    kind = param.kind
     base, trainable = parameters["base"], parameters["trainable"]
-    kind = spec.parameterization.kind
+    quantized = {"data": 0, "constants": 0}
     if kind == "qlora":
-        quantized = parameters["quantizable_linear"]
-        compute_bytes = _DTYPE_BYTES[spec.parameterization.quantization.compute_dtype]
-        weights = quantized * 0.5 * (1 + 1 / 64) + (base - quantized) * compute_bytes + trainable * 4
+        q = param.quantization
+        compute_bytes = _DTYPE_BYTES[q.compute_dtype]
+        quantized = quantized_weight_bytes(parameters["quantizable_linear"], parameters["quantizable_linear_layers"], q.double_quant)
+        # peft's prepare_model_for_kbit_training casts every 16-bit parameter left unquantized
+        # (embeddings, lm_head, norms) to float32; the runtime restores adapters to compute dtype
+        unquantized = (base - parameters["quantizable_linear"]) * 4
+        trainable_bytes = compute_bytes
+        act_bytes = compute_bytes
     elif kind == "lora":
-        weights = base * dtype_bytes + trainable * 4
+        unquantized = base * dtype_bytes
+        trainable_bytes = 4  # peft keeps adapters in float32 (autocast_adapter_dtype) over a 16-bit base
+        act_bytes = dtype_bytes
     else:
-        weights = base * dtype_bytes
-    gradients = trainable * (dtype_bytes if kind == "full" else 4)
-    optimizer = trainable * 8
+        unquantized = 0
+        trainable_bytes = dtype_bytes
+        act_bytes = dtype_bytes
+    adapters = trainable * trainable_bytes if kind != "full" else 0
+    frozen_weights = quantized["data"] + quantized["constants"] + unquantized
+    weights = frozen_weights + adapters + (base * dtype_bytes if kind == "full" else 0)
+    gradients = trainable * trainable_bytes
+    optimizer = optimizer_state_bytes(spec.optimizer.name, parameters, trainable_bytes)
+
     tokens = spec.batch.per_device * seq_length
-    act_scale = dtype_bytes / 2
-    activations = tokens * parameters["num_layers"] * parameters["hidden_size"] * 34 * act_scale
-    logits = tokens * parameters["vocab_size"] * 4 * 2  # logits and their gradient, float32
-    parts = {
-        "weights_bytes": int(weights),
-        "gradients_bytes": int(gradients),
-        "optimizer_bytes": int(optimizer),
-        "activations_bytes": int(activations + logits),
+    per_token = activation_bytes_per_token(parameters, spec, act_bytes)
+    layers = parameters["num_layers"]
+    checkpointing = spec.distributed.activation_checkpointing
+    if checkpointing:
+        # each layer keeps only its input; one layer's activations are rebuilt at a time in the backward
+        layer_activations = tokens * (layers * act_bytes * parameters["hidden_size"] + per_token["layer"])
+    else:
+        layer_activations = tokens * layers * per_token["layer"]
+    attention = spec.model.attn_implementation
+    scores = 0
+    if attention == "eager":
+        # eager attention keeps softmax(QK^T) per head: seq^2 per row (float32 softmax, cast back)
+        per_row = parameters["num_attention_heads"] * seq_length * seq_length * (4 + (act_bytes if act_bytes != 4 else 0))
+        scores = spec.batch.per_device * per_row * (1 if checkpointing else layers)
+    # logits: the float32 log-softmax the loss saves, and the logits' gradient at the backward's start
+    logits = tokens * parameters["vocab_size"] * 4 * 2
+    activations = layer_activations + scores + tokens * per_token["outside"] + logits
+
+    strategy = spec.distributed.strategy
+    shards = spec.distributed.nodes * spec.distributed.procs_per_node if strategy == "fsdp" else 1
+    offloaded = spec.distributed.cpu_offload and shards > 1
+    gathered = 0
+    if shards > 1:
+        # FSDP2 all-gathers one layer's parameters for compute and prefetches the next
+        gathered = 2 * (frozen_weights + (base * dtype_bytes if kind == "full" else 0)) // max(layers, 1)
+    record = {
+        "weights_bytes": int(weights // shards) if not offloaded else 0,
+        "weights_quantized_bytes": int(quantized["data"] // shards),
+        "weights_quantization_constants_bytes": int(quantized["constants"] // shards),
+        "weights_unquantized_bytes": int((unquantized + (base * dtype_bytes if kind == "full" else 0)) // shards),
+        "weights_adapter_bytes": int(adapters // shards),
+        "gradients_bytes": int(gradients // shards) if not offloaded else 0,
+        "optimizer_bytes": int(optimizer // shards) if not offloaded else 0,
+        "activations_bytes": int(activations),
+        "activations_layers_bytes": int(layer_activations + scores + tokens * per_token["outside"]),
+        "activations_logits_bytes": int(logits),
+        "fsdp_gathered_bytes": int(gathered),
+        "cpu_offloaded_bytes": int((weights + gradients + optimizer) // shards) if offloaded else 0,
     }
-    parts["total_bytes"] = sum(parts.values())
-    parts["total_gib"] = round(parts["total_bytes"] / 2**30, 3)
-    parts["basis"] = "per device, unsharded; see compiler/model.py estimate_memory"
-    return parts
+    record["total_bytes"] = (record["weights_bytes"] + record["gradients_bytes"] + record["optimizer_bytes"]
+                             + record["activations_bytes"] + record["fsdp_gathered_bytes"])
+    record["total_gib"] = round(record["total_bytes"] / 2**30, 3)
+    record.update({
+        "optimizer": spec.optimizer.name,
+        "optimizer_paged": spec.optimizer.name.startswith("paged_"),
+        "activation_checkpointing": bool(checkpointing),
+        "double_quant": bool(kind == "qlora" and param.quantization.double_quant),
+        "attention": attention,
+        "micro_batch_tokens": int(tokens),
+        "shards": int(shards),
+        "basis": "per device at the optimizer step; weights, gradients and optimizer divided across fsdp shards; "
+                 "see docs/memory.md",
+    })
+    return record

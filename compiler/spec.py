@@ -184,7 +184,15 @@ def examples_per_update(per_device: int, grad_accum: int, world_size: int) -> in
 
 
 class OptimizerSpec(Strict):
-    name: Literal["adamw_torch"] = Field("adamw_torch", description="Optimizer.")
+    name: Literal[
+        "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor"
+    ] = Field(
+        "adamw_torch",
+        description="Optimizer, passed to transformers as TrainingArguments.optim. Its state per trainable parameter "
+        "(docs/memory.md): adamw_torch / _fused two moments in the parameter dtype; adamw_8bit / paged_adamw_8bit "
+        "two 8-bit moments (bitsandbytes, blockwise); paged_adamw_32bit two float32 moments in paged memory; "
+        "adafactor factored second moments only. The 8-bit and paged ones need bitsandbytes.",
+    )
     lr: float = Field(gt=0.0, le=10.0, description="Peak learning rate. No default: choose it for the update surface.")
     weight_decay: float = Field(0.0, ge=0.0, le=10.0, description="Decoupled weight decay (recorded even when 0).")
     betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="Adam betas.")

@@ -70,7 +70,12 @@ def test_memory_estimate_parts_add_up(qwen_config):
     memory = estimate_memory(counts, spec, 512)
     parts = ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes")
     assert memory["total_bytes"] == sum(memory[p] for p in parts)
-    assert memory["optimizer_bytes"] == 8 * counts["trainable"]  # two float32 Adam moments
+    # two float32 Adam moments per adapter weight, a float32 step per adapter tensor
+    assert memory["optimizer_bytes"] == 8 * counts["trainable"] + 4 * counts["trainable_tensors"]
+    assert counts["trainable_tensors"] == 24 * 7 * 2  # lora_A and lora_B on 7 projections in 24 layers
+    weight_parts = ("weights_quantized_bytes", "weights_quantization_constants_bytes", "weights_unquantized_bytes",
+                    "weights_adapter_bytes")
+    assert memory["weights_bytes"] == sum(memory[p] for p in weight_parts)
     full = estimate_memory(count_parameters(qwen_config, _spec({"kind": "full"})), _spec({"kind": "full"}), 512)
     assert full["optimizer_bytes"] > 50 * memory["optimizer_bytes"]
 
