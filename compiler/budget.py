@@ -1,6 +1,7 @@
 """Pass 7: the batch budget, computed from the real packed rows and the locked data order.
 
-examples_per_update = per_device x grad_accum x world_size counts *rows* per optimizer update.
+examples_per_update = per_device x grad_accum x world_size (spec.batch) counts *rows* per optimizer
+update; the budget record does not repeat the batch layout, the lock's spec holds it.
 Packed rows hold different numbers of examples and answer tokens, so the supervised tokens per
 update vary; the budget reports their min / mean / max over the exact planned run, because the
 runtime consumes exactly the stream locked here (`order`).
@@ -20,6 +21,7 @@ import numpy as np
 from sftc.compiler.pack import Packed
 from sftc.compiler.spec import Spec, examples_per_update, planned_rows_problem
 from sftc.errors import SpecError
+from sftc.lock import Budget
 
 
 def plan_order(rows: int, steps: int, per_update: int, seed: int) -> np.ndarray:
@@ -34,7 +36,7 @@ def _stats(values: np.ndarray) -> dict:
     return {"min": int(values.min()), "mean": round(float(values.mean()), 2), "max": int(values.max())}
 
 
-def compute_budget(spec: Spec, packed: Packed) -> tuple[dict, np.ndarray]:
+def compute_budget(spec: Spec, packed: Packed) -> tuple[Budget, np.ndarray]:
     batch = spec.batch
     per_update = examples_per_update(batch.per_device, batch.grad_accum, batch.world_size)
     rows = packed.rows
@@ -57,22 +59,19 @@ def compute_budget(spec: Spec, packed: Packed) -> tuple[dict, np.ndarray]:
     micro = lengths.reshape(-1, batch.per_device)
     positions = int((micro.max(axis=1) * batch.per_device).sum())
     total_tokens = int(lengths.sum())
-    budget = {
-        "per_device": batch.per_device,
-        "grad_accum": batch.grad_accum,
-        "world_size": batch.world_size,
-        "examples_per_update": per_update,
-        "source_examples_per_update": _stats(by_update(segments)),
-        "supervised_tokens_per_update": _stats(by_update(supervised)),
-        "tokens_per_update": _stats(by_update(lengths)),
-        "optimizer_steps": steps,
-        "epochs": round(steps * per_update / rows, 4),
-        "train_rows": rows,
-        "total_tokens": total_tokens,
-        "supervised_tokens": int(supervised.sum()),
-        "packing_efficiency": round(total_tokens / positions, 4),
-        "padding_fraction": round(1 - total_tokens / positions, 4),
-        "lr_per_example": spec.optimizer.lr / per_update,
-        "warmup_steps": math.ceil(spec.schedule.warmup_ratio * steps),
-    }
+    budget = Budget(
+        source_examples_per_update=_stats(by_update(segments)),
+        supervised_tokens_per_update=_stats(by_update(supervised)),
+        tokens_per_update=_stats(by_update(lengths)),
+        optimizer_steps=steps,
+        epochs=round(steps * per_update / rows, 4),
+        train_rows=rows,
+        total_tokens=total_tokens,
+        supervised_tokens=int(supervised.sum()),
+        packing_efficiency=round(total_tokens / positions, 4),
+        padding_fraction=round(1 - total_tokens / positions, 4),
+        lr_per_example=spec.optimizer.lr / per_update,
+        # computed here once; the runtime reads it from the lock and never re-derives it
+        warmup_steps=math.ceil(spec.schedule.warmup_ratio * steps),
+    )
     return budget, order

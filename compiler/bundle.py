@@ -1,12 +1,14 @@
 """Pass 9: the locked bundle, and the driver that runs every pass in order.
 
-The bundle id is `<name>-<first 12 hex of bundle_hash>`; bundle_hash covers the canonical spec,
-the data bytes, the template and tokenizer, the model config, the rules file and the versions of
-the libraries that shape the token stream. Nothing in the bundle depends on the clock or on
-where the project lives, so two compiles of the same inputs give identical bytes.
+The lock is a `sftc.lock.Lock`, sealed; the bundle id is `<name>-<first 12 hex of the lock's
+content hash>`, which covers every bundle file's sha256 (sftc/lock.py). Nothing in the bundle
+depends on the clock or on where the project lives, so two compiles of the same inputs give
+identical bytes.
 
-The inputs are hashed first, before anything heavy is imported: an unchanged spec finds its
-bundle already built and returns in well under a second.
+The inputs are hashed first (`inputs_hash`: the canonical spec, the data bytes, the template and
+tokenizer, the base model's files, the rules file, the token-stream libraries and the compiler's
+code), before anything heavy is imported: an unchanged spec finds its bundle already built by
+that hash, recorded in its lock, and returns in well under a second.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import numpy as np
 from sftc.compiler import spec as spec_mod
 from sftc import __version__
 from sftc.errors import BundleError, DataError, SftcError
-from sftc.io import canonical_json, pretty_json, read_json, sha256_bytes, sha256_file, staging_dir
+from sftc.hashcache import cached_sha256
+from sftc.io import canonical_json, pretty_json, sha256_bytes, sha256_file, staging_dir
+from sftc.lock import (FORMAT_VERSION, LOCK_NAME, RENDERED_FILES, Lock, Memory, bundle_id_for, load_lock, model_file_names,
+                       seal)
 
-FORMAT_VERSION = 1
 # a change in any of these can change the token stream (rendering, tokenization, packing)
 TOKEN_STREAM_LIBRARIES = ("jinja2", "tokenizers", "transformers", "trl")
 RECORDED_LIBRARIES = TOKEN_STREAM_LIBRARIES + ("torch", "peft", "accelerate", "datasets", "safetensors", "bitsandbytes", "numpy", "pyarrow")
@@ -34,7 +38,7 @@ RECORDED_LIBRARIES = TOKEN_STREAM_LIBRARIES + ("torch", "peft", "accelerate", "d
 # reuse a bundle built by the buggy version, and a change to `sftc diff` or `sftc status` (review/)
 # or to the runtime must not change a bundle id. Paths are the module names inside the package.
 HASHED_CODE = (
-    "sftc.io", "sftc.errors",
+    "sftc.io", "sftc.errors", "sftc.lock", "sftc.hashcache",
     "sftc.compiler.spec", "sftc.compiler.data", "sftc.compiler.split", "sftc.compiler.template",
     "sftc.compiler.tokens", "sftc.compiler.pack", "sftc.compiler.budget", "sftc.compiler.model",
     "sftc.compiler.report", "sftc.compiler.bundle",
@@ -78,22 +82,36 @@ class Inputs:
     tokenizer_dir: Path
     chat_path: Path | None
     rules_path: Path | None
+    model_files: dict[str, str]
     hashes: dict
 
     @property
-    def bundle_hash(self) -> str:
-        return sha256_bytes(canonical_json(self.hashes).encode())
-
-    @property
-    def bundle_id(self) -> str:
-        return f"{self.spec.name}-{self.bundle_hash[:12]}"
+    def inputs_hash(self) -> str:
+        return "sha256:" + sha256_bytes(canonical_json(self.hashes).encode())
 
 
 def _display(path: Path, root: Path) -> str:
+    """A path as the lock records it: relative to the project (with '..' for an allowed external
+    path), never absolute, so a bundle means the same on any machine."""
+    path, root = Path(path).resolve(), Path(root).resolve()
     try:
-        return path.relative_to(root.resolve()).as_posix()
+        return path.relative_to(root).as_posix()
     except ValueError:
-        return str(path)
+        return Path(os.path.relpath(path, root)).as_posix()
+
+
+def _is_local(location: str, root: Path) -> bool:
+    return (root / location).exists() or Path(location).is_absolute() or location.startswith(".")
+
+
+def location_record(written: str, directory: Path, root: Path, revision: str | None) -> dict:
+    """Where a model or tokenizer came from: a project directory, or a hub id and the commit of the
+    cached snapshot it resolved to (never the cache's machine path)."""
+    if _is_local(written, root):
+        return {"source": "local", "path": _display(directory, root), "revision": None}
+    snapshot = Path(directory)
+    commit = snapshot.name if snapshot.parent.name == "snapshots" else revision
+    return {"source": "hub", "path": written, "revision": commit}
 
 
 def resolve_inputs(spec_path: str | os.PathLike) -> Inputs:
@@ -108,18 +126,15 @@ def resolve_inputs(spec_path: str | os.PathLike) -> Inputs:
     def resolve(value: str, key: str) -> Path:
         return spec_mod.resolve_path(root, value, key, spec, src)
 
-    problems = []
-    data_files = []
-    for i, name in enumerate(spec.data.files):
-        path = resolve(name, f"data.files[{i}]")
-        if not path.is_file():
-            problems.append(f"{src}: data.files[{i}]: {name}: file not found")
-        data_files.append((path, _display(path, root)))
+    from sftc.compiler.data import data_hashes, resolve_data_inputs
+
+    data_files, data_problems = resolve_data_inputs(spec.data, resolve, lambda path: _display(path, root))
+    problems = [f"{src}: {problem}" for problem in data_problems]
     model_location = spec.model.path
-    if (root / model_location).exists() or Path(model_location).is_absolute() or model_location.startswith("."):
+    if _is_local(model_location, root):
         model_location = str(resolve(spec.model.path, "model.path"))
     tok_location = spec.model.tokenizer or spec.model.path
-    if (root / tok_location).exists() or Path(tok_location).is_absolute() or tok_location.startswith("."):
+    if _is_local(tok_location, root):
         tok_location = str(resolve(tok_location, "model.tokenizer"))
     chat_path = resolve(spec.template.chat, "template.chat") if spec.template.chat else None
     if chat_path is not None and not chat_path.is_file():
@@ -141,48 +156,58 @@ def resolve_inputs(spec_path: str | os.PathLike) -> Inputs:
         raise SftcError(f"{src}: {len(problems)} input(s) cannot be used", problems)
 
     tok_version, _ = tokenizer_version(tokenizer_dir)
+    config_sha256(model_dir)  # a clear error when config.json is missing
+    names = model_file_names(model_dir)
+    by_path = cached_sha256([model_dir / n for n in names], root)
+    model_files = {n: by_path[model_dir / n] for n in names}
     hashes = {
         "format_version": FORMAT_VERSION,
         "spec": spec_mod.canonical_spec(spec),
-        "data": [{"path": display, "sha256": sha256_file(path)} for path, display in data_files],
+        "data": data_hashes(data_files),
         "template": ("sha256:" + sha256_file(chat_path)) if chat_path else "tokenizer",
         "tokenizer": tok_version,
-        "model_config": config_sha256(model_dir),
+        "model_files": model_files,
         "rules": ("sha256:" + sha256_file(rules_path)) if rules_path else None,
         "libraries": library_versions(TOKEN_STREAM_LIBRARIES),
         # the compiler's own code is an input too (HASHED_CODE)
         "compiler": code_hash(),
     }
-    return Inputs(spec, spec_path, root, data_files, model_dir, tokenizer_dir, chat_path, rules_path, hashes)
+    return Inputs(spec, spec_path, root, data_files, model_dir, tokenizer_dir, chat_path, rules_path, model_files, hashes)
 
 
 def default_bundles_dir(inputs: Inputs) -> Path:
     return inputs.root / "bundles"
 
 
-def existing_bundle(path: Path, bundle_hash: str) -> bool:
-    """A complete bundle with this hash is already there (the rename only happens when complete)."""
-    lock = path / "bundle.lock.json"
-    if not lock.is_file():
-        return False
-    try:
-        return read_json(lock).get("bundle_hash") == bundle_hash
-    except (OSError, ValueError):
-        return False
+def find_existing(out_root: Path, inputs: Inputs) -> tuple[Path, Lock] | None:
+    """A complete, intact bundle compiled from exactly these inputs (the rename only happens when
+    complete; a damaged or edited one is not reused, it is rebuilt)."""
+    for path in sorted(Path(out_root).glob(f"{inputs.spec.name}-*/{LOCK_NAME}")):
+        try:
+            raw = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            continue
+        if isinstance(raw, dict) and raw.get("inputs_hash") == inputs.inputs_hash and raw.get("name") == inputs.spec.name:
+            try:
+                return path.parent, load_lock(path.parent)
+            except BundleError:
+                continue
+    return None
 
 
-def compile_spec(spec_path: str | os.PathLike, bundles_dir: str | os.PathLike | None = None, force: bool = False) -> tuple[Path, dict, bool]:
+def compile_spec(spec_path: str | os.PathLike, bundles_dir: str | os.PathLike | None = None, force: bool = False) -> tuple[Path, Lock, bool]:
     """Compile a spec; returns (bundle dir, lock, reused). Reuses an identical earlier bundle."""
     inputs = resolve_inputs(spec_path)
     out_root = Path(bundles_dir) if bundles_dir else default_bundles_dir(inputs)
-    final = out_root / inputs.bundle_id
-    if not force and existing_bundle(final, inputs.bundle_hash):
-        return final, read_json(final / "bundle.lock.json"), True
-    lock = _build(inputs, final, replace=force)
+    if not force:
+        found = find_existing(out_root, inputs)
+        if found is not None:
+            return found[0], found[1], True
+    final, lock = _build(inputs, out_root)
     return final, lock, False
 
 
-def _build(inputs: Inputs, final: Path, replace: bool = False) -> dict:
+def _build(inputs: Inputs, out_root: Path) -> tuple[Path, Lock]:
     from sftc.compiler.budget import compute_budget
     from sftc.compiler.data import read_data
     from sftc.compiler.model import count_parameters, estimate_memory, load_config
@@ -203,7 +228,8 @@ def _build(inputs: Inputs, final: Path, replace: bool = False) -> dict:
     tok_version, tok_files = tokenizer_version(inputs.tokenizer_dir)
     template = load_template(spec, tokenizer, inputs.chat_path, _display(inputs.chat_path, inputs.root) if inputs.chat_path else None)
     if template is None:
-        train_tok, eval_tok = tokenize_text(split.train, tokenizer), tokenize_text(split.eval, tokenizer)
+        allow = spec.data.allow_control_tokens
+        train_tok, eval_tok = tokenize_text(split.train, tokenizer, allow), tokenize_text(split.eval, tokenizer, allow)
     else:
         # bfd cuts every example to one packed row: check the answer against that cut too, so packing
         # can never drop an answer that tokenization let through (it becomes an answer_truncated reject)
@@ -234,7 +260,10 @@ def _build(inputs: Inputs, final: Path, replace: bool = False) -> dict:
     accounted = len(train_tok.input_ids) + len(eval_tok.input_ids) + len(rejects)
     assert accounted == rows_read, f"row accounting bug: {accounted} accounted for, {rows_read} read"
 
-    packed = pack(train_tok.input_ids, train_tok.labels, spec.packing.strategy, spec.seq_length, spec.seed)
+    from sftc.compiler.data import weigh_sources
+
+    train_ids, train_labels, weighting = weigh_sources(train_tok.input_ids, train_tok.labels, train_tok.examples, spec.data, spec.seed)
+    packed = pack(train_ids, train_labels, spec.packing.strategy, spec.seq_length, spec.seed)
     budget, order = compute_budget(spec, packed)
     eval_rows = unpacked(eval_tok.input_ids, eval_tok.labels) if eval_tok.input_ids else None
 
@@ -243,11 +272,15 @@ def _build(inputs: Inputs, final: Path, replace: bool = False) -> dict:
     memory = estimate_memory(parameters, spec, spec.seq_length)
 
     rules_info = None
+    rules_bytes = None
     if inputs.rules_path is not None:
-        from sftc.runtime.evaluate import load_rules
+        from sftc.runtime.evaluate.rules import RulesError, load_rules_text
+        from sftc.yaml import read_text_file
 
-        rules = load_rules(inputs.rules_path)
-        rules_info = {"sha256": "sha256:" + sha256_file(inputs.rules_path), "metrics": list(rules.metric_names)}
+        # the bytes parsed are the bytes copied and hashed (a file swapped mid-compile cannot split them)
+        rules_text, rules_bytes = read_text_file(inputs.rules_path, "rules file", RulesError)
+        rules = load_rules_text(rules_text, _display(inputs.rules_path, inputs.root))
+        rules_info = {"sha256": "sha256:" + sha256_bytes(rules_bytes), "metrics": list(rules.metric_names)}
 
     eval_prompts = []
     if template is not None:
@@ -260,114 +293,118 @@ def _build(inputs: Inputs, final: Path, replace: bool = False) -> dict:
                 "fields": example.fields,
             })
 
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-    bundle_id = inputs.bundle_id
-    with staging_dir(final, replace=replace) as stage:
-        save_file({**packed.tensors(), "order": order}, str(stage / "train.safetensors"))
-        if eval_rows is not None:
-            save_file(eval_rows.tensors(), str(stage / "eval.safetensors"))
-        (stage / "eval_prompts.jsonl").write_text(
-            "".join(json.dumps(p, ensure_ascii=False, sort_keys=True, default=str) + "\n" for p in eval_prompts), encoding="utf-8"
-        )
-        (stage / "rejects.jsonl").write_text(
-            "".join(json.dumps(r.as_dict(), ensure_ascii=False, sort_keys=True) + "\n" for r in rejects), encoding="utf-8"
-        )
-        if inputs.rules_path is not None:
-            (stage / "rules.yaml").write_bytes(inputs.rules_path.read_bytes())
-        if template is not None:
-            (stage / "chat_template.jinja").write_text(template.text, encoding="utf-8")
+    # Every file is built in memory first: its sha256 is part of the lock, the lock's content hash
+    # names the bundle directory, and the hashed bytes are the written bytes.
+    contents: dict[str, bytes] = {"train.safetensors": save({**packed.tensors(), "order": order})}
+    if eval_rows is not None:
+        contents["eval.safetensors"] = save(eval_rows.tensors())
+    contents["eval_prompts.jsonl"] = "".join(
+        json.dumps(p, ensure_ascii=False, sort_keys=True, default=str) + "\n" for p in eval_prompts).encode("utf-8")
+    contents["rejects.jsonl"] = "".join(
+        json.dumps(r.as_dict(), ensure_ascii=False, sort_keys=True) + "\n" for r in rejects).encode("utf-8")
+    if rules_bytes is not None:
+        contents["rules.yaml"] = rules_bytes
+    if template is not None:
+        contents["chat_template.jinja"] = template.text.encode("utf-8")
 
-        data_manifest = {
-            "files": data.files,
-            "rows_read": rows_read,
-            "train_examples": len(train_tok.input_ids),
-            "eval_examples": len(eval_tok.input_ids),
-            "rejected": dict(sorted(reasons.items())),
-        }
-        data_manifest["hash"] = "sha256:" + sha256_bytes(canonical_json([f["sha256"] for f in data.files]).encode())
-        lengths = np.array([len(a) for a in train_tok.input_ids + eval_tok.input_ids])
-        lock = {
-            "format_version": FORMAT_VERSION,
-            "sftc_version": __version__,
-            "bundle_id": bundle_id,
-            "bundle_hash": inputs.bundle_hash,
-            "name": spec.name,
-            "spec": spec_mod.canonical_spec(spec),
-            "spec_source": _display(inputs.spec_path.resolve(), inputs.root),
-            "project_root": os.path.relpath(inputs.root.resolve(), final.parent.resolve() / bundle_id),
-            "inputs": {
-                "model_path": _display(inputs.model_dir.resolve(), inputs.root) if Path(inputs.model_dir).exists() else str(inputs.model_dir),
-                "tokenizer_path": _display(inputs.tokenizer_dir.resolve(), inputs.root),
-                "template_path": _display(inputs.chat_path, inputs.root) if inputs.chat_path else None,
-                "rules_path": _display(inputs.rules_path, inputs.root) if inputs.rules_path else None,
-                "data_files": [display for _, display in inputs.data_files],
-            },
-            "data_manifest": data_manifest,
-            "split": split.record,
-            "template_version": template.version if template else None,
-            "template": {
-                "source": template.source, "path": template.path, "terminator": template.terminator,
-                "terminator_id": template.terminator_id, "system": template.system,
-            } if template else None,
-            "tokenizer_version": tok_version,
-            "tokenizer": {
-                "path": _display(inputs.tokenizer_dir.resolve(), inputs.root), "files": tok_files,
-                "eos_token": tokenizer.eos_token, "eos_token_id": tokenizer.eos_token_id,
-                "pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id,
-                "vocab_size": len(tokenizer),
-            },
-            "model": {
-                "path": spec.model.path, "revision": spec.model.revision,
-                "config_sha256": inputs.hashes["model_config"],
-                "architecture": (getattr(config, "architectures", None) or [None])[0],
-                "model_type": getattr(config, "model_type", None), "dtype": spec.model.dtype,
-                "attn_implementation": spec.model.attn_implementation,
-                "trust_remote_code": spec.model.trust_remote_code,
-            },
-            "libraries": library_versions(),
-            "token_stream_libraries": list(TOKEN_STREAM_LIBRARIES),
-            "tokenize": {
-                "max_length": spec.tokenize.max_length, "examples": int(len(lengths)),
-                "truncated_rejected": train_tok.truncated_rejected + eval_tok.truncated_rejected,
-                "mean_length": round(float(lengths.mean()), 2) if len(lengths) else 0,
-                "max_length_seen": int(lengths.max()) if len(lengths) else 0,
-            },
-            "packing": packed.record,
-            "budget": budget,
-            "parameters": parameters,
-            "memory_estimate": memory,
-            "eval_manifest": {
-                "prompts": len(eval_prompts), "examples": len(eval_tok.input_ids),
-                "rules_sha256": rules_info["sha256"] if rules_info else None,
-                "metrics": rules_info["metrics"] if rules_info else [],
-                "hash": "sha256:" + sha256_bytes(canonical_json({
-                    "groups": split.record["eval_groups"],
-                    "prompts": sha256_bytes((stage / "eval_prompts.jsonl").read_bytes()),
-                    "rules": rules_info["sha256"] if rules_info else None,
-                }).encode()),
-            },
-        }
-        from sftc.compiler.report import render_deepspeed, render_launch, render_report
+    data_manifest = {
+        "files": data.files,
+        "rows_read": rows_read,
+        "train_examples": len(train_tok.input_ids),
+        "eval_examples": len(eval_tok.input_ids),
+        "rejected": dict(sorted(reasons.items())),
+    }
+    data_manifest["hash"] = "sha256:" + sha256_bytes(canonical_json([f["sha256"] for f in data.files]).encode())
+    if weighting is not None:  # data.sources only: train examples per source before and after weights
+        data_manifest["sources"] = weighting
+    lengths = np.array([len(a) for a in train_tok.input_ids + eval_tok.input_ids])
+    root = inputs.root
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "sftc_version": __version__,
+        "name": spec.name,
+        "inputs_hash": inputs.inputs_hash,
+        "spec": spec_mod.canonical_spec(spec),
+        "spec_source": _display(inputs.spec_path, root),
+        # the same depth for every bundle of out_root, whatever its id
+        "project_root": Path(os.path.relpath(root.resolve(), out_root.resolve() / "_")).as_posix(),
+        "data_manifest": data_manifest,
+        "split": split.record,
+        "template": {
+            "source": template.source, "path": template.path, "version": template.version,
+            "terminator": template.terminator, "terminator_id": template.terminator_id, "system": template.system,
+        } if template else None,
+        "tokenizer": {
+            **location_record(spec.model.tokenizer or spec.model.path, inputs.tokenizer_dir, root, spec.model.revision),
+            "files": tok_files, "version": tok_version,
+            "eos_token": tokenizer.eos_token, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id,
+            "vocab_size": len(tokenizer),
+        },
+        "model": {
+            **location_record(spec.model.path, inputs.model_dir, root, spec.model.revision),
+            "files": inputs.model_files,
+            "architecture": (getattr(config, "architectures", None) or [None])[0],
+            "model_type": getattr(config, "model_type", None),
+        },
+        "libraries": library_versions(),
+        "token_stream_libraries": list(TOKEN_STREAM_LIBRARIES),
+        "tokenize": {
+            "max_length": spec.tokenize.max_length, "examples": int(len(lengths)),
+            "truncated_rejected": train_tok.truncated_rejected + eval_tok.truncated_rejected,
+            "mean_length": round(float(lengths.mean()), 2) if len(lengths) else 0,
+            "max_length_seen": int(lengths.max()) if len(lengths) else 0,
+        },
+        "packing": packed.record,
+        "budget": budget.model_dump(mode="json"),
+        "parameters": parameters,
+        "memory": Memory.from_estimate(memory).model_dump(mode="json"),
+        "eval_manifest": {
+            "prompts": len(eval_prompts), "examples": len(eval_tok.input_ids),
+            "rules_path": _display(inputs.rules_path, root) if inputs.rules_path else None,
+            "rules_sha256": rules_info["sha256"] if rules_info else None,
+            "metrics": rules_info["metrics"] if rules_info else [],
+            "hash": "sha256:" + sha256_bytes(canonical_json({
+                "groups": split.record["eval_groups"],
+                "prompts": sha256_bytes(contents["eval_prompts.jsonl"]),
+                "rules": rules_info["sha256"] if rules_info else None,
+            }).encode()),
+        },
+        "files": {name: sha256_bytes(data) for name, data in sorted(contents.items())},
+    }
+    # Validated before anything is rendered or written (a pass that produced a record the Lock does
+    # not describe is a compiler bug, caught here with the field named), then taken back as the
+    # model's own JSON form: what is sealed is exactly what is written and what a reader parses.
+    payload = json.loads(json.dumps(payload, default=_json_default))
+    draft = Lock.model_validate({**payload, "bundle_id": "", "seal": {"sha256": "", "fields": {}}})
+    payload = draft.model_dump(mode="json")
+    payload["bundle_id"] = bundle_id_for(spec.name, payload)
+    draft = draft.model_copy(update={"bundle_id": payload["bundle_id"]})
 
-        (stage / "launch.sh").write_text(render_launch(lock), encoding="utf-8")
-        deepspeed = render_deepspeed(lock)  # zero2 / zero3 only (docs/distributed.md)
-        if deepspeed is not None:
-            (stage / "deepspeed.json").write_text(deepspeed, encoding="utf-8")
+    from sftc.compiler.report import render_launch, render_report
+
+    contents["launch.sh"] = render_launch(draft).encode("utf-8")
+    contents["REPORT.md"] = render_report(draft, packed, tokenizer).encode("utf-8")
+    assert set(contents) - set(payload["files"]) <= set(RENDERED_FILES), "a rendered file must be listed in RENDERED_FILES"
+    payload["files"] = {name: sha256_bytes(data) for name, data in sorted(contents.items())}
+    payload["seal"] = seal(payload)
+    lock = Lock.model_validate(payload)
+    assert lock.model_dump(mode="json") == payload, "the Lock must dump to exactly the sealed payload"
+    contents[LOCK_NAME] = pretty_json(payload).encode("utf-8")
+
+    final = Path(out_root) / lock.bundle_id
+    # an existing directory with this id has this content; it was not reused because it is damaged
+    # or --force was given, so it is replaced
+    with staging_dir(final, replace=final.exists()) as stage:
+        for name, data in contents.items():
+            (stage / name).write_bytes(data)
         os.chmod(stage / "launch.sh", 0o755)
-        (stage / "REPORT.md").write_text(render_report(lock, packed, tokenizer), encoding="utf-8")
-        lock["files"] = {
-            p.relative_to(stage).as_posix(): sha256_file(p) for p in sorted(stage.rglob("*")) if p.is_file()
-        }
-        (stage / "bundle.lock.json").write_text(pretty_json(lock), encoding="utf-8")
-    return lock
+    return final, lock
 
 
-def load_lock(bundle_dir: str | os.PathLike) -> dict:
-    path = Path(bundle_dir) / "bundle.lock.json"
-    if not path.is_file():
-        raise BundleError(f"{bundle_dir}: not a bundle (no bundle.lock.json)")
-    try:
-        return read_json(path)
-    except ValueError as exc:
-        raise BundleError(f"{path}: unreadable lock ({exc})") from None
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"lock value of type {type(value).__name__} is not JSON")

@@ -15,57 +15,17 @@ def package_template(name: str) -> str:
     return files("sftc.templates").joinpath(name).read_text(encoding="utf-8")
 
 
-def render_launch(lock: dict) -> str:
+def render_launch(lock) -> str:
+    """launch.sh from the typed Lock (sftc/lock.py): the bundle's world as nodes x processes, the
+    launcher found and the rendezvous set up at launch time (docs/distributed.md)."""
     env = ImmutableSandboxedEnvironment(keep_trailing_newline=True)
     template = env.from_string(package_template("launch.sh.j2"))
-    dist = lock["spec"]["distributed"]
-    budget = lock["budget"]
+    dist, batch = lock.spec.distributed, lock.spec.batch
     return template.render(
-        bundle_id=lock["bundle_id"], nodes=dist["nodes"], procs=dist["procs_per_node"],
-        world=budget["world_size"], per_device=budget["per_device"], grad_accum=budget["grad_accum"],
-        examples_per_update=budget["examples_per_update"], strategy=dist.get("strategy", "none"),
+        bundle_id=lock.bundle_id, nodes=dist.nodes, procs=dist.procs_per_node,
+        world=batch.world_size, per_device=batch.per_device, grad_accum=batch.grad_accum,
+        examples_per_update=batch.examples_per_update, strategy=dist.strategy,
     ).rstrip("\n") + "\n"
-
-
-DEEPSPEED_STAGES = {"zero2": 2, "zero3": 3}
-
-
-def render_deepspeed(lock: dict) -> str | None:
-    """deepspeed.json for strategy zero2 / zero3 (None otherwise): the engine's config with the
-    bundle's batch layout, for `TrainingArguments(deepspeed=...)` or
-    `accelerate launch --use_deepspeed --deepspeed_config_file`. The optimizer and schedule stay the
-    trainer's (AdamW and the spec's schedule), so the update rule is the same under every strategy.
-    The runtime rewrites the two batch fields when it re-derives grad_accum for another world size."""
-    import json
-
-    spec = lock["spec"]
-    dist = spec["distributed"]
-    stage = DEEPSPEED_STAGES.get(dist.get("strategy"))
-    if stage is None:
-        return None
-    budget = lock["budget"]
-    zero: dict = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True, "reduce_scatter": True}
-    if dist.get("cpu_offload"):
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        if stage == 3:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    if stage == 3:
-        # checkpoints hold full weights (docs/distributed.md), so gather them on save
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    precision = dist.get("mixed_precision", "no")
-    dtype = spec["model"]["dtype"]
-    config = {
-        "train_micro_batch_size_per_gpu": budget["per_device"],
-        "gradient_accumulation_steps": budget["grad_accum"],
-        "train_batch_size": budget["examples_per_update"],
-        "gradient_clipping": spec["optimizer"]["max_grad_norm"] or 0.0,
-        "bf16": {"enabled": precision == "bf16" or dtype == "bfloat16"},
-        "fp16": {"enabled": precision == "fp16" or dtype == "float16"},
-        "zero_optimization": zero,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
 def token_pieces(tokenizer, ids) -> list[str]:
@@ -107,38 +67,39 @@ def marked_row(tokenizer, ids: np.ndarray, labels: np.ndarray, seq_lengths, colo
     return "".join(out)
 
 
-def _stats(d: dict) -> str:
-    return f"min {d['min']} / mean {d['mean']} / max {d['max']}"
+def _stats(d) -> str:
+    return f"min {d.min} / mean {d.mean} / max {d.max}"
 
 
-def summary_lines(lock: dict) -> list[str]:
-    dm, split, budget, params = lock["data_manifest"], lock["split"], lock["budget"], lock["parameters"]
-    rejected = ", ".join(f"{k} {v}" for k, v in dm["rejected"].items()) or "none"
-    spec = lock["spec"]
-    mem = lock["memory_estimate"]
+def summary_lines(lock) -> list[str]:
+    """The compile summary from the typed Lock (sftc/lock.py)."""
+    dm, split, budget, params, packing = lock.data_manifest, lock.split, lock.budget, lock.parameters, lock.packing
+    rejected = ", ".join(f"{k} {v}" for k, v in dm.rejected.items()) or "none"
+    spec, batch, mem = lock.spec, lock.batch, lock.memory
+    parts = ", ".join(f"{name} {mem.parts[name + '_bytes'] / 2**20:.1f} MiB"
+                      for name in ("weights", "optimizer", "activations") if isinstance(mem.parts.get(name + "_bytes"), (int, float)))
     return [
-        f"bundle      {lock['bundle_id']}",
-        f"objective   {spec['objective']} / {spec['parameterization']['kind']}",
-        f"rows        {dm['rows_read']} read: {dm['train_examples']} train, {dm['eval_examples']} eval, "
-        f"{sum(dm['rejected'].values())} rejected ({rejected})",
-        f"split       by group: {len(split['train_groups'])} train / {len(split['eval_groups'])} eval groups, "
-        f"disjoint={split['disjoint']}, {len(split['merged_near_duplicates'])} near-duplicate merges",
-        f"packing     {lock['packing']['strategy']} @ {lock['packing']['seq_length']}: {lock['packing']['rows']} rows "
-        f"from {lock['packing']['examples']} examples, efficiency {budget['packing_efficiency']:.3f}, "
-        f"overflow dropped {lock['packing']['overflow_tokens_dropped']}",
-        f"budget      {budget['per_device']} x {budget['grad_accum']} x {budget['world_size']} = "
-        f"{budget['examples_per_update']} rows/update; supervised tokens/update {_stats(budget['supervised_tokens_per_update'])}",
-        f"            {budget['optimizer_steps']} steps ({budget['epochs']} epochs), {budget['total_tokens']} tokens, "
-        f"{budget['supervised_tokens']} supervised",
-        f"parameters  {params['trainable']:,} trainable of {params['total']:,} ({100 * params['trainable_fraction']:.3f}%)",
-        f"memory      ~{mem['total_gib']} GiB per device (weights {mem['weights_bytes'] / 2**20:.1f} MiB, "
-        f"optimizer {mem['optimizer_bytes'] / 2**20:.1f} MiB, activations {mem['activations_bytes'] / 2**20:.1f} MiB)",
-        f"versions    template {str(lock['template_version'])[:19]}, tokenizer {lock['tokenizer_version'][:19]}",
+        f"bundle      {lock.bundle_id}",
+        f"objective   {spec.objective} / {spec.parameterization.kind}",
+        f"rows        {dm.rows_read} read: {dm.train_examples} train, {dm.eval_examples} eval, "
+        f"{sum(dm.rejected.values())} rejected ({rejected})",
+        f"split       by group: {len(split.train_groups)} train / {len(split.eval_groups)} eval groups, "
+        f"disjoint={split.disjoint}, {len(split.merged_near_duplicates)} near-duplicate merges",
+        f"packing     {packing.strategy} @ {packing.seq_length}: {packing.rows} rows "
+        f"from {packing.examples} examples, efficiency {budget.packing_efficiency:.3f}, "
+        f"overflow dropped {packing.overflow_tokens_dropped}",
+        f"budget      {batch.per_device} x {batch.grad_accum} x {batch.world_size} = "
+        f"{batch.examples_per_update} rows/update; supervised tokens/update {_stats(budget.supervised_tokens_per_update)}",
+        f"            {budget.optimizer_steps} steps ({budget.epochs} epochs), {budget.total_tokens} tokens, "
+        f"{budget.supervised_tokens} supervised",
+        f"parameters  {params.trainable:,} trainable of {params.total:,} ({100 * params.trainable_fraction:.3f}%)",
+        f"memory      ~{mem.total_gib} GiB per device ({parts})",
+        f"versions    template {str(lock.template_version)[:19]}, tokenizer {lock.tokenizer_version[:19]}",
     ]
 
 
-def render_report(lock: dict, packed, tokenizer) -> str:
-    lines = [f"# Bundle {lock['bundle_id']}", "", "```", *summary_lines(lock), "```", ""]
+def render_report(lock, packed, tokenizer) -> str:
+    lines = [f"# Bundle {lock.bundle_id}", "", "```", *summary_lines(lock), "```", ""]
     lines += [
         "## One packed row, supervised tokens marked",
         "",

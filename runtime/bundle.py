@@ -1,25 +1,25 @@
-"""Load a compiled bundle: the lock and the token files, exactly as `sftc compile` wrote them.
+"""Load a compiled bundle: the sealed lock and the bundle files, exactly as `sftc compile` wrote them.
 
 The runtime never re-tokenizes. Everything it trains on comes out of `train.safetensors`, in the
-order the lock's `order` tensor fixes, so two runs of one bundle see the same tokens.
+order the lock's `order` tensor fixes, so two runs of one bundle see the same tokens. Every bundle
+file is read once, checked against the lock, and used from memory from then on.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from sftc.compiler.spec import Spec
 from sftc.errors import BundleError
-from sftc.io import read_json
+from sftc.io import sha256_bytes
+from sftc.lock import LOCK_NAME, Lock, load_lock
 
-LOCK_NAME = "bundle.lock.json"
-SUPPORTED_FORMATS = {1, "1"}
 IGNORE = -100
 TOKEN_KEYS = ("input_ids", "labels", "row_offsets", "seq_lengths", "seq_offsets")
 
@@ -121,99 +121,151 @@ class TokenFile:
             raise BundleError(f"{self.path}: malformed {name} token file", problems)
 
 
-def load_token_file(path: Path, name: str, need_order: bool) -> TokenFile:
-    from safetensors.numpy import load_file
+def parse_token_file(data: bytes, label: str, name: str, need_order: bool) -> TokenFile:
+    """A token file from the bytes the bundle verified (`label` names it in errors)."""
+    from safetensors.numpy import load
 
-    if not path.is_file():
-        raise BundleError(f"{path}: {name} token file is missing; recompile the bundle")
     try:
-        arrays = load_file(str(path))
+        arrays = load(data)
     except Exception as exc:  # safetensors raises several types for a damaged header
-        raise BundleError(f"{path}: cannot read the {name} token file ({exc})") from None
+        raise BundleError(f"{label}: cannot read the {name} token file ({exc})") from None
     missing = [k for k in TOKEN_KEYS if k not in arrays] + (["order"] if need_order and "order" not in arrays else [])
     if missing:
-        raise BundleError(f"{path}: {name} token file lacks tensor(s) {missing}")
-    tf = TokenFile(path=path, order=arrays.get("order"), **{k: arrays[k] for k in TOKEN_KEYS})
+        raise BundleError(f"{label}: {name} token file lacks tensor(s) {missing}")
+    tf = TokenFile(path=Path(label), order=arrays.get("order"), **{k: arrays[k] for k in TOKEN_KEYS})
     tf.validate(name)
     return tf
 
 
+def read_verified(bundle_dir: Path, lock: Lock) -> dict[str, bytes]:
+    """Every file the lock lists, read once and checked against its sha256; a file the lock does not
+    list is refused. The runtime uses these bytes and never opens a bundle file again, so a file
+    overwritten or deleted mid-run changes nothing, and a file dropped into the bundle (a rules.yaml
+    in a bundle compiled without rules, an eval.safetensors where there was no eval split) is never
+    consumed."""
+    problems, contents = [], {}
+    for name, expected in sorted(lock.files.items()):
+        path = bundle_dir / name
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            problems.append(f"{path}: listed in the lock but missing")
+            continue
+        except OSError as exc:
+            problems.append(f"{path}: listed in the lock but unreadable ({exc.strerror})")
+            continue
+        if sha256_bytes(data) != expected:
+            problems.append(f"{path}: edited after compile (sha256 differs from bundle.lock.json files[{name!r}])")
+            continue
+        contents[name] = data
+    listed = set(lock.files) | {LOCK_NAME}
+    for path in sorted(bundle_dir.rglob("*")):
+        rel = path.relative_to(bundle_dir).as_posix()
+        if rel not in listed and not path.is_dir():
+            problems.append(f"{path}: not listed in the lock: a file added after compile; it would never be read "
+                            "(the lock says which files the bundle has): remove it or recompile")
+    if problems:
+        raise BundleError(f"{bundle_dir}: the bundle no longer matches its lock ({len(problems)} problem(s))", problems)
+    return contents
+
+
 @dataclass
 class Bundle:
+    """A verified bundle: its sealed Lock and the bytes of every listed file, read once."""
+
     dir: Path
-    lock: dict[str, Any]
+    lock: Lock
+    contents: dict[str, bytes] = field(repr=False)
 
     @property
     def bundle_id(self) -> str:
-        return self.lock["bundle_id"]
+        return self.lock.bundle_id
 
-    @cached_property
-    def spec(self):
-        from sftc.compiler.spec import Spec
-
-        return Spec.model_validate(self.lock["spec"])
+    @property
+    def spec(self) -> Spec:
+        return self.lock.spec
 
     @property
     def project_root(self) -> Path:
         """The lock records it relative to the bundle directory (so a moved project still works)."""
-        root = self.lock.get("project_root")
-        if not root:
-            return self.dir.resolve().parent.parent
-        return Path(root) if Path(root).is_absolute() else (self.dir / root).resolve()
+        return (self.dir / self.lock.project_root).resolve()
 
     def resolve(self, value: str | os.PathLike) -> Path:
-        p = Path(value)
-        return p if p.is_absolute() else self.project_root / p
+        """A project-relative path of the lock, on this machine."""
+        return self.project_root / value
+
+    def _location(self, source: str, path: str, revision: str | None, key: str) -> Path:
+        if source == "local":
+            return self.resolve(path)
+        from sftc.compiler.template import local_dir
+
+        # the snapshot of the locked commit in the local hub cache; never a download
+        return local_dir(path, revision, f"{self.dir / LOCK_NAME}: {key}")
+
+    @cached_property
+    def model_dir(self) -> Path:
+        model = self.lock.model
+        return self._location(model.source, model.path, model.revision, "model.path")
+
+    @cached_property
+    def tokenizer_dir(self) -> Path:
+        tok = self.lock.tokenizer
+        return self._location(tok.source, tok.path, tok.revision, "tokenizer.path")
 
     @property
     def model_path(self) -> str:
-        """Local directory when it exists (inputs are recorded resolved), else the hub id as written."""
-        inputs = self.lock.get("inputs") or {}
-        for candidate in (inputs.get("model_path"), self.lock["model"]["path"]):
-            if candidate and self.resolve(candidate).exists():
-                return str(self.resolve(candidate))
-        return self.lock["model"]["path"]
+        return str(self.model_dir)
 
     @property
     def tokenizer_path(self) -> str:
-        inputs = self.lock.get("inputs") or {}
-        for candidate in (inputs.get("tokenizer_path"), self.lock["tokenizer"].get("path")):
-            if candidate and self.resolve(candidate).exists():
-                return str(self.resolve(candidate))
-        return self.lock["tokenizer"].get("path") or self.model_path
+        return str(self.tokenizer_dir)
+
+    def _text(self, name: str) -> str | None:
+        return self.contents[name].decode("utf-8") if name in self.contents else None
 
     @cached_property
     def train(self) -> TokenFile:
-        return load_token_file(self.dir / "train.safetensors", "train", need_order=True)
+        if "train.safetensors" not in self.contents:
+            raise BundleError(f"{self.dir / LOCK_NAME}: lists no train.safetensors; recompile the bundle")
+        return parse_token_file(self.contents["train.safetensors"], str(self.dir / "train.safetensors"), "train", need_order=True)
 
     @cached_property
     def eval(self) -> TokenFile | None:
-        path = self.dir / "eval.safetensors"
-        return load_token_file(path, "eval", need_order=False) if path.exists() else None
+        if "eval.safetensors" not in self.contents:
+            return None
+        return parse_token_file(self.contents["eval.safetensors"], str(self.dir / "eval.safetensors"), "eval", need_order=False)
+
+    @cached_property
+    def _eval_prompts(self) -> tuple[dict, ...]:
+        text = self._text("eval_prompts.jsonl") or ""
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise BundleError(f"{self.dir / 'eval_prompts.jsonl'}: line {n} is not JSON ({exc.msg})") from None
+        return tuple(rows)
 
     def eval_prompts(self) -> list[dict]:
-        path = self.dir / "eval_prompts.jsonl"
-        if not path.exists():
-            return []
-        rows = []
-        with open(path, encoding="utf-8") as handle:
-            for n, line in enumerate(handle, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise BundleError(f"{path}: line {n} is not JSON ({exc.msg})") from None
-        return rows
+        return [dict(row) for row in self._eval_prompts]
 
     @property
-    def rules_path(self) -> Path | None:
-        path = self.dir / "rules.yaml"
-        return path if path.exists() else None
+    def rules_text(self) -> str | None:
+        return self._text("rules.yaml")
+
+    @cached_property
+    def rules(self):
+        """The bundle's rules file, parsed from the verified bytes (None when compiled without rules)."""
+        if self.rules_text is None:
+            return None
+        from sftc.runtime.evaluate.rules import load_rules_text
+
+        return load_rules_text(self.rules_text, str(self.dir / "rules.yaml"))
 
     @property
     def chat_template(self) -> str | None:
-        path = self.dir / "chat_template.jinja"
-        return path.read_text(encoding="utf-8") if path.exists() else None
+        return self._text("chat_template.jinja")
 
     def train_dataset(self):
         """The packed train rows as a `datasets.Dataset` (input_ids, labels, seq_lengths, row), row r at index r.
@@ -235,23 +287,7 @@ class Bundle:
 
 
 def load_bundle(bundle_dir: str | os.PathLike) -> Bundle:
+    """The sealed lock (sftc.lock.load_lock) and the verified bytes of every bundle file."""
     bundle_dir = Path(bundle_dir)
-    lock_path = bundle_dir / LOCK_NAME
-    if not bundle_dir.is_dir():
-        raise BundleError(f"{bundle_dir}: no such bundle directory")
-    if not lock_path.is_file():
-        raise BundleError(f"{lock_path}: missing; the bundle is incomplete (compile it again)")
-    try:
-        lock = read_json(lock_path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{lock_path}: not valid JSON ({exc})") from None
-    required = ("bundle_id", "spec", "files", "tokenizer", "model", "budget")
-    missing = [k for k in required if k not in lock]
-    if missing:
-        raise BundleError(f"{lock_path}: lock lacks key(s) {missing}")
-    version = lock.get("format_version")
-    if version not in SUPPORTED_FORMATS:
-        raise BundleError(
-            f"{lock_path}: format_version {version!r} is not supported by this runtime (supported: {sorted(SUPPORTED_FORMATS)})"
-        )
-    return Bundle(dir=bundle_dir, lock=lock)
+    lock = load_lock(bundle_dir)
+    return Bundle(dir=bundle_dir, lock=lock, contents=read_verified(bundle_dir, lock))

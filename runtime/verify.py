@@ -1,8 +1,10 @@
 """Before any step: is this still the bundle that was compiled, on the machine it was compiled for?
 
-A bundle edited after compile, a tokenizer or template swapped on disk, input data changed, or a
-library upgrade that alters the token stream: each would make "trains on exactly those tokens" a
-lie, so each is refused here with the file or library named.
+The lock is sealed and every bundle file is checked against it when the bundle is loaded
+(runtime/bundle.py). Here, what lives outside the bundle: the base model's config, weight and
+code files, the tokenizer, the chat template and the input data on disk, and the library versions
+that shape the token stream. Each would make "trains on exactly those tokens" a lie, so each is
+refused with the file or library named, before a model is loaded.
 """
 
 from __future__ import annotations
@@ -13,17 +15,12 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from sftc.runtime.bundle import Bundle, load_bundle
-from sftc.errors import BundleError
+from sftc.compiler.spec import BatchSpec
+from sftc.errors import BundleError, SftcError
+from sftc.hashcache import cached_sha256
 from sftc.io import sha256_file, sha256_tree
-
-
-def tokenizer_version(path: Path, files: list[str]) -> str:
-    return "sha256:" + sha256_tree(path, files)
-
-
-def template_version(path: Path) -> str:
-    return "sha256:" + sha256_file(path)
+from sftc.lock import Lock, model_file_names
+from sftc.runtime.bundle import Bundle, load_bundle
 
 
 def installed_version(name: str) -> str | None:
@@ -35,116 +32,127 @@ def installed_version(name: str) -> str | None:
         return "absent"  # what the compiler records for a library that is not installed
 
 
-def _check_bundle_files(bundle: Bundle, problems: list[str]) -> int:
-    for rel, expected in sorted(bundle.lock["files"].items()):
-        path = bundle.dir / rel
-        if not path.is_file():
-            problems.append(f"{path}: listed in the lock but missing")
-        elif sha256_file(path) != expected.removeprefix("sha256:"):
-            problems.append(f"{path}: edited after compile (sha256 differs from bundle.lock.json files[{rel!r}])")
-    return len(bundle.lock["files"])
+def _check_model(bundle: Bundle, problems: list[str]) -> int:
+    """The base model's files against the sha256s sealed at compile (cached by size and mtime, so a
+    large model is streamed once per machine). With trust_remote_code, a code file that was not
+    there at compile is refused too: it would be imported."""
+    model = bundle.lock.model
+    try:
+        root = bundle.model_dir
+    except SftcError as exc:
+        problems.append(str(exc))
+        return 0
+    present = [name for name in model.files if (root / name).is_file()]
+    for name in sorted(set(model.files) - set(present)):
+        problems.append(f"{root / name}: base model file is gone (lock model.files); the bundle was compiled with it")
+    found = cached_sha256([root / name for name in present], bundle.project_root)
+    for name in present:
+        if found[root / name] != model.files[name]:
+            problems.append(f"{root / name}: base model file changed since compile (sha256 differs from lock "
+                            f"model.files[{name!r}]); recompile the bundle, or restore the model")
+    if bundle.spec.model.trust_remote_code:
+        added = [n for n in model_file_names(root) if n.endswith(".py") and n not in model.files]
+        for name in added:
+            problems.append(f"{root / name}: model code added after compile; trust_remote_code would import it")
+    return len(model.files)
 
 
 def _check_tokenizer(bundle: Bundle, problems: list[str]) -> None:
-    tok = bundle.lock["tokenizer"]
-    expected = bundle.lock.get("tokenizer_version")
-    files = tok.get("files") or []
-    if not expected or not files:
+    tok = bundle.lock.tokenizer
+    try:
+        root = bundle.tokenizer_dir
+    except SftcError as exc:
+        problems.append(str(exc))
         return
-    root = Path(bundle.tokenizer_path)
-    missing = [f for f in files if not (root / f).is_file()]
+    missing = [f for f in tok.files if not (root / f).is_file()]
     if missing:
         problems.append(f"{root}: tokenizer file(s) {missing} are gone; the bundle was compiled with them")
         return
-    found = tokenizer_version(root, files)
-    if found != expected:
+    found = "sha256:" + sha256_tree(root, list(tok.files))
+    if found != tok.version:
         problems.append(
-            f"{root}: tokenizer files changed since compile (tokenizer_version {found}, lock says {expected}); "
+            f"{root}: tokenizer files changed since compile (tokenizer.version {found}, lock says {tok.version}); "
             "recompile the bundle"
         )
 
 
 def _check_template(bundle: Bundle, problems: list[str]) -> None:
-    template = bundle.lock.get("template") or {}
-    expected = bundle.lock.get("template_version")
-    if template.get("source") != "file" or not template.get("path") or not expected:
+    """The project's template file is what the tokens were rendered with; the run uses the bundle's
+    sealed copy, and refuses when the source moved on so the two cannot silently disagree."""
+    template = bundle.lock.template
+    if template is None or template.source != "file" or not template.path:
         return
-    path = bundle.resolve(template["path"])
+    path = bundle.resolve(template.path)
     if not path.is_file():
         problems.append(f"{path}: chat template file is gone (lock template.path)")
-    elif template_version(path) != expected:
+        return
+    found = "sha256:" + sha256_file(path)
+    if found != template.version:
         problems.append(
-            f"{path}: chat template changed since compile (template_version {template_version(path)}, "
-            f"lock says {expected}); recompile the bundle"
+            f"{path}: chat template changed since compile (template.version {found}, lock says {template.version}); "
+            "recompile the bundle"
         )
 
 
 def _check_data(bundle: Bundle, problems: list[str]) -> int:
-    files = (bundle.lock.get("data_manifest") or {}).get("files") or []
+    files = bundle.lock.data_manifest.files
     for entry in files:
-        path = bundle.resolve(entry["path"])
-        if not path.is_file():
+        path = bundle.resolve(entry.path)
+        if not path.exists():
             problems.append(f"{path}: input data file is gone (lock data_manifest.files)")
-        elif sha256_file(path) != str(entry["sha256"]).removeprefix("sha256:"):
+        elif path.is_file() and sha256_file(path) != entry.sha256.removeprefix("sha256:"):
             problems.append(f"{path}: input data changed since compile; recompile the bundle so its tokens match")
     return len(files)
 
 
-def library_drift(lock: dict) -> tuple[dict, dict]:
+def library_drift(lock: Lock) -> tuple[dict, dict]:
     """(token-stream changes, other changes), each {name: {"locked", "now"}}."""
-    locked = lock.get("libraries") or {}
-    stream = lock.get("token_stream_libraries") or {}
-    stream_names = set(stream) if isinstance(stream, (dict, list)) else set()
+    stream = set(lock.token_stream_libraries)
     token_changes, other_changes = {}, {}
-    for name, version in sorted(locked.items()):
+    for name, version in sorted(lock.libraries.items()):
         now = installed_version(name)
         if now != version:
-            (token_changes if name in stream_names else other_changes)[name] = {"locked": version, "now": now}
-    if isinstance(stream, dict):  # a stream library recorded only in the hashed subset
-        for name, version in stream.items():
-            if name not in locked and installed_version(name) != version:
-                token_changes[name] = {"locked": version, "now": installed_version(name)}
+            (token_changes if name in stream else other_changes)[name] = {"locked": version, "now": now}
     return token_changes, other_changes
 
 
-def derive_layout(budget: dict, world_size: int) -> dict:
+def derive_layout(batch: BatchSpec, world_size: int) -> dict:
     """Keep examples per update when the world size differs from the compiled one, or refuse."""
-    per_device, grad_accum = int(budget["per_device"]), int(budget["grad_accum"])
-    locked_world = int(budget.get("world_size", 1))
-    epu = int(budget.get("examples_per_update") or per_device * grad_accum * locked_world)
+    epu = batch.examples_per_update
     layout = {
         "world_size": world_size,
-        "world_size_locked": locked_world,
-        "per_device": per_device,
-        "grad_accum": grad_accum,
-        "grad_accum_locked": grad_accum,
+        "world_size_locked": batch.world_size,
+        "per_device": batch.per_device,
+        "grad_accum": batch.grad_accum,
+        "grad_accum_locked": batch.grad_accum,
         "examples_per_update": epu,
         "grad_accum_rederived": False,
     }
-    if world_size == locked_world:
+    if world_size == batch.world_size:
         return layout
-    if epu % (per_device * world_size):
+    if epu % (batch.per_device * world_size):
         raise BundleError(
             f"world size {world_size} cannot keep the bundle's examples_per_update {epu}: "
-            f"{epu} is not a multiple of per_device {per_device} x world_size {world_size}; "
-            f"run with world size {locked_world} or recompile with batch.world_size: {world_size}"
+            f"{epu} is not a multiple of per_device {batch.per_device} x world_size {world_size}; "
+            f"run with world size {batch.world_size} or recompile with batch.world_size: {world_size}"
         )
-    layout["grad_accum"] = epu // (per_device * world_size)
+    layout["grad_accum"] = epu // (batch.per_device * world_size)
     layout["grad_accum_rederived"] = True
     return layout
 
 
 def verify_bundle(bundle_dir: str | os.PathLike | Bundle, allow_drift: bool = False) -> dict[str, Any]:
     """Check the bundle against its lock; return a report, raise BundleError on anything refused."""
+    # loading checks the seal, every listed file and that no unlisted one is there
     bundle = bundle_dir if isinstance(bundle_dir, Bundle) else load_bundle(bundle_dir)
     problems: list[str] = []
-    n_files = _check_bundle_files(bundle, problems)
+    n_model = _check_model(bundle, problems)
     _check_tokenizer(bundle, problems)
     _check_template(bundle, problems)
     n_data = _check_data(bundle, problems)
     if problems:
-        raise BundleError(f"{bundle.dir}: the bundle no longer matches its lock ({len(problems)} problem(s))", problems)
-    # Token files are read only after their hashes passed, so a damaged file gets the hash message.
+        raise BundleError(f"{bundle.dir}: the bundle's inputs no longer match its lock ({len(problems)} problem(s))", problems)
+    # token files are parsed from the verified bytes, so a damaged file gets the hash message first
     bundle.train
     bundle.eval
 
@@ -157,17 +165,18 @@ def verify_bundle(bundle_dir: str | os.PathLike | Bundle, allow_drift: bool = Fa
         )
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    layout = derive_layout(bundle.lock["budget"], world_size)
+    layout = derive_layout(bundle.lock.batch, world_size)
     # the engine must exist before a model is loaded (deepspeed for zero2/zero3, CUDA for offload)
     from sftc.runtime.distributed import check_strategy
 
     check_strategy(bundle.spec, world_size)
     return {
         "bundle_id": bundle.bundle_id,
-        "bundle_files_checked": n_files,
+        "bundle_files_checked": len(bundle.lock.files),
+        "model_files_checked": n_model,
         "data_files_checked": n_data,
-        "tokenizer_version": bundle.lock.get("tokenizer_version"),
-        "template_version": bundle.lock.get("template_version"),
+        "tokenizer_version": bundle.lock.tokenizer_version,
+        "template_version": bundle.lock.template_version,
         "library_drift": {"token_stream": token_changes, "other": other_changes, "drift_allowed": bool(allow_drift)},
         "layout": layout,
     }

@@ -20,7 +20,10 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except SftcError as exc:
-            click.secho(f"error: {exc}", fg="red", err=True)
+            from sftc.runtime.distributed import tell_launcher  # under torchrun: once, and in its summary
+
+            if tell_launcher(f"error: {exc}"):
+                click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(2)
         except Exception as exc:
             message = _input_problem(exc)
@@ -81,37 +84,38 @@ def compile_cmd(spec: str, bundles_dir: str | None, force: bool, quiet: bool) ->
 @click.option("--color/--no-color", default=None, help="Default: colour on a terminal.")
 def inspect(bundle: str, row: int, which: str, color: bool | None) -> None:
     """Show one row token by token, supervised tokens highlighted."""
-    from safetensors.numpy import load_file
-
-    from sftc.compiler.bundle import load_lock
     from sftc.compiler.pack import position_ids
     from sftc.compiler.report import marked_row
     from sftc.compiler.template import load_tokenizer
+    from sftc.runtime.bundle import load_bundle
 
-    lock = load_lock(bundle)
-    path = Path(bundle) / f"{which}.safetensors"
-    if not path.is_file():
-        raise SftcError(f"{path}: no {which} token file in this bundle")
-    data = load_file(str(path))
-    rows = len(data["row_offsets"]) - 1
+    loaded = load_bundle(bundle)  # the sealed lock and the verified token files
+    data = loaded.train if which == "train" else loaded.eval
+    if data is None:
+        raise SftcError(f"{bundle}: no {which} token file in this bundle")
+    rows = data.n_rows
     if not 0 <= row < rows:
         raise SftcError(f"--row {row}: the {which} split has rows 0..{rows - 1}")
-    root = (Path(bundle) / lock["project_root"]).resolve()
-    tokenizer = load_tokenizer(str(root / lock["tokenizer"]["path"]), None, lock["model"]["trust_remote_code"], "tokenizer")
-    lo, hi = data["row_offsets"][row], data["row_offsets"][row + 1]
-    seg = data["seq_lengths"][data["seq_offsets"][row] : data["seq_offsets"][row + 1]]
-    ids, labels = data["input_ids"][lo:hi], data["labels"][lo:hi]
+    tokenizer = load_tokenizer(loaded.tokenizer_path, None, loaded.spec.model.trust_remote_code, "tokenizer")
+    ids, labels, seg = data.row(row)
+    lo, hi = 0, len(ids)
     use_color = sys.stdout.isatty() if color is None else color
     supervised = int((labels != -100).sum())
-    click.echo(f"{lock['bundle_id']} {which} row {row}/{rows}: {hi - lo} tokens, {len(seg)} example(s) "
+    click.echo(f"{loaded.bundle_id} {which} row {row}/{rows}: {hi - lo} tokens, {len(seg)} example(s) "
                f"{seg.tolist()}, {supervised} supervised")
     click.echo(f"position ids restart at 0 at each example: {position_ids(seg)[:48].tolist()}{' ...' if hi - lo > 48 else ''}")
     click.echo(marked_row(tokenizer, ids, labels, seg, color=use_color))
 
 
 @main.command()
-def schema() -> None:
-    """Print the spec's JSON schema, with field descriptions."""
+@click.option("--lock", "of_lock", is_flag=True, help="The bundle lock's schema (sftc.lock.Lock) instead of the spec's.")
+def schema(of_lock: bool) -> None:
+    """Print the spec's (or with --lock, bundle.lock.json's) JSON schema, with field descriptions."""
+    if of_lock:
+        from sftc.lock import lock_schema
+
+        click.echo(json.dumps(lock_schema(), indent=2))
+        return
     from sftc.compiler.spec import json_schema
 
     click.echo(json.dumps(json_schema(), indent=2))
@@ -121,7 +125,7 @@ def schema() -> None:
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.option("--allow-drift", is_flag=True, help="Record, instead of refusing, drift since compile.")
 def verify(bundle: str, allow_drift: bool) -> None:
-    """Check a bundle against its lock: file hashes, data, tokenizer, template, libraries."""
+    """Check a bundle against its sealed lock: the seal, bundle files, base model, data, tokenizer, template, libraries."""
     from sftc.runtime.verify import verify_bundle
 
     report = verify_bundle(bundle, allow_drift=allow_drift)
@@ -133,15 +137,18 @@ def verify(bundle: str, allow_drift: bool) -> None:
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="Default: runs/<bundle_id>/.")
 @click.option("--fresh", is_flag=True, help="Ignore existing checkpoints and start over.")
 @click.option("--allow-drift", is_flag=True, help="Train despite library drift since compile, and record it.")
-def run(bundle: str, run_dir: str | None, fresh: bool, allow_drift: bool) -> None:
+@click.option("--allow-incomplete-history", is_flag=True,
+              help="Select a checkpoint even though metrics.jsonl lines holding evaluations are damaged (quarantined).")
+def run(bundle: str, run_dir: str | None, fresh: bool, allow_drift: bool, allow_incomplete_history: bool) -> None:
     """Verify BUNDLE, then train it, resuming from the newest valid checkpoint."""
     import pickle
 
-    from sftc.runtime.train import run_bundle
+    from sftc.runtime.run import run_bundle
     from sftc.errors import RunError
 
     try:
-        out = run_bundle(bundle, run_dir=run_dir, fresh=fresh, allow_drift=allow_drift)
+        out = run_bundle(bundle, run_dir=run_dir, fresh=fresh, allow_drift=allow_drift,
+                         allow_incomplete_history=allow_incomplete_history)
     except pickle.UnpicklingError as exc:
         # HF Trainer reads optimizer/scheduler/RNG state with torch.load(weights_only=True); a file
         # that holds anything but tensors and plain containers (a planted payload, say) ends here.
@@ -156,11 +163,44 @@ def run(bundle: str, run_dir: str | None, fresh: bool, allow_drift: bool) -> Non
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--allow-ineligible", is_flag=True, help="Export the best checkpoint even if it fails the constraints.")
-def export(run_dir: str, allow_ineligible: bool) -> None:
+@click.option("--allow-incomplete-history", is_flag=True,
+              help="Export even though metrics.jsonl lines holding evaluations are damaged (quarantined).")
+def export(run_dir: str, allow_ineligible: bool, allow_incomplete_history: bool) -> None:
     """Export the selected checkpoint of RUN_DIR to RUN_DIR/export/."""
     from sftc.runtime.export import export_run
+    from sftc.runtime.rundir import check_history
 
+    check_history(run_dir, allow_incomplete_history)  # the selection in best.json is only as good as its history
     click.echo(f"exported: {export_run(run_dir, allow_ineligible=allow_ineligible)}")
+
+
+_export_arg = click.argument("export_dir", type=click.Path(file_okay=False, exists=True))
+_system_opt = click.option("--system", default=None, help="A system message instead of the one the model was trained with.")
+_tokens_opt = click.option("--max-new-tokens", type=int, default=256, show_default=True)
+
+
+@main.command()
+@_export_arg
+@click.option("--prompt", required=True, help="The user message.")
+@_system_opt
+@_tokens_opt
+def generate(export_dir: str, prompt: str, system: str | None, max_new_tokens: int) -> None:
+    """One greedy reply from an export (full, adapter or merged/), prompted through its chat template."""
+    from sftc.runtime.chat import generate_once
+
+    click.echo(generate_once(export_dir, prompt, system=system, max_new_tokens=max_new_tokens))
+
+
+@main.command()
+@_export_arg
+@_system_opt
+@_tokens_opt
+def chat(export_dir: str, system: str | None, max_new_tokens: int) -> None:
+    """Chat with an export: one line of stdin per turn; /clear starts over, /exit ends."""
+    from sftc.runtime.chat import chat as chat_loop
+
+    marker = (lambda: click.echo("> ", nl=False)) if sys.stdin.isatty() else None
+    chat_loop(export_dir, sys.stdin, click.echo, system=system, max_new_tokens=max_new_tokens, prompt_marker=marker)
 
 
 @main.command()

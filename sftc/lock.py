@@ -65,6 +65,18 @@ class DataFile(Record):
     rows_read: int = Field(description="Rows read from this file.")
     accepted: int = Field(description="Rows accepted from this file.")
     rejected: dict[str, int] = Field(description="Rejected rows of this file, by reason.")
+    source: int | None = Field(None, description="Index in data.sources (data.sources only).")
+    weight: float | None = Field(None, description="That source's weight (data.sources only).")
+    format: str | None = Field(None, description="That source's row format (data.sources only).")
+    fingerprint: str | None = Field(None, description="datasets fingerprint of a save_to_disk input.")
+    split: str | None = Field(None, description="Split read from a save_to_disk DatasetDict.")
+
+
+class SourceUse(Record):
+    source: int = Field(description="Index in data.sources.")
+    weight: float
+    train_examples: int = Field(description="Train examples of the source before weighting.")
+    used: int = Field(description="Train examples after weighting (repeats counted).")
 
 
 class DataManifest(Record):
@@ -74,6 +86,7 @@ class DataManifest(Record):
     eval_examples: int = Field(description="Examples in eval.safetensors.")
     rejected: dict[str, int] = Field(description="Rejected rows by reason (rejects.jsonl lists each).")
     hash: str = Field(description="sha256 over the data files' sha256s, in order.")
+    sources: tuple[SourceUse, ...] | None = Field(None, description="data.sources only: what each weight did.")
 
 
 class Split(Record):
