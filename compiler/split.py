@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from array import array
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,6 +26,10 @@ _WORD = re.compile(r"[a-z0-9]+")
 _PERMUTATIONS = 64
 _BANDS = 16  # 16 bands x 4 rows: pairs above ~0.5 Jaccard become candidates; the exact check decides
 _MERSENNE = np.uint64((1 << 61) - 1)
+# Exact Jaccard checks per LSH bucket before it is left unfinished (see iter_near_duplicates): at
+# ~10 us a check, about 0.2 s for one pathological bucket. On OrgAccess easy it is reached in 5 of
+# 47k buckets (rows sharing a permissions list, not near copies) with the same clusters as uncapped.
+MAX_COMPARISONS_PER_BUCKET = 20_000
 
 
 def normalized_words(text: str) -> list[str]:
@@ -70,49 +75,157 @@ class _UnionFind:
 
 
 def near_duplicate_pairs(texts: list[str], threshold: float, seed: int = 0) -> list[tuple[int, int]]:
-    """Index pairs whose word-shingle Jaccard similarity is >= threshold."""
+    """Index pairs whose word-shingle Jaccard similarity is >= threshold, among LSH candidates:
+    every candidate pair is checked (quadratic per bucket), the reference split_examples's
+    shortcuts are tested against."""
     return sorted(set(iter_near_duplicates(texts, threshold, seed)))
 
 
-def iter_near_duplicates(texts: list[str], threshold: float, seed: int = 0, component=None):
+def _shingle_hashes(text: str) -> np.ndarray:
+    """A row's shingle set as sorted unique 61-bit hashes: what MinHash hashes anyway, and ~10x
+    smaller than the set of shingle strings (which was most of the compile's per-row memory)."""
+    items = shingles(text)
+    return np.unique(np.fromiter((_stable_hash(s) for s in items), dtype=np.uint64, count=len(items)))
+
+
+class _Shingles:
+    """Every kept row's sorted shingle hashes in one flat array with offsets: one object for n
+    rows instead of n Python sets (or n numpy arrays, ~100 bytes of header each)."""
+
+    def __init__(self):
+        self._flat, self._offsets = array("Q"), array("q", [0])
+
+    def append(self, hashes: np.ndarray) -> None:
+        self._flat.frombytes(hashes.tobytes())
+        self._offsets.append(len(self._flat))
+
+    def freeze(self) -> None:
+        self.flat, self.offsets = np.frombuffer(self._flat, dtype=np.uint64), np.frombuffer(self._offsets, dtype=np.int64)
+
+    def size(self, k: int) -> int:
+        return int(self.offsets[k + 1] - self.offsets[k])
+
+    def jaccard_at_least(self, i: int, j: int, threshold: float) -> bool:
+        si, sj = self.size(i), self.size(j)
+        if min(si, sj) < threshold * max(si, sj):  # |A & B| / |A | B| <= min/max: exact, no intersection needed
+            return False
+        a = self.flat[self.offsets[i] : self.offsets[i + 1]]
+        b = self.flat[self.offsets[j] : self.offsets[j + 1]]
+        inter = len(np.intersect1d(a, b, assume_unique=True))
+        return inter / (si + sj - inter) >= threshold
+
+
+def _lsh_buckets(signatures: np.ndarray):
+    """Index lists (ascending) of the rows whose signatures agree on one band, band by band.
+
+    A sort per band instead of a dict keyed by every (band, signature slice): the dict held 16
+    tuples per row, a few KB of the compile's per-row memory."""
+    rows_per_band = _PERMUTATIONS // _BANDS
+    for band in range(_BANDS):
+        keys = signatures[:, band * rows_per_band : (band + 1) * rows_per_band]
+        order = np.lexsort(keys.T[::-1])  # stable: equal keys keep ascending row order
+        ordered = keys[order]
+        starts = np.flatnonzero(np.r_[True, np.any(ordered[1:] != ordered[:-1], axis=1), True])
+        for lo, hi in zip(starts[:-1], starts[1:]):
+            if hi - lo > 1:
+                yield order[lo:hi]
+
+
+def iter_near_duplicates(texts: list[str], threshold: float, seed: int = 0, component=None,
+                         max_comparisons_per_bucket: int = MAX_COMPARISONS_PER_BUCKET, stats: dict | None = None):
     """Yield near-duplicate index pairs as they are found.
 
-    `component(i)` may name the merged group row i is in now; a candidate pair inside one
-    component cannot change the split, so it skips the exact check, and a bucket whose members are
-    all in one component is skipped whole. Lazily yielded so the caller's merges are visible at
-    once. Skipping only ever drops an edge inside a connected component, so the components come
-    out the same as from every pair (tests/compiler/test_near_duplicates.py). On OrgAccess (38k rows,
-    thousands per group) almost all of the 6.4M candidate pairs fall in such buckets.
+    Without `component`: every LSH candidate pair is checked (near_duplicate_pairs).
+
+    With `component(i)` naming the merged group row i is in now, only pairs that can still change
+    the merged groups are looked for, so the components come out the same as from every pair
+    (tests/compiler/test_near_duplicates.py), in about linear work:
+    - rows with identical shingle sets (identical normalised text) are merged by hashing, without
+      MinHash: their Jaccard is 1 and their signatures are equal, so every candidate of one is a
+      candidate of the other;
+    - inside an LSH bucket a row is compared with the rows of each other component only until one
+      matches (it then joins that component; the rest of it cannot add a merge). On duplicate-heavy
+      data a bucket of m near copies costs about m checks, not m^2/2.
+    - at most `max_comparisons_per_bucket` exact checks per bucket: a bucket of many rows that are
+      not near copies of each other (LSH false positives) would otherwise still cost m^2/2. A capped
+      bucket can miss a merge; `stats` counts capped buckets and rows left unchecked. Lazily
+      yielded so the caller's merges are visible at once.
     """
-    sets = [shingles(t) for t in texts]
+    stats = {} if stats is None else stats
+    store, rows, signatures = _Shingles(), [], []
+    first_of: dict[bytes, int] = {}
+    exact: list[tuple[int, int]] = []
     rng = np.random.default_rng(seed)
     a = rng.integers(1, int(_MERSENNE), size=_PERMUTATIONS, dtype=np.uint64)
     b = rng.integers(0, int(_MERSENNE), size=_PERMUTATIONS, dtype=np.uint64)
-    rows_per_band = _PERMUTATIONS // _BANDS
-    buckets: dict[tuple, list[int]] = {}
-    for index, items in enumerate(sets):
-        if not items:
+    for index, text in enumerate(texts):
+        hashes = _shingle_hashes(text)
+        if not len(hashes):
             continue
-        hashes = np.fromiter((_stable_hash(s) for s in items), dtype=np.uint64, count=len(items))
+        if component is not None:
+            key = hashlib.blake2b(hashes.tobytes(), digest_size=16).digest()
+            if key in first_of:
+                exact.append((first_of[key], index))
+                continue
+            first_of[key] = index
         # (a*h + b) mod p with wraparound: a universal-hash family is all MinHash needs here
-        signature = ((hashes[:, None] * a[None, :] + b[None, :]) % _MERSENNE).min(axis=0)
-        for band in range(_BANDS):
-            key = (band, signature[band * rows_per_band : (band + 1) * rows_per_band].tobytes())
-            buckets.setdefault(key, []).append(index)
-    pairs = set()
-    for members in buckets.values():
-        if len(members) < 2:
+        signatures.append(((hashes[:, None] * a[None, :] + b[None, :]) % _MERSENNE).min(axis=0))
+        store.append(hashes)
+        rows.append(index)
+    del first_of
+    store.freeze()
+    stats.update(rows=len(texts), exact_duplicates=len(exact), lsh_rows=len(rows), candidate_buckets=0,
+                 largest_bucket=0, comparisons=0, capped_buckets=0, rows_unchecked_by_cap=0,
+                 max_comparisons_per_bucket=max_comparisons_per_bucket if component is not None else None)
+    for left, right in exact:
+        if component(left) != component(right):
+            yield left, right
+    if not rows:
+        return
+    signatures = np.stack(signatures)
+    found = set()
+    for members in _lsh_buckets(signatures):
+        stats["candidate_buckets"] += 1
+        stats["largest_bucket"] = max(stats["largest_bucket"], len(members))
+        members = members.tolist()
+        if component is None:
+            for i, left in enumerate(members):
+                for right in members[i + 1 :]:
+                    if (left, right) not in found:
+                        stats["comparisons"] += 1
+                        if store.jaccard_at_least(left, right, threshold):
+                            found.add((left, right))
+                            yield rows[left], rows[right]
             continue
-        if component is not None and len({component(m) for m in members}) == 1:
+        if len({component(rows[m]) for m in members}) == 1:
             continue
-        for i, left in enumerate(members):
-            for right in members[i + 1 :]:
-                if (left, right) in pairs or (component is not None and component(left) == component(right)):
-                    continue
-                inter = len(sets[left] & sets[right])
-                if inter / len(sets[left] | sets[right]) >= threshold:
-                    pairs.add((left, right))
-                    yield left, right
+        yield from _walk_bucket(members, rows, store, threshold, component, max_comparisons_per_bucket, stats)
+
+
+def _walk_bucket(members, rows, store, threshold, component, cap, stats):
+    # members of this bucket seen so far, one list per component (as of when they were merged)
+    parts: list[list[int]] = []
+    budget = cap
+    for position, x in enumerate(members):
+        for part in parts:
+            if component(rows[part[0]]) == component(rows[x]):
+                continue  # already one component: no pair here can merge anything
+            for y in part:
+                if budget == 0:
+                    stats["capped_buckets"] += 1
+                    stats["rows_unchecked_by_cap"] += len(members) - position
+                    return
+                budget -= 1
+                stats["comparisons"] += 1
+                if store.jaccard_at_least(y, x, threshold):
+                    yield rows[y], rows[x]
+                    break
+        # regroup by the components as they are now: merges above (or in other buckets) join parts
+        by_root: dict = {}
+        for part in parts:
+            by_root.setdefault(component(rows[part[0]]), []).extend(part)
+        by_root.setdefault(component(rows[x]), []).append(x)
+        parts = list(by_root.values())
 
 
 def side_of(group: str, seed: int, eval_fraction: float) -> str:
@@ -125,17 +238,22 @@ class SplitResult:
     train: list[Example]
     eval: list[Example]
     record: dict
+    # the near-duplicate search's work (exact duplicates, comparisons, capped buckets); not in the
+    # lock, whose Split record has no field for it
+    near_duplicate_search: dict = field(default_factory=dict)
 
 
 def split_examples(examples: list[Example], split_spec) -> SplitResult:
     groups = sorted({e.group for e in examples})
     union = _UnionFind(groups)
+    search: dict = {}
     if split_spec.near_duplicates is not None:
         texts = [prompt_text(e) for e in examples]
         def component(i: int) -> str:
             return union.find(examples[i].group)
 
-        for left, right in iter_near_duplicates(texts, split_spec.near_duplicates, split_spec.seed, component=component):
+        for left, right in iter_near_duplicates(texts, split_spec.near_duplicates, split_spec.seed, component=component,
+                                                stats=search):
             union.union(examples[left].group, examples[right].group)
     clusters: dict[str, list[str]] = {}
     for group in groups:
@@ -179,4 +297,4 @@ def split_examples(examples: list[Example], split_spec) -> SplitResult:
         "disjoint": not overlap,
         "overlap": overlap,
     }
-    return SplitResult(train, held, record)
+    return SplitResult(train, held, record, search)

@@ -153,3 +153,66 @@ def test_pairs_inside_one_component_are_skipped_and_bridges_still_found():
     found = list(iter_near_duplicates(texts, 0.8, component=lambda i: merged.get(i, i)))
     assert found and all(2 in pair for pair in found)
     assert list(iter_near_duplicates(texts, 0.8, component=lambda i: "x")) == []
+
+
+def _components(groups: list[str], pairs) -> list[list[str]]:
+    parent = {g: g for g in groups}
+
+    def find(g):
+        while parent[g] != g:
+            g = parent[g]
+        return g
+
+    for left, right in pairs:
+        a, b = find(groups[left]), find(groups[right])
+        parent[max(a, b)] = min(a, b)
+    out: dict[str, list[str]] = {}
+    for g in sorted(set(groups)):
+        out.setdefault(find(g), []).append(g)
+    return sorted(m for m in out.values() if len(m) > 1)
+
+
+def test_exact_copies_merge_by_hashing_without_minhash():
+    # the same normalised text (case and punctuation differ) in three groups, plus unrelated rows
+    texts = [BASE, BASE.upper(), BASE.replace(" ", ", "), NEAR, *UNRELATED, UNRELATED[0].lower() + "!"]
+    groups = ["A", "B", "C", "D", *[f"U{i}" for i in range(len(UNRELATED))], "V"]
+    examples = [_example(g, t) for g, t in zip(groups, texts)]
+    result = split_examples(examples, SplitSpec(eval_fraction=0.3, seed=1, near_duplicates=0.85))
+    search = result.near_duplicate_search
+    assert search["exact_duplicates"] == 3 and search["lsh_rows"] == len(texts) - 3
+    assert result.record["merged_near_duplicates"] == _components(groups, near_duplicate_pairs(texts, 0.85))
+    assert result.record["merged_near_duplicates"] == [["A", "B", "C", "D"], ["U0", "V"]]
+
+
+def _row_number_copies(n: int) -> list[str]:
+    # issue 17's duplicate-heavy shape: one prompt repeated with the row number appended
+    return [f"{BASE} {i}" for i in range(n)]
+
+
+def test_a_bucket_of_near_copies_costs_linear_checks_and_merges_the_same():
+    texts = _row_number_copies(240)
+    groups = [f"G{i // 3:03d}" for i in range(len(texts))]  # 80 groups of 3 rows
+    result = split_examples([_example(g, t) for g, t in zip(groups, texts)],
+                            SplitSpec(eval_fraction=0.3, seed=2, near_duplicates=0.85))
+    assert result.record["merged_near_duplicates"] == _components(groups, near_duplicate_pairs(texts, 0.85))
+    assert result.record["merged_near_duplicates"] == [sorted(set(groups))]
+    # every pair of a bucket would be up to 28,680 checks; a row that joins the first component it
+    # is compared with costs one, and the other 15 bands' buckets are then inside one component
+    search = result.near_duplicate_search
+    assert search["largest_bucket"] >= len(texts) // 2 and search["comparisons"] <= len(texts)
+    assert search["capped_buckets"] == 0
+
+
+def test_the_per_bucket_cap_bounds_the_work_and_says_so():
+    # near copies under a threshold none of them reaches: no merge, every bucket all-to-all
+    texts = _row_number_copies(60)
+    merged = {}
+    stats: dict = {}
+    found = list(iter_near_duplicates(texts, 0.99, component=lambda i: merged.get(i, i),
+                                      max_comparisons_per_bucket=25, stats=stats))
+    assert found == []
+    assert stats["capped_buckets"] >= 1 and stats["rows_unchecked_by_cap"] > 0
+    assert stats["comparisons"] <= 25 * stats["candidate_buckets"]
+    uncapped: dict = {}
+    assert list(iter_near_duplicates(texts, 0.99, component=lambda i: i, stats=uncapped)) == []
+    assert uncapped["capped_buckets"] == 0 and uncapped["comparisons"] > stats["comparisons"]
