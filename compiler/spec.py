@@ -281,19 +281,20 @@ class DistributedSpec(Strict):
     """How several processes train one model (docs/distributed.md). The data each rank reads is
     fixed by the bundle's locked order whatever the engine."""
 
+    # zero2 / zero3 stay in the Literal only so the spec check can refuse them with the FSDP2 equivalent
     strategy: Literal["none", "ddp", "fsdp", "zero2", "zero3"] = Field(
         "none",
         description="Data-parallel engine: 'none' (one process; plain DDP if launched with several), 'ddp', "
-        "'fsdp' (PyTorch FSDP2: parameters, gradients and optimizer state sharded), 'zero2' / 'zero3' (DeepSpeed, "
-        "optional extra).",
+        "'fsdp' (PyTorch FSDP2: parameters, gradients and optimizer state sharded). 'zero2' / 'zero3' (DeepSpeed) "
+        "are refused at compile: use 'fsdp'.",
     )
     nodes: int = Field(1, gt=0, le=MAX_PROCESSES, description="Machines.")
     procs_per_node: int = Field(1, gt=0, le=MAX_PROCESSES, description="Processes (devices) per machine.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
-        "no", description="Compute dtype under fsdp / zero (weights and optimizer stay in model.dtype); fp16 needs CUDA."
+        "no", description="Compute dtype under fsdp (weights and optimizer stay in model.dtype); fp16 needs CUDA."
     )
     cpu_offload: bool = Field(
-        False, description="fsdp / zero: keep sharded parameters and optimizer state in CPU memory (needs CUDA training)."
+        False, description="fsdp: keep sharded parameters and optimizer state in CPU memory (needs CUDA training)."
     )
     activation_checkpointing: bool = Field(
         False, description="Recompute each decoder layer's activations in the backward instead of storing them."
@@ -330,6 +331,22 @@ class Spec(Strict):
         return self.packing.seq_length or self.tokenize.max_length
 
 
+ZERO_STRATEGIES = ("zero2", "zero3")
+
+
+def zero_refusal(strategy: str, cpu_offload: bool = False) -> str:
+    """Why DeepSpeed ZeRO is refused and the spec lines that do the same with FSDP2 (docs/distributed.md).
+    Shared by the compile check and the runtime's refusal of bundles compiled before it."""
+    offload = ", cpu_offload: true" if cpu_offload else ""
+    return (
+        f"distributed.strategy: {strategy!r} (DeepSpeed ZeRO) is not supported: sftc does not drive DeepSpeed, so its "
+        "sharding, loss scaling and checkpoints could not be verified, and such a bundle could only fail at run. "
+        "PyTorch FSDP2 shards parameters, gradients and optimizer state as ZeRO-3 does (a superset of ZeRO-2), "
+        f"verified rank by rank: set `distributed: {{strategy: fsdp{offload}}}` (mixed_precision, cpu_offload, "
+        "activation_checkpointing, nodes and procs_per_node carry over unchanged)"
+    )
+
+
 def cross_field_problems(spec: Spec) -> list[str]:
     """Checks that involve more than one section. Each entry: 'key.path: what is wrong'."""
     problems = []
@@ -356,11 +373,13 @@ def cross_field_problems(spec: Spec) -> list[str]:
             problems.append("parameterization.quantization.compute_dtype: float32 compute with float16 weights is unsupported")
     world = spec.distributed.nodes * spec.distributed.procs_per_node
     dist = spec.distributed
-    if dist.cpu_offload and dist.strategy not in ("fsdp", "zero2", "zero3"):
-        problems.append(f"distributed.cpu_offload: offloads sharded state; needs strategy fsdp, zero2 or zero3, found {dist.strategy!r}")
-    if dist.mixed_precision != "no" and dist.strategy not in ("fsdp", "zero2", "zero3"):
+    if dist.strategy in ZERO_STRATEGIES:
+        problems.append(zero_refusal(dist.strategy, dist.cpu_offload))
+    elif dist.cpu_offload and dist.strategy != "fsdp":
+        problems.append(f"distributed.cpu_offload: offloads sharded state; needs strategy fsdp, found {dist.strategy!r}")
+    if dist.mixed_precision != "no" and dist.strategy not in ("fsdp", *ZERO_STRATEGIES):
         problems.append(
-            f"distributed.mixed_precision: applies to strategy fsdp, zero2 or zero3, found {dist.strategy!r}; "
+            f"distributed.mixed_precision: applies to strategy fsdp, found {dist.strategy!r}; "
             "for ddp / none set model.dtype"
         )
     if dist.mixed_precision != "no" and spec.model.dtype != "float32":

@@ -13,6 +13,10 @@ Nothing here is assumed from configuration alone; each claim is checked on the l
   model; the check runs again on the model the trainer actually steps;
 - under `ddp` the model the trainer steps is a DistributedDataParallel.
 
+A worker dies with its launcher: torchrun starts every worker in a session of its own, so killing
+the agent (or its process group) used to leave the workers training on; `die_with_launcher` asks
+the kernel to SIGKILL the worker when its parent goes (Linux's parent-death signal).
+
 Checkpoints are always written *full* (docs/distributed.md): rank 0 gathers the model and the
 optimizer state and writes them in the single-process layout (optimizer state keyed by parameter
 index), so a checkpoint written at any world size and strategy resumes at any other.
@@ -21,14 +25,19 @@ index), so a checkpoint written at any world size and strategy resumes at any ot
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
+import signal
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 from sftc.errors import RunError
 
-DEEPSPEED_STRATEGIES = ("zero2", "zero3")
+# launch.sh exports its own pid before it execs torchrun, so a worker knows which parent started it,
+# and the node rank the scheduler asked for, so a worker can check the rendezvous honoured it
+LAUNCHER_PID_ENV = "SFTC_LAUNCHER_PID"
+NODE_RANK_ENV = "SFTC_NODE_RANK"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # test hook: apply no sharding under strategy fsdp, to prove the sharding check refuses such a run
 SKIP_SHARDING_ENV = "SFTC_FAULT_SKIP_FSDP_SHARDING"
 # a rank may hold a little more than total / world (uneven dim-0 splits)
@@ -81,30 +90,64 @@ def env_ranks() -> tuple[int, int, int]:
     return num("WORLD_SIZE", 1), num("RANK", 0), num("LOCAL_RANK", 0)
 
 
-def deepspeed_available() -> bool:
-    try:
-        return importlib.util.find_spec("deepspeed") is not None
-    except ValueError:
-        return False
+def tell_launcher(message: str) -> bool:
+    """Hand a refusal to the torchrun agent; True if this process should print it too.
+
+    Under torchrun every rank fails with the same message and the agent then prints a
+    ChildFailedError traceback whose root cause reads "To enable traceback see ...". torch elastic
+    reads the worker's TORCHELASTIC_ERROR_FILE into that root cause, so the message is written
+    there (the plain-string form ProcessFailure accepts) and ends the output; only rank 0 prints
+    it as well, so it appears once above the traceback instead of once per rank."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return True
+    import json
+    import time
+
+    with contextlib.suppress(OSError):  # the summary is a courtesy; the exit status already says it failed
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump({"message": message, "timestamp": int(time.time())}, handle)
+    return os.environ.get("RANK", "0") == "0"
+
+
+def die_with_launcher() -> dict:
+    """Make the kernel SIGKILL this worker when its parent, the torchrun agent, exits.
+
+    torchrun's workers run in sessions of their own (Popen(start_new_session=True)), so neither a
+    `kill -9` of the agent nor of its process group reaches them; torch elastic only stops workers
+    from a live agent. SIGKILL rather than SIGTERM: a rank that outlives its peers waits in a
+    collective, and checkpoints are staged and renamed (runtime/checkpoint.py), so a kill at any
+    moment leaves the newest valid checkpoint to resume from. The parent may have died before
+    prctl ran; then the worker was already re-parented, which the pid check catches.
+    Linux only (prctl); elsewhere it records that nothing was armed."""
+    if not sys.platform.startswith("linux"):
+        return {"parent_death_signal": None}
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        raise RunError(f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}")
+    parent, launcher = os.getppid(), os.environ.get(LAUNCHER_PID_ENV, "")
+    # without launch.sh (torchrun by hand) the launcher's pid is unknown; re-parenting to init is
+    # the one sign left that it is gone
+    gone = parent != int(launcher) if launcher.isdigit() else parent == 1
+    if gone:
+        raise RunError(
+            f"this worker's launcher (pid {launcher or 'unknown'}) exited before training started (parent is now pid "
+            f"{parent}); stopping instead of training alone. Relaunch the job: it resumes from the newest checkpoint"
+        )
+    return {"parent_death_signal": "SIGKILL"}
 
 
 def check_strategy(spec, world_size: int) -> None:
     """Refusals that need no process group: run before the model is loaded."""
+    from sftc.compiler.spec import ZERO_STRATEGIES, zero_refusal
+
     dist = spec.distributed
     strategy = dist.strategy
-    if strategy in DEEPSPEED_STRATEGIES:
-        if not deepspeed_available():
-            raise RunError(
-                f"distributed.strategy {strategy!r} runs on DeepSpeed ZeRO, and deepspeed is not installed; "
-                "install the optional extra (pip install 'sftc[deepspeed]' or pip install deepspeed) on every node, "
-                "or recompile with strategy 'fsdp' (PyTorch FSDP2, no extra package) or 'ddp'"
-            )
-        raise RunError(
-            f"distributed.strategy {strategy!r}: deepspeed is installed, but this runtime does not drive DeepSpeed "
-            "itself yet (its sharding, loss scaling and checkpoint path are not verified the way fsdp's are); "
-            "the bundle's deepspeed.json is for `accelerate launch --use_deepspeed`. Use strategy 'fsdp' or 'ddp' "
-            "with `sftc run` (docs/distributed.md, limitations)"
-        )
+    if strategy in ZERO_STRATEGIES:
+        # only a bundle compiled before the spec check refused ZeRO gets here
+        raise RunError(f"this bundle was compiled by an older sftc; recompile it. {zero_refusal(strategy, dist.cpu_offload)}")
     if strategy == "fsdp" and world_size > 1 and spec.parameterization.kind != "full":
         raise RunError(
             f"distributed.strategy 'fsdp' with parameterization {spec.parameterization.kind!r}: sharding LoRA / QLoRA "
@@ -136,6 +179,9 @@ def setup(spec, layout: dict) -> Dist:
         # one process: nothing to shard or replicate, whatever the bundle was compiled for
         return Dist(strategy="none", strategy_locked=dspec.strategy, options=options)
 
+    # first, before any collective can hang on a peer whose launcher is gone
+    parent_death = die_with_launcher()
+
     import torch
     import torch.distributed as tdist
 
@@ -163,16 +209,33 @@ def setup(spec, layout: dict) -> Dist:
         problems.append(f"process group backend {backend!r}, this device needs {expected_backend!r}")
     # every rank must agree on what it is running: same bundle layout, same strategy
     mine = (layout["world_size"], layout["per_device"], layout["grad_accum"], dspec.strategy)
+    where = placement(got_rank, local_rank)
     everyone = [None] * got_world
-    tdist.all_gather_object(everyone, mine)
-    if any(o != mine for o in everyone):
-        problems.append(f"ranks disagree on (world, per_device, grad_accum, strategy): {everyone}")
+    tdist.all_gather_object(everyone, (mine, where))
+    if any(o[0] != mine for o in everyone):
+        problems.append(f"ranks disagree on (world, per_device, grad_accum, strategy): {[o[0] for o in everyone]}")
+    ranks = [o[1] for o in everyone]
+    problems += [
+        f"node rank {w['node_rank_asked']} was asked for (NODE_RANK / SLURM_NODEID / JOB_COMPLETION_INDEX) but the "
+        f"rendezvous made it node {w['node_rank']} (global rank {w['rank']}); torchrun's c10d rendezvous assigns node "
+        "ranks in arrival order: launch with the bundle's launch.sh (static rendezvous)"
+        for w in ranks if w["node_rank_asked"] is not None and w["node_rank_asked"] != w["node_rank"]
+    ]
     if problems:
         raise RunError(f"rank {rank}: the process group is not the one this run needs", problems)
     strategy = "fsdp" if dspec.strategy == "fsdp" else "ddp"  # 'none' launched with several processes is DDP
-    checks = {"world_size": got_world, "backend": backend, "ranks_agree": True}
+    checks = {"world_size": got_world, "backend": backend, "ranks_agree": True, "ranks": ranks, **parent_death}
     return Dist(world_size=world, rank=rank, local_rank=local_rank, strategy=strategy, strategy_locked=dspec.strategy,
                 backend=backend, device=device, options=options, checks=checks)
+
+
+def placement(rank: int, local_rank: int) -> dict:
+    """Where this worker sits, as torchrun's environment says (GROUP_RANK is the node rank the
+    rendezvous assigned) and as the launcher asked (SFTC_NODE_RANK, exported by launch.sh)."""
+    asked = os.environ.get(NODE_RANK_ENV, "")
+    group = os.environ.get("GROUP_RANK", "")
+    return {"rank": rank, "local_rank": local_rank, "node_rank": int(group) if group.isdigit() else None,
+            "node_rank_asked": int(asked) if asked.isdigit() else None}
 
 
 # --- collectives that are no-ops in one process ----------------------------------------------

@@ -131,10 +131,13 @@ def derive_layout(batch: BatchSpec, world_size: int) -> dict:
     if world_size == batch.world_size:
         return layout
     if epu % (batch.per_device * world_size):
+        fitting = [w for w in range(1, epu // batch.per_device + 1) if epu % (batch.per_device * w) == 0]
         raise BundleError(
-            f"world size {world_size} cannot keep the bundle's examples_per_update {epu}: "
-            f"{epu} is not a multiple of per_device {batch.per_device} x world_size {world_size}; "
-            f"run with world size {batch.world_size} or recompile with batch.world_size: {world_size}"
+            f"world size {world_size} cannot keep the bundle's {epu} examples per update ({epu} is not a multiple of "
+            f"per_device {batch.per_device} x world size {world_size}). Either launch {', '.join(map(str, fitting))} "
+            f"process(es) in all (the bundle's launch.sh starts {batch.world_size}), or recompile for {world_size} with "
+            f"both `batch.world_size: {world_size}` and `distributed: {{nodes: 1, procs_per_node: {world_size}}}` "
+            f"(on several nodes: nodes x procs_per_node = {world_size})"
         )
     layout["grad_accum"] = epu // (batch.per_device * world_size)
     layout["grad_accum_rederived"] = True

@@ -1,70 +1,130 @@
-"""The compile side of scale-out (spec options, launch.sh for several nodes, deepspeed.json) and
-the refusals that need no second process."""
+"""The compile side of scale-out (spec options, launch.sh for one and several nodes, the ZeRO
+refusal) and the refusals that need no second process."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from sftc.runtime.distributed import check_strategy
-from sftc.runtime.train import run_bundle
 from sftc.errors import RunError, SpecError
 
 
-def test_launch_sh_for_two_nodes_takes_endpoint_and_node_rank_from_the_scheduler(project, tmp_path):
+def _stand_in_python(tmp_path, imports_sftc: bool = True) -> Path:
+    """A `python` that prints the command line it was given; `-c 'import sftc'` (the script's probe)
+    succeeds or fails as asked."""
+    fake = tmp_path / "bin" / "python3"
+    fake.parent.mkdir(exist_ok=True)
+    probe = "exit 0" if imports_sftc else "exit 1"
+    fake.write_text(f'#!/usr/bin/env bash\nif [[ "$1" == "-c" ]]; then {probe}; fi\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    return fake
+
+
+def _launch(tmp_path, script, env, *args):
+    # only the stand-in's directory and the tools the script uses: no real python is found by accident
+    tools = tmp_path / "tools"
+    if not tools.exists():
+        tools.mkdir()
+        for tool in ("bash", "dirname", "head", "env"):
+            (tools / tool).symlink_to(shutil.which(tool))
+    path = ":".join(p for p in (env.pop("PREPEND_PATH", None), str(tools)) if p)
+    return subprocess.run(["/bin/bash", str(script), *args], env={"PATH": path, **env}, capture_output=True, text=True)
+
+
+def test_launch_sh_for_two_nodes_uses_static_ranks_from_the_scheduler(project, tmp_path):
     bundle = project.compile(batch={"per_device": 2, "grad_accum": 1, "world_size": 4},
                              distributed={"strategy": "fsdp", "nodes": 2, "procs_per_node": 2})
     script = bundle / "launch.sh"
-    text = script.read_text()
-    assert "--nnodes=2" in text and "--nproc-per-node=2" in text and "-m sftc.cli run" in text
     assert os.access(script, os.X_OK)
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    # a stand-in torchrun prints the command line it was given
-    fake = tmp_path / "torchrun"
-    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
-    fake.chmod(0o755)
-    base = {"PATH": os.environ["PATH"], "TORCHRUN": str(fake)}
+    assert str(project.root) not in script.read_text()  # nothing of this machine in the bundle
+    python = _stand_in_python(tmp_path)
 
     def launched(env):
-        out = subprocess.run(["bash", str(script), "--fresh"], env={**base, **env}, capture_output=True, text=True)
+        out = _launch(tmp_path, script, {"SFTC_PYTHON": str(python), **env}, "--fresh")
         assert out.returncode == 0, out.stderr
         return out.stdout.splitlines()
 
     k8s = launched({"MASTER_ADDR": "trainer-0.trainer", "MASTER_PORT": "23456", "JOB_COMPLETION_INDEX": "1"})
-    assert "--node-rank=1" in k8s and "--rdzv-endpoint=trainer-0.trainer:23456" in k8s
-    assert f"--rdzv-id={bundle.name}" in k8s and k8s[-3:] == ["run", str(bundle.resolve()), "--fresh"]
+    # static rendezvous: the node rank decides the global ranks (c10d would number nodes by arrival)
+    assert k8s[:2] == ["-m", "torch.distributed.run"] and "--rdzv-backend=static" in k8s
+    assert "--nnodes=2" in k8s and "--nproc-per-node=2" in k8s and "--node-rank=1" in k8s
+    assert "--master-addr=trainer-0.trainer" in k8s and "--master-port=23456" in k8s
+    assert k8s[-5:] == ["-m", "sftc.cli", "run", str(bundle.resolve()), "--fresh"]
     slurm = launched({"MASTER_ADDR": "node17", "SLURM_NODEID": "1"})
-    assert "--node-rank=1" in slurm and "--rdzv-endpoint=node17:29500" in slurm
+    assert "--node-rank=1" in slurm and "--master-addr=node17" in slurm and "--master-port=29500" in slurm
     explicit = launched({"MASTER_ADDR": "10.0.0.5", "NODE_RANK": "0", "SLURM_NODEID": "1"})
     assert "--node-rank=0" in explicit  # NODE_RANK wins over the scheduler's variables
+    # found on PATH when SFTC_PYTHON is not set
+    assert _launch(tmp_path, script, {"PREPEND_PATH": str(python.parent), "MASTER_ADDR": "h", "NODE_RANK": "1"}).returncode == 0
 
 
-def test_single_process_bundle_launches_sftc_run(project):
-    text = (project.compile() / "launch.sh").read_text()
-    assert 'exec "$SFTC" run "$BUNDLE_DIR" "$@"' in text and "torchrun" not in text.split("set -euo")[1]
+@pytest.mark.parametrize("env, message", [
+    ({"NODE_RANK": "1"}, "MASTER_ADDR is not set; with 2 nodes"),
+    ({"MASTER_ADDR": "node0"}, "node rank '' (from NODE_RANK, SLURM_NODEID or JOB_COMPLETION_INDEX) must be one of 0 .. 1"),
+    ({"MASTER_ADDR": "node0", "SLURM_NODEID": "2"}, "node rank '2'"),
+    ({"MASTER_ADDR": "node0", "NODE_RANK": "x"}, "node rank 'x'"),
+])
+def test_launch_sh_refuses_a_node_without_endpoint_or_rank(project, tmp_path, env, message):
+    bundle = project.compile(batch={"per_device": 2, "grad_accum": 1, "world_size": 4},
+                             distributed={"strategy": "ddp", "nodes": 2, "procs_per_node": 2})
+    out = _launch(tmp_path, bundle / "launch.sh", {"SFTC_PYTHON": str(_stand_in_python(tmp_path)), **env})
+    assert out.returncode == 2 and out.stdout == ""  # torchrun never started
+    assert out.stderr.startswith("sftc launch: error: ") and message in out.stderr, out.stderr
 
 
-def test_zero3_bundle_has_deepspeed_config_and_the_run_refuses_without_deepspeed(project):
+def test_launch_sh_without_a_python_that_imports_sftc_says_how_to_point_at_one(project, tmp_path):
+    bundle = project.compile()
+    no_sftc = _stand_in_python(tmp_path, imports_sftc=False)
+    out = _launch(tmp_path, bundle / "launch.sh", {"PREPEND_PATH": str(no_sftc.parent)})
+    assert out.returncode == 2 and out.stdout == ""
+    assert "no python that can import sftc" in out.stderr and "SFTC_PYTHON=" in out.stderr
+    out = _launch(tmp_path, bundle / "launch.sh", {"SFTC_PYTHON": str(no_sftc)})
+    assert out.returncode == 2 and f"SFTC_PYTHON={no_sftc} cannot import sftc" in out.stderr
+
+
+def test_single_process_bundle_launches_sftc_run(project, tmp_path):
+    bundle = project.compile()
+    out = _launch(tmp_path, bundle / "launch.sh", {"SFTC_PYTHON": str(_stand_in_python(tmp_path))}, "--fresh")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["-m", "sftc.cli", "run", str(bundle.resolve()), "--fresh"]
+
+
+def test_one_node_bundle_launches_torchrun_standalone(project, tmp_path):
     bundle = project.compile(batch={"per_device": 2, "grad_accum": 1, "world_size": 2},
-                             distributed={"strategy": "zero3", "procs_per_node": 2, "mixed_precision": "bf16"})
-    config = json.loads((bundle / "deepspeed.json").read_text())
-    assert config["zero_optimization"]["stage"] == 3
-    assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
-    assert config["train_micro_batch_size_per_gpu"] == 2 and config["train_batch_size"] == 4
-    assert config["gradient_accumulation_steps"] == 1 and config["bf16"]["enabled"] is True
-    lock = json.loads((bundle / "bundle.lock.json").read_text())
-    assert "deepspeed.json" in lock["files"]  # hashed like every bundle file
-    assert not (project.compile() / "deepspeed.json").exists()
-    from sftc.runtime.distributed import deepspeed_available
+                             distributed={"strategy": "ddp", "procs_per_node": 2})
+    out = _launch(tmp_path, bundle / "launch.sh", {"SFTC_PYTHON": str(_stand_in_python(tmp_path))})
+    assert out.returncode == 0, out.stderr  # no MASTER_ADDR needed on one node
+    args = out.stdout.splitlines()
+    assert args[:3] == ["-m", "torch.distributed.run", "--standalone"] and "--nproc-per-node=2" in args
 
-    if deepspeed_available():
-        pytest.skip("deepspeed is installed here")
-    with pytest.raises(RunError, match="deepspeed is not installed"):
-        run_bundle(bundle, run_dir=project.root / "runs" / "zero3")
-    assert not (project.root / "runs" / "zero3" / "checkpoints").exists()
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_zero_strategies_are_refused_at_compile_with_the_fsdp_lines(project, strategy):
+    with pytest.raises(SpecError) as err:
+        project.compile(batch={"per_device": 2, "grad_accum": 1, "world_size": 2},
+                        distributed={"strategy": strategy, "procs_per_node": 2, "cpu_offload": True})
+    message = str(err.value)
+    assert f"distributed.strategy: {strategy!r} (DeepSpeed ZeRO) is not supported" in message
+    assert "`distributed: {strategy: fsdp, cpu_offload: true}`" in message
+    assert not list((project.root / "bundles").glob("*")) if (project.root / "bundles").exists() else True
+
+
+def test_a_zero3_bundle_compiled_before_the_refusal_is_refused_at_any_world_size(project):
+    from sftc.compiler.spec import Spec
+
+    lock = json.loads((project.compile() / "bundle.lock.json").read_text())
+    raw = dict(lock["spec"])
+    raw["distributed"] = {**raw["distributed"], "strategy": "zero3"}
+    for world in (1, 2):
+        with pytest.raises(RunError, match="compiled by an older sftc; recompile it.*strategy: fsdp"):
+            check_strategy(Spec.model_validate(raw), world_size=world)
 
 
 @pytest.mark.parametrize("overrides, message", [
