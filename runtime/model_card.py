@@ -14,6 +14,8 @@ from typing import Any
 from sftc.runtime.rundir import DIAGNOSTICS
 
 TASK = "text-generation"
+QLORA_MERGE_NOTE = ("The merge uses the original float base weights; the adapter was trained and evaluated against "
+                    "the 4-bit base, so merged outputs can differ slightly from the metrics below.")
 
 
 def _fmt(value: Any) -> str:
@@ -66,8 +68,7 @@ def _how_to_load(p: dict, merged_card: bool) -> list[str]:
             f"The {kind.upper()} adapter merged into the {p['merged']['dtype']} base; self-contained.")
         lines = [f"{what} Load with `AutoModelForCausalLM.from_pretrained(\"<this dir>\")`."]
         if merged_card and kind == "qlora":
-            lines += ["The merge uses the original float base weights; the adapter was trained and evaluated "
-                      "against the 4-bit base, so merged outputs can differ slightly from the metrics below."]
+            lines += [QLORA_MERGE_NOTE]
         return lines + [""]
     lines = [f"{kind.upper()} adapter. `adapter_config.json` names its base as `{base['adapter_base']}`"]
     if base.get("hub_id"):
@@ -88,6 +89,8 @@ def _how_to_load(p: dict, merged_card: bool) -> list[str]:
     if p["merged"]:
         lines += ["`merged/` holds the adapter merged into the base, the self-contained option "
                   "(`AutoModelForCausalLM.from_pretrained(\"<this dir>/merged\")`)."]
+        if kind == "qlora":
+            lines += [QLORA_MERGE_NOTE]
     return lines + [""]
 
 
@@ -138,7 +141,7 @@ def _provenance_lines(p: dict) -> list[str]:
         f"project path `{base.get('project_path')}`")
     evaluation = p["evaluation"]
     lines = ["## Provenance", "",
-             f"- bundle: `{p['bundle_id']}` (hash `{p['bundle_hash']}`), at `{p['bundle_dir']}` in the project",
+             f"- bundle: `{p['bundle_id']}` (inputs hash `{p['inputs_hash']}`), at `{p['bundle_dir']}` in the project",
              f"- base model: {origin}, config sha256 `{base.get('config_sha256')}`",
              f"- objective: {p['objective']}; parameterization: `{json.dumps(p['parameterization'], sort_keys=True)}`",
              f"- trainable parameters: {_fmt(params.get('trainable'))} of {_fmt(params.get('total'))} "

@@ -4,6 +4,7 @@ carries its provenance, and refuses checkpoints that fail their hashes."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,18 +15,21 @@ from sftc.io import pretty_json, sha256_file
 from sftc.runtime.export import export_run
 from sftc.runtime.select import select_best
 
-REPO = Path(__file__).resolve().parents[2]
-TEMPLATE = (REPO / "templates" / "chat" / "access-policy.jinja").read_text(encoding="utf-8")
-BUNDLE_ID = "demo-0123456789ab"
-CORPUS = ['{"decision": "approve", "policy": "AC-101", "reply": "Approved under AC-101."}',
-          "Vendor wants admin access to the billing database without a ticket."] * 30
+SELECT = {"require": {"format_pass_rate": ">= 0.98"}, "maximize": "policy_pass_rate",
+          "tie_break": [{"minimize": "eval_loss"}]}
+# (eval_loss, policy_pass_rate, format_pass_rate) per step: 600 wins by policy, 400 has the lowest loss
+METRICS = {200: (1.91, 0.93, 0.99), 400: (1.77, 0.91, 1.00), 600: (1.79, 0.97, 0.98)}
+SCORED = 2  # n_prompts: behaviour scored on fewer prompts than the bundle holds (eval.max_prompts)
+TRICKY_SYSTEM = 'Follow "access policy" %} {{ x }}\n\tAnswer as JSON. Naïve 😀 \\ end'
+LORA = {"kind": "lora", "rank": 4, "alpha": 8, "dropout": 0.0, "merge_on_export": True}
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, one_thread):
-    from demo.tiny_model import build_tiny
+def _sealed(manifest: dict) -> dict:
+    """checkpoint.json as the runtime writes it: sealed over its own fields (runtime/checkpoint.py)."""
+    from sftc.runtime import checkpoint
 
-    return build_tiny(tmp_path_factory.mktemp("base"), CORPUS, vocab_size=320)
+    seal = getattr(checkpoint, "seal", None)  # the seal lands with the checkpoint engineer's change
+    return {**manifest, checkpoint.SEAL: seal(manifest)} if seal else manifest
 
 
 def _prompt(tokenizer) -> list[int]:
@@ -39,75 +43,71 @@ def _greedy(model, ids: list[int], n: int = 12) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def _make_run(root: Path, base_dir: Path, parameterization: dict, save, steps=(200, 400, 600), rule=None) -> Path:
-    """A project with a bundle lock (the fields export reads) and a run whose checkpoints `save` writes."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    bundle = root / "bundles" / BUNDLE_ID
-    bundle.mkdir(parents=True)
-    (bundle / "chat_template.jinja").write_text(TEMPLATE, encoding="utf-8")
-    rule = rule or {"require": {"format_pass_rate": ">= 0.98"}, "maximize": "policy_pass_rate",
-                    "tie_break": [{"minimize": "eval_loss"}], "export_if_none_eligible": False}
-    lock = {
-        "bundle_id": BUNDLE_ID, "bundle_hash": "f" * 64, "name": "demo", "project_root": "../..",
-        "spec": {"objective": "sft", "parameterization": parameterization,
-                 "model": {"path": "base", "revision": None, "dtype": "float32", "trust_remote_code": False},
-                 "select": rule},
-        "inputs": {"model_path": "base", "tokenizer_path": "base"},
-        "model": {"path": "base", "config_sha256": sha256_file(base_dir / "config.json")},
-        "tokenizer": {"path": "base", "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
-        "template": {"source": "file", "terminator": "<|end|>",
-                     "terminator_id": tokenizer.convert_tokens_to_ids("<|end|>")},
-        "template_version": "sha256:" + sha256_file(bundle / "chat_template.jinja"),
-        "tokenizer_version": "sha256:" + "1" * 64,
-        "data_manifest": {"hash": "sha256:" + "d" * 64,
-                          "files": [{"path": "data/access_policy/sft_rows.jsonl", "sha256": "e" * 64}]},
-        "budget": {"optimizer_steps": 600, "examples_per_update": 8, "per_device": 4, "grad_accum": 2, "world_size": 1,
-                   "supervised_tokens_per_update": {"min": 200, "mean": 240.5, "max": 260}, "total_tokens": 123456},
-        "parameters": {"total": 115000, "trainable": 115000, "trainable_fraction": 1.0},
-        "eval_manifest": {"hash": "sha256:" + "a" * 64, "rules_sha256": "sha256:" + "b" * 64, "prompts": 40,
-                          "metrics": ["format_pass_rate", "policy_pass_rate"]},
-        "libraries": {"torch": torch.__version__},
-    }
-    (bundle / "bundle.lock.json").write_text(pretty_json(lock))
-    (root / "base").symlink_to(base_dir)
-    run = root / "runs" / BUNDLE_ID
+def _make_run(project, parameterization: dict, save, steps=(200, 400, 600), select=None,
+              system: str | None = None) -> Path:
+    """A bundle compiled by the real compiler, and a run of it (no training) whose checkpoints
+    `save` writes, each with its sealed checkpoint.json, and the best.json that selects among them."""
+    bundle = project.compile(parameterization=parameterization, template={"system": system},
+                             eval={"rules": "rules.yaml"}, tokenize={"max_length": 160}, select=select or SELECT)
+    lock = json.loads((bundle / "bundle.lock.json").read_text())
+    run = project.run_dir(bundle)
     run.mkdir(parents=True)
-    (run / "run.json").write_text(json.dumps({"bundle_id": BUNDLE_ID, "bundle_dir": f"bundles/{BUNDLE_ID}"}))
-    metrics = {200: (1.91, 0.93, 0.99), 400: (1.77, 0.91, 1.00), 600: (1.79, 0.97, 0.98)}
+    (run / "run.json").write_text(json.dumps({"bundle_id": bundle.name, "bundle_dir": f"bundles/{bundle.name}"}))
     cands = []
     for step in steps:
         ckpt = run / "checkpoints" / f"checkpoint-{step}"
         ckpt.mkdir(parents=True)
         save(ckpt, step)
         (ckpt / "optimizer.pt").write_bytes(b"pickle bytes that must never be exported")
-        loss, policy, fmt = metrics[step]
-        m = {"eval_loss": loss, "policy_pass_rate": policy, "format_pass_rate": fmt}
+        loss, policy, fmt = METRICS[step]
+        m = {"eval_loss": loss, "policy_pass_rate": policy, "format_pass_rate": fmt, "n_prompts": SCORED}
         cands.append({"step": step, **m})
         files = {p.relative_to(ckpt).as_posix(): sha256_file(p) for p in sorted(ckpt.rglob("*")) if p.is_file()}
-        (ckpt / "checkpoint.json").write_text(pretty_json({
-            "bundle_id": BUNDLE_ID, "global_step": step, "metrics": m, "files": files,
-            "tokenizer_version": lock["tokenizer_version"], "template_version": lock["template_version"]}))
-    (run / "best.json").write_text(pretty_json(select_best(cands, rule)))
+        (ckpt / "checkpoint.json").write_text(pretty_json(_sealed({
+            "bundle_id": bundle.name, "global_step": step, "metrics": m, "files": files,
+            "tokenizer_version": lock["tokenizer"]["version"],
+            "template_version": (lock.get("template") or {}).get("version")})))
+    (run / "best.json").write_text(pretty_json(select_best(cands, lock["spec"]["select"])))
     return run
 
 
-def test_full_export_reloads_generates_and_carries_provenance(tmp_path, base_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    models = {}
-
+def _full_saver(model_dir: Path, into: dict):
     def save(ckpt, step):
+        from transformers import AutoModelForCausalLM
+
         torch.manual_seed(step)
-        model = AutoModelForCausalLM.from_pretrained(base_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.05)  # each step's weights differ
         model.save_pretrained(ckpt)
-        models[step] = model
+        into[step] = model.eval()
+    return save
 
-    run = _make_run(tmp_path, base_dir, {"kind": "full"}, save)
+
+def _lora_saver(model_dir: Path, into: dict):
+    def save(ckpt, step):
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(step)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                               LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn_like(p) * 0.5)  # a trained adapter is not a no-op
+        model.save_pretrained(ckpt)
+        into[step] = model.eval()
+    return save
+
+
+def test_full_export_reloads_generates_and_carries_provenance(project):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    models: dict = {}
+    run = _make_run(project, {"kind": "full"}, _full_saver(project.root / "model", models))
+    lock = json.loads((project.root / "bundles" / run.name / "bundle.lock.json").read_text())
     out = export_run(run)
     assert out == run / "export"
     names = {p.name for p in out.iterdir()}
@@ -115,7 +115,7 @@ def test_full_export_reloads_generates_and_carries_provenance(tmp_path, base_dir
     assert not any(n.endswith((".pt", ".bin", ".pth", ".pkl")) for n in names)
 
     tokenizer = AutoTokenizer.from_pretrained(out)
-    assert tokenizer.chat_template == TEMPLATE
+    assert tokenizer.chat_template == (project.root / "bundles" / run.name / "chat_template.jinja").read_text()
     loaded = AutoModelForCausalLM.from_pretrained(out)
     ids = _prompt(tokenizer)
     assert _greedy(loaded, ids) == _greedy(models[600], ids)  # step 600 won, not 400 (lowest loss)
@@ -123,8 +123,8 @@ def test_full_export_reloads_generates_and_carries_provenance(tmp_path, base_dir
     assert end_id in loaded.generation_config.eos_token_id
 
     card = (out / "README.md").read_text()
-    for needle in (BUNDLE_ID, "sha256:" + "d" * 64, "Step 600 selected", "policy_pass_rate", "sha256:" + "1" * 64,
-                   "examples per update", "trainable parameters"):
+    for needle in (run.name, lock["data_manifest"]["hash"], "Step 600 selected", "policy_pass_rate",
+                   lock["tokenizer"]["version"], "examples per update", "trainable parameters"):
         assert needle in card, needle
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["step"] == 600 and provenance["eligible"] is True
@@ -138,11 +138,11 @@ def test_full_export_reloads_generates_and_carries_provenance(tmp_path, base_dir
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
 
 
-def test_tampered_checkpoint_is_refused_and_old_export_kept(tmp_path, base_dir):
+def test_tampered_checkpoint_is_refused_and_old_export_kept(project):
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir)
-    run = _make_run(tmp_path, base_dir, {"kind": "full"}, lambda ckpt, step: base.save_pretrained(ckpt), steps=(600,))
+    base = AutoModelForCausalLM.from_pretrained(project.root / "model")
+    run = _make_run(project, {"kind": "full"}, lambda ckpt, step: base.save_pretrained(ckpt), steps=(600,))
     export_run(run)
     before = sha256_file(run / "export" / "model.safetensors")
     weights = run / "checkpoints" / "checkpoint-600" / "model.safetensors"
@@ -151,21 +151,21 @@ def test_tampered_checkpoint_is_refused_and_old_export_kept(tmp_path, base_dir):
     weights.write_bytes(bytes(data))
     with pytest.raises(RunError) as err:
         export_run(run)
-    assert "model.safetensors: sha256 differs" in str(err.value)
+    assert "model.safetensors" in str(err.value) and "sha256 differs" in str(err.value)
     assert sha256_file(run / "export" / "model.safetensors") == before
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
 
 
-def test_none_eligible_is_not_exported_unless_allowed(tmp_path, base_dir):
+def test_none_eligible_is_not_exported_unless_allowed(project):
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir)
-    rule = {"require": {"format_pass_rate": ">= 1.5"}, "maximize": "policy_pass_rate",
-            "tie_break": [{"minimize": "eval_loss"}], "export_if_none_eligible": False}
-    run = _make_run(tmp_path, base_dir, {"kind": "full"}, lambda ckpt, step: base.save_pretrained(ckpt),
-                    steps=(200, 600), rule=rule)
-    with pytest.raises(RunError, match="no checkpoint meets the selection rule"):
+    base = AutoModelForCausalLM.from_pretrained(project.root / "model")
+    select = {**SELECT, "require": {"format_pass_rate": ">= 1.0"}}
+    run = _make_run(project, {"kind": "full"}, lambda ckpt, step: base.save_pretrained(ckpt), steps=(200, 600),
+                    select=select)
+    with pytest.raises(RunError, match="no checkpoint meets the selection rule") as err:
         export_run(run)
+    assert "--allow-ineligible" in str(err.value) and "step 600" in str(err.value)
     assert not (run / "export").exists()
     out = export_run(run, allow_ineligible=True)
     assert json.loads((out / "provenance.json").read_text())["step"] == 600
@@ -173,49 +173,37 @@ def test_none_eligible_is_not_exported_unless_allowed(tmp_path, base_dir):
 
 
 @pytest.mark.parametrize("kind", ["lora", "qlora"])
-def test_adapter_export_reloads_and_merges(tmp_path, base_dir, kind):
-    from peft import AutoPeftModelForCausalLM, LoraConfig, get_peft_model
+def test_adapter_export_reloads_and_merges(project, kind, monkeypatch):
+    from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    adapters = {}
-
-    def save(ckpt, step):
-        torch.manual_seed(step)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
-                               LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn_like(p) * 0.5)  # a trained adapter is not a no-op
-        model.save_pretrained(ckpt)
-        adapters[step] = model.eval()
-
-    param = {"kind": kind, "rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear",
-             "merge_on_export": True}
-    run = _make_run(tmp_path, base_dir, param, save, steps=(400, 600))
+    adapters: dict = {}
+    run = _make_run(project, {**LORA, "kind": kind}, _lora_saver(project.root / "model", adapters), steps=(400, 600))
     out = export_run(run)
     assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "merged"} <= {p.name for p in out.iterdir()}
-    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tmp_path / "base")
+    # the base, relative to the export directory: runs/<id>/export -> <project>/model
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "../../../model"
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = _prompt(tokenizer)
-    reloaded = AutoPeftModelForCausalLM.from_pretrained(out).eval()
+    monkeypatch.chdir(out)  # peft resolves a relative base against the working directory
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(".").eval()
     assert _greedy(reloaded, ids) == _greedy(adapters[600], ids)
 
     merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
     x = torch.tensor([ids])
     with torch.no_grad():
         expected = adapters[600](input_ids=x).logits
-        assert not torch.allclose(expected, AutoModelForCausalLM.from_pretrained(base_dir)(input_ids=x).logits,
+        assert not torch.allclose(expected, AutoModelForCausalLM.from_pretrained(project.root / "model")(input_ids=x).logits,
                                   atol=1e-3), "the adapter changes the model"
         assert torch.allclose(merged(input_ids=x).logits, expected, atol=1e-4)
-    assert AutoTokenizer.from_pretrained(out / "merged").chat_template == TEMPLATE
+    assert AutoTokenizer.from_pretrained(out / "merged").chat_template == tokenizer.chat_template
     card = (out / "README.md").read_text()
     assert "AutoPeftModelForCausalLM" in card and "merged/" in card
     assert ("4-bit base" in card) == (kind == "qlora")
 
 
-def test_end_to_end_real_run_selects_exports_reports(project):
+def test_end_to_end_real_run_selects_exports_reports(project, monkeypatch):
     """A real compiled bundle trained by the runtime: best.json, export, status and report agree."""
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
@@ -241,12 +229,142 @@ def test_end_to_end_real_run_selects_exports_reports(project):
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["step"] == best["best_step"] and provenance["bundle_id"] == bundle.name
     tokenizer = AutoTokenizer.from_pretrained(out)
-    model = AutoPeftModelForCausalLM.from_pretrained(out)
+    monkeypatch.chdir(out)  # the adapter names its base relative to the export directory
+    model = AutoPeftModelForCausalLM.from_pretrained(".")
     assert len(_greedy(model, _prompt(tokenizer), 4)) == 4
     assert (out / "merged" / "model.safetensors").is_file()
 
     text = status(run)
     assert f"* step {best['best_step']:>6}  valid" in text
+    monkeypatch.undo()
     page = render_report(run)
     assert all((page.parent / n).stat().st_size > 5000 for n in ("loss.png", "behaviour.png", "tokens.png"))
     assert bundle.name in format_runs(list_runs(project.root))
+
+
+# --- portable exports (issue 13): no machine path, a base that resolves elsewhere, the system prompt --
+
+
+def test_export_names_no_path_of_the_machine(project, tiny_model_dir, tmp_path):
+    run = _make_run(project, LORA, _lora_saver(project.root / "model", {}), steps=(600,), system=TRICKY_SYSTEM)
+    out = export_run(run)
+    assert (out / "merged" / "model.safetensors").is_file() and (out / "merged" / "README.md").is_file()
+    machine = {str(project.root), str(project.root.resolve()), str(tiny_model_dir), str(tmp_path)}
+    for path in sorted(out.rglob("*")):
+        if path.is_file():
+            data = path.read_bytes()
+            leaked = [m for m in machine if m.encode() in data]
+            assert not leaked, f"{path.relative_to(out)} names {leaked}"
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["bundle_dir"] == f"bundles/{run.name}"
+    assert provenance["base_model"]["project_path"] == "model"
+    assert provenance["base_model"]["relative_to_export"] == "../../../model"
+
+
+def test_copied_export_loads_with_the_training_project_deleted(project, tmp_path, monkeypatch):
+    """What a deployer has: the export directory (adapter and merged/) and the base, no project."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trained: dict = {}
+    run = _make_run(project, LORA, _lora_saver(project.root / "model", trained), steps=(600,))
+    out = export_run(run)
+    ids = torch.tensor([_prompt(AutoTokenizer.from_pretrained(out))])
+    with torch.no_grad():
+        expected = trained[600](input_ids=ids).logits
+
+    deployed = tmp_path / "deploy" / "a" / "b" / "export"
+    shutil.copytree(out, deployed)
+    relative = json.loads((deployed / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert not Path(relative).is_absolute()
+    shutil.copytree(project.root / "model", (deployed / relative).resolve())  # where the card says the base goes
+    shutil.rmtree(project.root)
+
+    merged = AutoModelForCausalLM.from_pretrained(deployed / "merged").eval()
+    monkeypatch.chdir(deployed)
+    adapter = AutoPeftModelForCausalLM.from_pretrained(".").eval()
+    with torch.no_grad():
+        assert torch.allclose(adapter(input_ids=ids).logits, expected, atol=1e-5)
+        assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-4)
+
+
+def test_exported_template_gives_the_training_prompt_tokens(project):
+    """Every held-out prompt of a compiled bundle, as a user message alone through the exported
+    tokenizer, is token for token the prompt the model was trained and evaluated on."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(project.root / "model")
+    run = _make_run(project, {"kind": "full"}, lambda ckpt, step: base.save_pretrained(ckpt), steps=(600,),
+                    system=TRICKY_SYSTEM)
+    out = export_run(run)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    bundle = project.root / "bundles" / run.name
+    prompts = [json.loads(line) for line in (bundle / "eval_prompts.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (project.root / "data" / "rows.jsonl").read_text().splitlines()]
+    assert len(prompts) >= 4
+    for prompt in prompts:
+        user = next(r["prompt"] for r in rows if r["prompt"] in prompt["prompt_text"])
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+        assert list(ids) == prompt["prompt_ids"], prompt["index"]
+    assert TRICKY_SYSTEM in prompts[0]["prompt_text"]
+    # an explicit system message still wins
+    own = tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+                                        add_generation_prompt=True, tokenize=False)
+    assert "Be brief." in own and "access policy" not in own
+    card = (out / "README.md").read_text()
+    assert TRICKY_SYSTEM in card
+    assert json.loads((out / "provenance.json").read_text())["prompt"]["system"] == TRICKY_SYSTEM
+
+
+def test_model_card_front_matter_is_hub_valid(project):
+    from huggingface_hub import ModelCard
+
+    run = _make_run(project, LORA, _lora_saver(project.root / "model", {}), steps=(400, 600))
+    held_out = json.loads((project.root / "bundles" / run.name / "bundle.lock.json").read_text())["eval_manifest"]["prompts"]
+    out = export_run(run)
+    for directory, library in ((out, "peft"), (out / "merged", "transformers")):
+        text = (directory / "README.md").read_text()
+        card = ModelCard(text)
+        data = card.data.to_dict()
+        assert data["pipeline_tag"] == "text-generation" and data["library_name"] == library
+        assert "sftc" in data["tags"] and "lora" in data["tags"]
+        assert "base_model" not in data  # a local base with no known hub id: absent, never a path
+        assert "datasets" not in data and "license" not in data  # local data; the spec has no license field
+        results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+        assert results == {"eval_loss": 1.79, "policy_pass_rate": 0.97, "format_pass_rate": 0.98}  # step 600
+        assert f"{SCORED} of the {held_out} held-out prompts" in text and held_out > SCORED
+        assert "data/rows.jsonl" in text  # the data manifest, in the body
+
+
+def test_base_named_by_hub_id_when_certain(tmp_path):
+    from types import SimpleNamespace
+
+    from sftc.runtime.export import base_reference
+
+    root = tmp_path / "proj"
+    export = root / "runs" / "demo-0123456789ab" / "export"
+
+    def bundle(source, path, revision=None):
+        model = SimpleNamespace(source=source, path=path, revision=revision, config_sha256="sha256:" + "c" * 64)
+        return SimpleNamespace(lock=SimpleNamespace(model=model), resolve=lambda value: root / value)
+
+    hub = base_reference(bundle("hub", "Qwen/Qwen2.5-0.5B-Instruct", "7ae557604adf67be50417f59c2c2f167def9a775"), export)
+    assert hub["adapter_base"] == "Qwen/Qwen2.5-0.5B-Instruct" and hub["revision"].startswith("7ae5576")
+
+    snapshot = tmp_path / "hf" / "models--Qwen--Qwen2.5-0.5B" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (root / "models").mkdir(parents=True)
+    (root / "models" / "qwen").symlink_to(snapshot)
+    cached = base_reference(bundle("local", "models/qwen"), export)
+    assert (cached["adapter_base"], cached["revision"]) == ("Qwen/Qwen2.5-0.5B", "0123abcd")
+    assert cached["project_path"] == "models/qwen"
+
+    # transformers 4 wrote _name_or_path into configs: lineage for the card, not the adapter's base
+    local = root / "models" / "tuned"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps({"_name_or_path": "Qwen/Qwen2.5-0.5B-Instruct"}))
+    declared = base_reference(bundle("local", "models/tuned"), export)
+    assert declared["declared_hub_id"] == "Qwen/Qwen2.5-0.5B-Instruct" and declared["hub_id"] is None
+    assert declared["adapter_base"] == "../../../models/tuned"
