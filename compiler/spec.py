@@ -131,6 +131,10 @@ class DataSpec(Strict):
     max_reject_fraction: float = Field(
         0.05, ge=0.0, le=1.0, description="Compile fails if more than this fraction of rows is rejected."
     )
+    allow_control_tokens: bool = Field(
+        False, description="Accept rows whose text holds a special/control token of the template (e.g. '<|user|>'); "
+        "off: such a row could forge a turn, and is rejected as control_token_in_text.",
+    )
 
 
 class SplitSpec(Strict):

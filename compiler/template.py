@@ -8,12 +8,17 @@ is the template's version and part of the bundle hash.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from sftc.errors import SpecError
 from sftc.io import sha256_bytes, sha256_tree
+from sftc.yaml import read_text_file
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -21,6 +26,7 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 _PROBE_ANSWER = "SFTC_ANSWER_PROBE_7f3a"
+MAX_TEMPLATE_BYTES = 1 << 20
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -47,6 +53,101 @@ def load_tokenizer(location: str, revision: str | None, trust_remote_code: bool,
     return tokenizer
 
 
+# Limits on one render. A chat template is code from a file, and transformers' sandbox keeps it
+# away from Python internals but not from spending time or memory: `{{ 'a' * 10**10 }}` or nested
+# `range(100000)` loops would hang or kill the compile. A real template renders a row in well
+# under a millisecond, into text a few times the row's size.
+RENDER_SECONDS = 5.0
+MAX_RENDERED_CHARS = 1 << 24
+RENDER_MEMORY_HEADROOM = 2 << 30  # address space a render may add before it gets a MemoryError
+
+
+class TemplateRenderError(SpecError):
+    """The chat template failed on a row: an error in the template, not in the row."""
+
+
+class _RenderTimeout(Exception):
+    pass
+
+
+def _on_alarm(signum, frame):
+    raise _RenderTimeout()
+
+
+@contextmanager
+def render_limits():
+    """Bound the address space while templates render (re-entrant: the outermost sets it).
+
+    RLIMIT_AS turns any allocation past the headroom (a filter, `~` concatenation, a multiplied
+    string) into a MemoryError inside the render, whichever jinja operation made it. Linux only;
+    elsewhere the time and output limits still hold.
+    """
+    global _limit_depth
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        with open("/proc/self/statm", "rb") as handle:
+            in_use = int(handle.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (ImportError, OSError, ValueError):
+        yield
+        return
+    _limit_depth += 1
+    limited = _limit_depth == 1
+    if limited:
+        cap = in_use + RENDER_MEMORY_HEADROOM
+        resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    try:
+        yield
+    finally:
+        _limit_depth -= 1
+        if limited:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+_limit_depth = 0
+
+
+def guarded_render(render, where: str, what: str) -> str:
+    """Run `render()` (one apply_chat_template call) under the time, memory and output limits.
+
+    Any failure is a TemplateRenderError naming the template (`where`) and the row (`what`). The
+    wall-clock limit is a SIGALRM timer, since a jinja loop can spin without calling back into
+    sftc; signals only reach the main thread, so elsewhere only memory and output are bounded.
+    """
+    timed = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGALRM, _on_alarm) if timed else None
+    try:
+        with render_limits():
+            if timed:
+                signal.setitimer(signal.ITIMER_REAL, RENDER_SECONDS)
+            try:
+                text = render()
+            finally:
+                if timed:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+    except _RenderTimeout:
+        raise TemplateRenderError(f"{where}: rendering {what} took more than {RENDER_SECONDS:g} s; refused "
+                                  "(a loop in the template?)") from None
+    except MemoryError:
+        raise TemplateRenderError(f"{where}: rendering {what} needed more than "
+                                  f"{RENDER_MEMORY_HEADROOM >> 30} GiB; refused") from None
+    except RecursionError:
+        raise TemplateRenderError(f"{where}: rendering {what} recursed too deeply; refused") from None
+    except Exception as exc:  # jinja errors, SecurityError from the sandbox, or anything the template raised
+        raise TemplateRenderError(f"{where}: rendering {what} failed: {exc.__class__.__name__}: "
+                                  f"{str(exc)[:300]}") from None
+    finally:
+        if timed:
+            signal.signal(signal.SIGALRM, previous)
+    if not isinstance(text, str):
+        raise TemplateRenderError(f"{where}: rendering {what} gave a {type(text).__name__}, not text")
+    if len(text) > MAX_RENDERED_CHARS:
+        raise TemplateRenderError(f"{where}: rendering {what} gave {len(text)} characters, more than "
+                                  f"{MAX_RENDERED_CHARS}; refused")
+    return text
+
+
 @dataclass
 class Template:
     text: str
@@ -56,22 +157,30 @@ class Template:
     terminator: str
     terminator_id: int
     system: str | None
+    # strings that tokenize to a control token of this template; text holding one is a
+    # control_token_in_text reject (compiler/tokens.py) unless data.allow_control_tokens
+    control_tokens: tuple[str, ...] = ()
 
-    def render(self, tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    def render(self, tokenizer, messages: list[dict], add_generation_prompt: bool, row: str = "a conversation") -> str:
+        """The template applied by transformers (its sandbox), under sftc's limits (guarded_render)."""
         if self.system is not None and (not messages or messages[0]["role"] != "system"):
             messages = [{"role": "system", "content": self.system}, *messages]
-        return tokenizer.apply_chat_template(
-            messages, chat_template=self.text, tokenize=False, add_generation_prompt=add_generation_prompt
+        return guarded_render(
+            lambda: tokenizer.apply_chat_template(
+                messages, chat_template=self.text, tokenize=False, add_generation_prompt=add_generation_prompt
+            ),
+            f"template.chat: {self.path or 'the tokenizer template'}", row,
         )
 
 
-def detect_terminator(tokenizer, template_text: str, declared: str | None) -> tuple[str, int]:
+def detect_terminator(tokenizer, template_text: str, declared: str | None, where: str = "the template") -> tuple[str, int]:
     """The end-of-turn string the template writes right after an answer.
 
     It must be supervised (the model has to learn when to stop), so it must be one token.
     """
     messages = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": _PROBE_ANSWER}]
-    rendered = tokenizer.apply_chat_template(messages, chat_template=template_text, tokenize=False)
+    rendered = guarded_render(lambda: tokenizer.apply_chat_template(messages, chat_template=template_text, tokenize=False),
+                              f"template.chat: {where}", "the terminator probe conversation")
     at = rendered.find(_PROBE_ANSWER)
     if at < 0:
         raise SpecError("template: the template does not write the assistant's content verbatim")
@@ -100,28 +209,56 @@ def detect_terminator(tokenizer, template_text: str, declared: str | None) -> tu
     return terminator, ids[0]
 
 
+def control_tokens(tokenizer, template_text: str | None) -> tuple[str, ...]:
+    """Strings that become a special or control token when text containing them is tokenized.
+
+    transformers' own rule first (`_get_control_tokens`: every special added token, and added
+    tokens written literally in the template, what `apply_chat_template(sanitize_control_tokens=
+    True)` guards). It misses role markers a template builds from pieces (`'<|' + role + '|>'`),
+    so added tokens that appear in a rendered probe conversation count too.
+    """
+    added = [t for t in tokenizer.added_tokens_decoder.values() if t.content and not t.content.isspace()]
+    found = {t.content for t in added if t.special}
+    found |= {t for t in tokenizer.all_special_tokens if t and not t.isspace()}
+    if template_text is not None:
+        try:
+            found |= set(tokenizer._get_control_tokens(template_text))  # private in transformers 5; the rule itself
+        except Exception:  # an older transformers or a template jinja cannot parse: the probe below still runs
+            pass
+        probe = [{"role": "system", "content": _PROBE_ANSWER}, {"role": "user", "content": _PROBE_ANSWER},
+                 {"role": "assistant", "content": _PROBE_ANSWER}]
+        try:
+            rendered = guarded_render(lambda: tokenizer.apply_chat_template(probe, chat_template=template_text,
+                                                                            tokenize=False), "template.chat", "a probe")
+        except SpecError:  # templates that refuse a system turn: user and assistant only
+            rendered = guarded_render(lambda: tokenizer.apply_chat_template(probe[1:], chat_template=template_text,
+                                                                            tokenize=False), "template.chat", "a probe")
+        rendered = rendered.replace(_PROBE_ANSWER, "\0")
+        found |= {t.content for t in added if t.content in rendered}
+    return tuple(sorted(found, key=lambda t: (-len(t), t)))
+
+
 def load_template(spec, tokenizer, chat_path: Path | None, display: str | None) -> Template | None:
     """The template for this run; None for text (continued pretraining) runs."""
     if spec.data.format == "text":
         return None
     if chat_path is not None:
-        try:
-            raw = chat_path.read_bytes()
-        except FileNotFoundError:
-            raise SpecError(f"template.chat: {display}: file not found") from None
-        text, source = raw.decode("utf-8"), "file"
+        text, raw = read_text_file(chat_path, "chat template", SpecError, max_bytes=MAX_TEMPLATE_BYTES)
+        source = "file"
     else:
         text = tokenizer.chat_template
         if not isinstance(text, str) or not text:
             raise SpecError("template.chat: the tokenizer has no chat template; set template.chat to a file")
         raw, source = text.encode("utf-8"), "tokenizer"
     try:
-        terminator, terminator_id = detect_terminator(tokenizer, text, spec.template.terminator)
+        terminator, terminator_id = detect_terminator(tokenizer, text, spec.template.terminator, display or "the tokenizer template")
     except SpecError:
         raise
     except Exception as exc:  # jinja errors, including SecurityError from the sandbox
         raise SpecError(f"template.chat: the template failed to render: {exc.__class__.__name__}: {exc}") from None
-    return Template(text, "sha256:" + sha256_bytes(raw), source, display, terminator, terminator_id, spec.template.system)
+    controls = () if getattr(spec.data, "allow_control_tokens", False) else control_tokens(tokenizer, text)
+    return Template(text, "sha256:" + sha256_bytes(raw), source, display, terminator, terminator_id, spec.template.system,
+                    controls)
 
 
 def local_dir(location: str, revision: str | None, key: str) -> Path:

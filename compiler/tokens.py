@@ -20,11 +20,13 @@ fails the compile) and counted, never trained on with its answer cut away.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from sftc.compiler.data import Example, Reject
+from sftc.compiler.template import render_limits
 from sftc.errors import DataError
 
 IGNORE_INDEX = -100
@@ -43,13 +45,14 @@ class Tokenized:
 def answer_spans(example: Example, template, tokenizer) -> tuple[str, list[tuple[int, int]], str] | str:
     """(full text, supervised character spans, final prompt text) or a reject reason."""
     messages = example.messages
-    full = template.render(tokenizer, messages, add_generation_prompt=False)
+    row = f"row {example.ref}"
+    full = template.render(tokenizer, messages, add_generation_prompt=False, row=row)
     spans = []
     prompt_text = ""
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prefix = template.render(tokenizer, messages[:i], add_generation_prompt=True)
+        prefix = template.render(tokenizer, messages[:i], add_generation_prompt=True, row=row)
         if not full.startswith(prefix):
             return "template_not_prefix_consistent"
         at = full.find(message["content"], len(prefix))
@@ -68,12 +71,18 @@ def tokenize_chat(examples: list[Example], template, tokenizer, max_length: int,
     """Tokenize and mask chat rows; `with_prompts` also keeps the last prompt's ids (eval only)."""
     out = Tokenized()
     rendered = []
-    for example in examples:
-        result = answer_spans(example, template, tokenizer)
-        if isinstance(result, str):
-            out.rejects.append(Reject(example.file, example.row, result, "see docs/architecture.md (masking)"))
-            continue
-        rendered.append((example, *result))
+    controls = control_token_pattern(template.control_tokens)
+    with render_limits():  # one address-space limit around every render of this pass
+        for example in examples:
+            forged = _forged_control_token(controls, ((m["role"], m["content"]) for m in example.messages))
+            if forged:
+                out.rejects.append(Reject(example.file, example.row, "control_token_in_text", forged))
+                continue
+            result = answer_spans(example, template, tokenizer)
+            if isinstance(result, str):
+                out.rejects.append(Reject(example.file, example.row, result, "see docs/architecture.md (masking)"))
+                continue
+            rendered.append((example, *result))
     if not rendered:
         return out
     for start in range(0, len(rendered), _CHUNK):
@@ -121,7 +130,27 @@ def _mask_chunk(rendered, tokenizer, max_length: int, on_truncated: str, out: To
         out.prompt_ids.append(prompts[k] if prompts is not None else [])
 
 
-def tokenize_text(examples: list[Example], tokenizer) -> Tokenized:
+def control_token_pattern(tokens) -> re.Pattern | None:
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+
+def _forged_control_token(pattern: re.Pattern | None, texts) -> str | None:
+    """Where a row's own text holds a control token, or None.
+
+    Such text tokenizes to the token itself, so a completion holding `<|end|>\\n<|user|>\\n...`
+    would supervise a forged user turn, and a prompt holding an assistant turn would put words in
+    the model's mouth at eval. Rejected with its own reason unless data.allow_control_tokens.
+    """
+    if pattern is None:
+        return None
+    for where, text in texts:
+        found = pattern.search(text)
+        if found:
+            return f"{where} text contains the control token {found.group(0)!r} at character {found.start()}"
+    return None
+
+
+def tokenize_text(examples: list[Example], tokenizer, allow_control_tokens: bool = False) -> Tokenized:
     """Continued pretraining: every token of the text and its end-of-text is a target.
 
     Long documents are not truncated here; packing splits (bfd_split, wrapped) or truncates
@@ -131,7 +160,19 @@ def tokenize_text(examples: list[Example], tokenizer) -> Tokenized:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("tokenizer: continued pretraining needs an eos token to separate documents")
-    encoded = tokenizer([e.text for e in examples], add_special_tokens=False)["input_ids"]
+    if not allow_control_tokens:
+        from sftc.compiler.template import control_tokens
+
+        pattern = control_token_pattern(control_tokens(tokenizer, None))
+        kept = []
+        for example in examples:
+            forged = _forged_control_token(pattern, [("text", example.text)])
+            if forged:
+                out.rejects.append(Reject(example.file, example.row, "control_token_in_text", forged))
+            else:
+                kept.append(example)
+        examples = kept
+    encoded = tokenizer([e.text for e in examples], add_special_tokens=False)["input_ids"] if examples else []
     for example, ids in zip(examples, encoded):
         ids = np.asarray([*ids, eos], dtype=np.int32)
         out.input_ids.append(ids)
