@@ -268,6 +268,9 @@ def _build(inputs: Inputs, out_root: Path) -> tuple[Path, Lock]:
     eval_rows = unpacked(eval_tok.input_ids, eval_tok.labels) if eval_tok.input_ids else None
 
     config = load_config(inputs.model_dir, spec)
+    from sftc.compiler.vocab import check_vocabulary
+
+    check_vocabulary(tokenizer, config, train_tok.input_ids + eval_tok.input_ids, src)
     parameters = count_parameters(config, spec)
     memory = estimate_memory(parameters, spec, spec.seq_length)
 
