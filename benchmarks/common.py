@@ -71,7 +71,62 @@ def code_state() -> dict:
     # results/ is what this run writes, not code that was measured
     dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
              if not line[3:].startswith("benchmarks/results/")]
-    return {"head": git("rev-parse", "--short", "HEAD").strip(), "modified_files": dirty}
+    return {"head": git("rev-parse", "--short", "HEAD").strip(), "dirty": bool(dirty), "modified_files": dirty}
+
+
+def shown_path(path: Path) -> str:
+    """A path as an artifact may hold it: relative to the project or to $SFTC_EXTERNAL, never absolute."""
+    path = Path(path).resolve()
+    for root, name in ((REPO, ""), (EXTERNAL.resolve(), "$SFTC_EXTERNAL/"), (CACHE.resolve(), "$SFTC_BENCH_CACHE/")):
+        if path.is_relative_to(root):
+            return name + str(path.relative_to(root))
+    return path.name
+
+
+def count_rows(path: Path) -> int | None:
+    """Rows of a data file, counted from the file (JSONL lines or parquet rows), not remembered."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    if path.suffix == ".jsonl":
+        with open(path, "rb") as handle:
+            return sum(1 for line in handle if line.strip())
+    return None
+
+
+def input_files(*paths) -> list[dict]:
+    """What a result measured: each input file's sha256 and row count, for the result file."""
+    from sftc.io import sha256_file
+
+    return [{"path": shown_path(p), "sha256": sha256_file(p), "rows": count_rows(p)} for p in paths]
+
+
+# What `make bench` reads and which command makes it: (path, scripts that need it, how to get it)
+PREREQUISITES = [
+    (REPO / "models" / "access-base" / "config.json", ("train", "train_pack256", "train_orgaccess", "train_orgaccess_10m",
+                                                      "packing", "checkpoint", "eval"),
+     "dvc repro pretrain   (the demo base model, a DVC output)"),
+    (REPO / "data" / "access_policy" / "sft_rows.jsonl", ("train", "train_pack256", "packing", "checkpoint", "eval"),
+     "dvc repro generate   (the demo data, a DVC output)"),
+    (EXTERNAL / "datasets" / "orgaccess" / "easy-00000-of-00001.parquet",
+     ("compile", "packing", "train_orgaccess", "train_orgaccess_10m"),
+     "set SFTC_EXTERNAL to the shared external folder (datasets/orgaccess)"),
+    (EXTERNAL / "tokenizers" / "qwen2.5-instruct" / "tokenizer.json",
+     ("compile", "packing", "train_orgaccess", "train_orgaccess_10m", "scaling"),
+     "set SFTC_EXTERNAL to the shared external folder (tokenizers/qwen2.5-instruct)"),
+]
+
+
+def missing_prerequisites(names) -> list[str]:
+    """One line per missing input of the named scripts: the path and the command that makes it."""
+    lines = []
+    for path, needed_by, how in PREREQUISITES:
+        users = sorted(set(names) & set(needed_by))
+        if users and not path.exists():
+            lines.append(f"{shown_path(path)} is missing (needed by {', '.join(users)}): {how}")
+    return lines
 
 
 def median(values) -> float:
@@ -79,11 +134,15 @@ def median(values) -> float:
 
 
 def write_result(name: str, result: dict) -> Path:
+    """results/<name>.json, written whole or not at all, with the code and the arguments it measured."""
+    from sftc.io import atomic_write_text
+
     RESULTS.mkdir(parents=True, exist_ok=True)
     result.setdefault("code", code_state())
     result.setdefault("measured_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    result.setdefault("argv", sys.argv[1:])
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     return path
 
 

@@ -32,28 +32,34 @@ SCRIPTS = {
     # 5 repeats: under a load average of 2-5 single repeats of the same batches differ by +-15%
     "train": ("bench_train.py", ["--steps", "4", "--warmup", "1", "--repeats", "5"], ["--steps", "2", "--repeats", "1"]),
     # the spec lever on CPU: the same demo examples packed into 256-token rows instead of 512
-    "train_pack256": ("bench_train.py", ["--pack-length", "256", "--setups", "sftc_varlen,sftc_varlen_eq,sftc_segments,trl_padded,dense", "--out",
+    "train_pack256": ("bench_train.py", ["--pack-length", "256", "--setups", "sftc_varlen,sftc_varlen_eq,sftc_segments,trl_padded,dense_stream", "--out",
                                          "train_pack256", "--steps", "4", "--warmup", "1", "--repeats", "3"],
-                      ["--pack-length", "256", "--setups", "sftc_varlen,sftc_varlen_eq,sftc_segments,trl_padded,dense", "--out", "train_pack256",
+                      ["--pack-length", "256", "--setups", "sftc_varlen,sftc_varlen_eq,sftc_segments,trl_padded,dense_stream", "--out", "train_pack256",
                        "--steps", "1", "--repeats", "1"]),
     # OrgAccess lengths (L=1024, 33% padding when unpacked) on the same tiny model; TRL's flattened
     # setup is left out here: one 8192-token row with a materialized mask costs ~30 s a step on CPU
-    "train_orgaccess": ("bench_train.py", ["--orgaccess", "--setups", "sftc_varlen,sftc_varlen_eq,sftc_segments,trl_padded,dense", "--steps", "3",
+    "train_orgaccess": ("bench_train.py", ["--orgaccess", "--setups", "sftc_varlen,sftc_varlen_eq,sftc_segments,trl_padded,dense_stream", "--steps", "3",
                                            "--warmup", "1", "--repeats", "3"],
-                        ["--orgaccess", "--setups", "sftc_varlen,sftc_varlen_eq,sftc_segments,trl_padded,dense", "--steps", "1", "--repeats", "1"]),
+                        ["--orgaccess", "--setups", "sftc_varlen,sftc_varlen_eq,sftc_segments,trl_padded,dense_stream", "--steps", "1", "--repeats", "1"]),
     # the same OrgAccess lengths on a ~10M-parameter model, the size of the issue's lab figures
-    "train_orgaccess_10m": ("bench_train.py", ["--orgaccess", "--scale-10m", "--setups", "sftc_varlen,sftc_varlen_eq,trl_padded,dense",
+    "train_orgaccess_10m": ("bench_train.py", ["--orgaccess", "--scale-10m", "--setups", "sftc_varlen,sftc_varlen_eq,trl_padded,dense_stream",
                                                "--out", "train_orgaccess_10m", "--steps", "2", "--warmup", "1", "--repeats", "3"],
-                            ["--orgaccess", "--scale-10m", "--setups", "sftc_varlen,sftc_varlen_eq,trl_padded,dense",
+                            ["--orgaccess", "--scale-10m", "--setups", "sftc_varlen,sftc_varlen_eq,trl_padded,dense_stream",
                              "--out", "train_orgaccess_10m", "--steps", "1", "--repeats", "1"]),
     "checkpoint": ("bench_checkpoint.py", [], []),
     "eval": ("bench_eval.py", ["--prompts", "32", "--repeats", "3"], ["--prompts", "8", "--repeats", "1"]),
     "gpu": ("bench_gpu.py", [], []),
+    # not in the default set (about an hour): `--only scaling` or `make bench-scaling`
+    "scaling": ("bench_scaling.py", [], ["--sizes", "4000,40000"]),
 }
+OPTIONAL = {"scaling"}
 
 # (label, result file, key path, target op, target value, unit/format)
 HEADLINES = [
-    ("Compile: sftc cold / TRL SFTTrainer prep (OrgAccess, 38k rows)", "compile", ["compile_vs_trl_ratio"], "<=", 1.0),
+    # {rows}: filled in from the result file (rows the compile read), never written down here
+    ("Compile: sftc cold / TRL SFTTrainer prep (OrgAccess, {rows} rows)", "compile", ["compile_vs_trl_ratio"], "<=", 1.0),
+    ("Compile: same, per example tokenized on each side", "compile", ["compile_vs_trl_ratio_per_example"], None, None),
+    ("Compile: same, sftc's split pass (near-duplicate search, TRL has none) left out", "compile", ["compile_vs_trl_ratio_excl_split"], None, None),
     ("Compile: same ratio, whole processes incl. imports", "compile", ["compile_vs_trl_ratio_process"], None, None),
     ("Compile: sftc cold compile s", "compile", ["sftc_compile_s"], None, None),
     ("Compile: TRL SFTTrainer dataset prep s", "compile", ["trl_prepare_s"], None, None),
@@ -66,7 +72,8 @@ HEADLINES = [
     ("Train: sftc default (varlen) / TRL padded (tokens/s)", "train", ["train_speedup_vs_padded"], ">=", 1.6),
     ("Train: same, sftc at equal examples per step (varlen, fewer packed rows)", "train", ["train_speedup_vs_padded_equal_examples"], ">=", 1.6),
     ("Train: TRL padded positions / real tokens (the speedup removing pad alone can give)", "train", ["padded_baseline_positions_per_real_token"], None, None),
-    ("Train: sftc default (varlen) / dense ceiling (tokens/s)", "train", ["train_vs_dense_ceiling"], ">=", 0.95),
+    ("Train: sftc default (varlen) / dense stream rows, no example boundaries (tokens/s; not a ceiling)", "train", ["train_vs_dense_stream"], None, None),
+    ("Train: TRL padded positions / real tokens over the whole epoch", "train", ["padded_positions_per_real_token_epoch"], None, None),
     ("Train: sftc default (varlen) / TRL padding-free flattened", "train", ["train_speedup_vs_trl_flat"], None, None),
     ("Train: sftc default (varlen) / one example per padded row (segments)", "train", ["default_vs_segments"], None, None),
     ("Train: sftc default (varlen) / packed rows with plain sdpa", "train", ["default_vs_packed_rows"], None, None),
@@ -74,19 +81,20 @@ HEADLINES = [
     ("Train: sftc packed rows tokens/s", "train", ["setups", "sftc_packed", "tokens_per_s"], None, None),
     ("Train: TRL padded tokens/s", "train", ["setups", "trl_padded", "tokens_per_s"], None, None),
     ("Train: TRL flattened tokens/s", "train", ["setups", "trl_flat", "tokens_per_s"], None, None),
-    ("Train: dense ceiling tokens/s", "train", ["setups", "dense", "tokens_per_s"], None, None),
+    ("Train: dense stream rows tokens/s", "train", ["setups", "dense_stream", "tokens_per_s"], None, None),
     ("Train: sftc default (varlen) supervised tokens/s", "train", ["setups", "sftc_varlen", "supervised_tokens_per_s"], None, None),
     ("Train: TRL padded supervised tokens/s", "train", ["setups", "trl_padded", "supervised_tokens_per_s"], None, None),
     ("Train, OrgAccess lengths @1024: sftc default / TRL padded", "train_orgaccess", ["train_speedup_vs_padded"], ">=", 1.6),
-    ("Train, OrgAccess lengths @1024: sftc default / dense ceiling", "train_orgaccess", ["train_vs_dense_ceiling"], ">=", 0.95),
+    ("Train, OrgAccess lengths @1024: sftc default / dense stream rows", "train_orgaccess", ["train_vs_dense_stream"], None, None),
     ("Train, OrgAccess lengths: same, sftc at equal examples per step", "train_orgaccess", ["train_speedup_vs_padded_equal_examples"], ">=", 1.6),
-    ("Train, OrgAccess lengths: TRL padded positions / real tokens", "train_orgaccess", ["padded_baseline_positions_per_real_token"], None, None),
+    ("Train, OrgAccess lengths: TRL padded positions / real tokens (measured batches)", "train_orgaccess", ["padded_baseline_positions_per_real_token"], None, None),
+    ("Train, OrgAccess lengths: TRL padded positions / real tokens (whole epoch)", "train_orgaccess", ["padded_positions_per_real_token_epoch"], None, None),
     ("Train, OrgAccess lengths: sftc default supervised tokens/s / TRL padded", "train_orgaccess", ["supervised_speedup_vs_padded"], None, None),
     ("Train, OrgAccess lengths, 10M-param model: sftc default / TRL padded", "train_orgaccess_10m", ["train_speedup_vs_padded"], ">=", 1.6),
     ("Train, OrgAccess lengths, 10M-param model: same, sftc at equal examples per step", "train_orgaccess_10m", ["train_speedup_vs_padded_equal_examples"], ">=", 1.6),
-    ("Train, OrgAccess lengths, 10M-param model: sftc default / dense ceiling", "train_orgaccess_10m", ["train_vs_dense_ceiling"], ">=", 0.95),
+    ("Train, OrgAccess lengths, 10M-param model: sftc default / dense stream rows", "train_orgaccess_10m", ["train_vs_dense_stream"], None, None),
     ("Train, demo packed into 256-token rows: sftc default / TRL padded", "train_pack256", ["train_speedup_vs_padded"], None, None),
-    ("Train, demo packed into 256-token rows: sftc default / dense @256", "train_pack256", ["train_vs_dense_ceiling"], None, None),
+    ("Train, demo packed into 256-token rows: sftc default / dense stream rows @256", "train_pack256", ["train_vs_dense_stream"], None, None),
     ("Checkpoint: save / training time per interval (eval excluded)", "checkpoint", ["checkpoint_overhead_fraction"], "<=", 0.03),
     ("Checkpoint: save incl. its held-out eval / training time", "checkpoint", ["checkpoint_with_eval_fraction"], None, None),
     ("Start-up to first step, fresh s", "checkpoint", ["startup_fresh_s"], None, None),
@@ -94,40 +102,72 @@ HEADLINES = [
     ("Eval: batched (KV cache) / one prompt at a time", "eval", ["eval_batched_speedup"], None, None),
     ("Eval: batched generated tokens/s", "eval", ["batched_tokens_per_s"], None, None),
     ("GPU section ran", "gpu", ["ran"], None, None),
+    ("Scaling, realistic mix: largest size measured (rows)", "scaling", ["variants", "realistic", "largest_measured_rows"], None, None),
+    ("Scaling, realistic mix: wall time exponent k (c * rows^k)", "scaling", ["variants", "realistic", "fits", "wall_s", "params", 1], None, None),
+    ("Scaling, duplicate-heavy mix: wall time exponent k", "scaling", ["variants", "duplicate_heavy", "fits", "wall_s", "params", 1], None, None),
+    ("Scaling, duplicate-heavy mix: split pass exponent k", "scaling", ["variants", "duplicate_heavy", "fits", "split_s", "params", 1], None, None),
 ]
 
 
 def _get(obj, path):
     for key in path:
-        if not isinstance(obj, dict) or key not in obj:
+        if isinstance(obj, list) and isinstance(key, int) and -len(obj) <= key < len(obj):
+            obj = obj[key]
+        elif isinstance(obj, dict) and key in obj:
+            obj = obj[key]
+        else:
             return None
-        obj = obj[key]
     return obj
 
 
+def freshness(result: dict, code: dict) -> dict:
+    """Whether a result file was measured on the code the summary describes: same commit, and a
+    clean tree on both sides (a dirty tree's numbers belong to no commit)."""
+    measured = result.get("code") or {}
+    head = measured.get("head")
+    dirty = bool(measured.get("dirty", measured.get("modified_files")))
+    if not head:
+        state = "unknown: the result file records no commit"
+    elif head != code.get("head"):
+        state = f"older: measured at {head}"
+    elif dirty:
+        state = f"measured at {head} with uncommitted changes"
+    else:
+        state = "current"
+    return {"state": state, "current": head is not None and head == code.get("head"), "commit": head, "dirty": dirty, "measured_at": result.get("measured_at")}
+
+
 def summarize(wall: dict | None = None) -> dict:
+    """latest.json/.md from results/*.json: every headline with the commit it was measured at; a
+    result of another commit is shown as older and never counted as meeting or missing a target."""
     previous = common.RESULTS / "latest.json"
     if previous.exists():  # an --only run keeps the other scripts' wall times
         try:
             wall = {**json.loads(previous.read_text()).get("script_wall_s", {}), **(wall or {})}
         except (json.JSONDecodeError, AttributeError):
             pass
-    results = {}
+    code = common.code_state()
+    results, fresh = {}, {}
     for name in SCRIPTS:
         path = common.RESULTS / f"{name}.json"
         if path.exists():
             results[name] = json.loads(path.read_text())
+            fresh[name] = freshness(results[name], code)
     rows = []
     for label, src, path, op, target in HEADLINES:
         value = _get(results.get(src), path)
         met = None
-        if op and isinstance(value, (int, float)) and not isinstance(value, bool):
+        current = fresh.get(src, {}).get("current", False)
+        if op and current and isinstance(value, (int, float)) and not isinstance(value, bool):
             met = value <= target if op == "<=" else value >= target
-        rows.append({"metric": label, "key": ".".join([src, *path]), "value": value,
-                     "target": f"{op} {target}" if op else None, "met": met})
+        rows.append({"metric": label.format(**{k: _get(results.get(src), [k]) for k in ("rows",)}),
+                     "key": ".".join([src, *map(str, path)]), "value": value,
+                     "target": f"{op} {target}" if op else None, "met": met,
+                     "measured": fresh.get(src, {}).get("state", "no result file")})
     latest = {
         "machine": common.machine(),
-        "code": common.code_state(),
+        "code": code,
+        "freshness": fresh,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "gpu": "none lent to this run: the GPU section did not run" if not _get(results.get("gpu"), ["ran"]) else "ran",
         "script_wall_s": wall or {},
@@ -156,14 +196,18 @@ def markdown(latest: dict) -> str:
         f"{m.get('mem_total_gb', '?')} GB RAM, {m.get('platform')}, Python {m.get('python')}, torch {m.get('torch')}; "
         f"GPU: {latest['gpu']}. The machine was shared with other jobs (load averages in latest.json): "
         "ratios are measured inside one run with the setups interleaved; absolute numbers are for this machine only.",
-        f"Code: HEAD {latest['code']['head']}, {len(latest['code']['modified_files'])} modified tracked file(s).",
+        f"Code: HEAD {latest['code']['head']}, {len(latest['code']['modified_files'])} modified tracked file(s). "
+        "Each row says which commit it was measured at; a target is judged only on results of this HEAD.",
         "",
-        "| metric | value | target | met |",
-        "|---|---:|---|---|",
+        "| metric | value | target | met | measured |",
+        "|---|---:|---|---|---|",
     ]
     for row in latest["headline"]:
         met = {True: "yes", False: "**no**", None: ""}[row["met"]]
-        lines.append(f"| {row['metric']} | {_fmt(row['value'])} | {row['target'] or ''} | {met} |")
+        measured = row.get("measured", "")
+        if measured != "current":
+            measured = f"**{measured}**"
+        lines.append(f"| {row['metric']} | {_fmt(row['value'])} | {row['target'] or ''} | {met} | {measured} |")
     for key in ("train", "train_pack256", "train_orgaccess", "train_orgaccess_10m"):
         train = latest["results"].get(key)
         if not train:
@@ -172,7 +216,8 @@ def markdown(latest: dict) -> str:
                 "train_orgaccess": "OrgAccess lengths (ids folded into the model's vocabulary)",
                 "train_orgaccess_10m": "OrgAccess lengths, 10M-parameter model of the same family"}[key]
         attn = train["model"]["attn_implementation"]
-        lines += ["", f"Training setups, {data} ({train['model']['parameters']:,}-parameter model {train['model']['path']}, fp32, "
+        state = latest.get("freshness", {}).get(key, {}).get("state", "unknown")
+        lines += ["", f"Training setups, {data} [{state}] ({train['model']['parameters']:,}-parameter model {train['model']['path']}, fp32, "
                   f"batch {train['batch_rows']}, seq_length {train['seq_length']}, {train['torch_threads']} torch thread(s), "
                   f"{train['steps']} steps x {train['repeats']} repeats, median):", "",
                   "| setup | attention | batch shape | examples/step | real tokens/step | supervised/step | s/step | tokens/s | supervised tokens/s |",
@@ -194,15 +239,24 @@ def markdown(latest: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer rows, steps and repeats")
     parser.add_argument("--only", default=None, help="comma-separated subset of " + ",".join(SCRIPTS))
     parser.add_argument("--summarize", action="store_true", help="only rebuild latest.json/.md from results/*.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     wall = {}
     if not args.summarize:
-        names = args.only.split(",") if args.only else list(SCRIPTS)
+        names = args.only.split(",") if args.only else [n for n in SCRIPTS if n not in OPTIONAL]
+        unknown = [n for n in names if n not in SCRIPTS]
+        if unknown:
+            print(f"--only: unknown benchmark(s) {unknown}; known: {', '.join(SCRIPTS)}", file=sys.stderr)
+            return 2
+        missing = common.missing_prerequisites(names)
+        if missing:
+            print("The benchmarks need inputs that are not there. Run first:\n  " + "\n  ".join(missing), file=sys.stderr)
+            return 2
+        failed = []
         for name in names:
             script, full, quick = SCRIPTS[name]
             print(f"== {name} ({script})", flush=True)
@@ -210,13 +264,22 @@ def main() -> None:
             rc = subprocess.run([sys.executable, str(BENCH / script), *(quick if args.quick else full)]).returncode
             wall[name] = round(time.perf_counter() - start, 1)
             if rc:
-                print(f"{script} failed with exit code {rc}", file=sys.stderr)
+                failed.append(f"{script} (exit code {rc})")
+        if failed:
+            # latest.* keeps describing the run it came from: a summary after a failure would put
+            # today's date and HEAD over numbers this run did not measure
+            print(f"failed: {', '.join(failed)}; latest.json/latest.md not rewritten", file=sys.stderr)
+            return 1
     latest = summarize(wall)
     print((common.RESULTS / "latest.md").read_text())
-    failed = [r["metric"] for r in latest["headline"] if r["met"] is False]
-    if failed:
-        print("targets missed: " + "; ".join(failed))
+    missed = [r["metric"] for r in latest["headline"] if r["met"] is False]
+    if missed:
+        print("targets missed: " + "; ".join(missed))
+    older = sorted({r["measured"] for r in latest["headline"] if r["measured"] not in ("current", "no result file")})
+    if older:
+        print("not measured at this HEAD (shown as such in latest.md): " + "; ".join(older))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

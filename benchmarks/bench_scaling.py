@@ -1,0 +1,355 @@
+"""Compile scaling: wall time, peak RSS, bundle size and the near-duplicate pass from 40k to 3M rows.
+
+Two synthetic mixes, generated deterministically (seeded) so every run measures the same bytes:
+  realistic        distinct prompt/completion rows in threads of 1-4 rows, of which 2% are near
+                   copies (1-3 words changed) and 1% exact copies of an earlier prompt in another
+                   thread: the order of the duplicate rates that dedup reports give for public SFT
+                   mixes (an assumption, stated here, not measured on one)
+  duplicate_heavy  a pool of 38,280 distinct prompts (OrgAccess easy's row count) repeated with the row
+                   number appended, as in issue 17's independent check: every row is a near copy of
+                   rows/38,280 others, in threads of 4 rows
+Words come from a fixed pseudo-vocabulary with Zipf frequencies; lengths are log-normal
+(prompts ~70 words, completions ~120). The real Qwen2.5 tokenizer ($SFTC_EXTERNAL) tokenizes them,
+max_length 1024, bfd packing at 1024, LoRA.
+
+Each compile runs in its own child process (`compile_spec(force=True)`) and reports wall time, peak
+RSS (RUSAGE_SELF), CPU time, the split pass (near-duplicate search + group split, timed around
+split_examples) and the search's own counters, and the bundle's size on disk. Sizes run smallest
+first; a size is not run when the curve measured so far predicts it past --time-limit (or the
+memory past --max-rss-gb): it is recorded as "not run" with the extrapolated value, never a
+number that was not measured. A child past --time-limit is stopped and recorded as such.
+Extrapolations to 10M and 100M rows: power law fitted over the measured sizes for time (whole
+compile and split pass), straight line for RSS and bundle size.
+
+Parallelism: the compile has no parallel mode (no workers / num_proc setting); the result records
+the measured CPU time / wall time of each child, which is what "single process" means here.
+
+--snapshot [REV] measures a commit (default HEAD; git archive, imported from the benchmark cache)
+instead of the working tree: other engineers' uncommitted edits cannot leak into the numbers.
+
+    .venv/bin/python benchmarks/bench_scaling.py [--sizes 40000,400000,1000000,3000000]
+        [--variants realistic,duplicate_heavy] [--time-limit 600] [--snapshot]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+SCALING = common.CACHE / "scaling"
+POOL = 38_280
+VARIANTS = ("realistic", "duplicate_heavy")
+
+
+def vocabulary(rng, size: int = 6000) -> list[str]:
+    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou")]
+    words = set()
+    while len(words) < size:
+        words.add("".join(rng.choice(syllables, size=int(rng.integers(1, 4)))))
+    return sorted(words)
+
+
+class Writer:
+    """Sentences of Zipf-distributed words, drawn in blocks (one rng call per block, not per word)."""
+
+    def __init__(self, seed: int):
+        import numpy as np
+
+        self.rng = np.random.default_rng(seed)
+        self.words = vocabulary(self.rng)
+        ranks = np.arange(1, len(self.words) + 1)
+        self.p = (1.0 / ranks) / (1.0 / ranks).sum()
+        self.block, self.at, self.lengths = [], 0, {}
+        self.words = np.array(self.words)
+
+    def text(self, mean_words: int) -> str:
+        lengths = self.lengths.get(mean_words)
+        if not lengths:
+            drawn = self.rng.lognormal(math.log(mean_words), 0.5, size=4096).clip(3, 1000).astype(int)
+            lengths = self.lengths[mean_words] = drawn.tolist()
+        n = lengths.pop()
+        if self.at + n > len(self.block):
+            self.block, self.at = self.rng.choice(self.words, size=1 << 18, p=self.p).tolist(), 0
+        self.at += n
+        return " ".join(self.block[self.at - n : self.at]) + "."
+
+
+def near_copy(rng, text: str) -> str:
+    words = text.split()
+    for _ in range(int(rng.integers(1, 4))):
+        words[int(rng.integers(len(words)))] = "changed"
+    return " ".join(words)
+
+
+def write_rows(path: Path, variant: str, rows: int, seed: int = 0) -> dict:
+    """The mix as JSONL (prompt, completion, thread_id); returns its measured shape."""
+    writer = Writer(seed)
+    rng = writer.rng
+    near = exact = 0
+    recent: list[str] = []  # earlier prompts a duplicate can copy (bounded: it is the generator's memory)
+    pool: list[tuple[str, str]] = []
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        for i in range(rows):
+            if variant == "duplicate_heavy":
+                if len(pool) < POOL:
+                    pool.append((writer.text(70), writer.text(120)))
+                prompt, completion = pool[i % POOL]
+                prompt, thread = f"{prompt} {i}", i // 4
+            else:
+                draw = rng.random()
+                completion = writer.text(120)
+                if draw < 0.01 and recent:
+                    prompt, exact = recent[int(rng.integers(len(recent)))], exact + 1
+                elif draw < 0.03 and recent:
+                    prompt, near = near_copy(rng, recent[int(rng.integers(len(recent)))]), near + 1
+                else:
+                    prompt = writer.text(70)
+                    if len(recent) < 100_000:
+                        recent.append(prompt)
+                    else:
+                        recent[int(rng.integers(len(recent)))] = prompt
+                thread = i // 3 if i % 7 else i  # threads of 1-4 rows
+            handle.write(json.dumps({"thread_id": f"t{thread}", "prompt": prompt, "completion": completion}) + "\n")
+    tmp.rename(path)
+    return {"rows": rows, "near_copies_written": near if variant == "realistic" else rows - min(rows, POOL),
+            "exact_copies_written": exact, "bytes": path.stat().st_size}
+
+
+SPEC = """
+name: scaling-{variant}-{rows}
+objective: sft
+parameterization: {{kind: lora, rank: 16, alpha: 32}}
+model: {{path: models/qwen}}
+data: {{files: [data/rows.jsonl], format: prompt_completion, fields: {{group: thread_id}}, max_reject_fraction: 0.2}}
+tokenize: {{max_length: 1024}}
+packing: {{strategy: bfd, seq_length: 1024}}
+batch: {{per_device: 8, grad_accum: 4}}
+optimizer: {{lr: 1.0e-4}}
+schedule: {{epochs: 1}}
+"""
+
+
+def make_project(variant: str, rows: int) -> tuple[Path, dict]:
+    project = SCALING / f"{variant}-{rows}"
+    data = project / "data" / "rows.jsonl"
+    shape_file = project / "data" / "shape.json"
+    if not (data.exists() and shape_file.exists()):
+        shutil.rmtree(project, ignore_errors=True)
+        (project / "data").mkdir(parents=True)
+        shape_file.write_text(json.dumps(write_rows(data, variant, rows)))
+    model = project / "models" / "qwen"
+    model.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(common.EXTERNAL / "tokenizers/qwen2.5-instruct" / name, model / name)
+    shutil.copy(common.EXTERNAL / "model-configs/qwen2.5_0.5b_instruct/config.json", model / "config.json")
+    (project / "pyproject.toml").write_text("")
+    (project / "specs").mkdir(exist_ok=True)
+    (project / "specs" / "scaling.yaml").write_text(SPEC.format(variant=variant, rows=rows))
+    shape = json.loads(shape_file.read_text())
+    from sftc.io import sha256_file
+
+    shape["sha256"] = sha256_file(data)
+    return project, shape
+
+
+CHILD = r"""
+import json, resource, sys, time
+t0 = time.perf_counter()
+from sftc.compiler import split as split_module
+seen = {}
+original = split_module.split_examples
+def timed(examples, spec):
+    start = time.perf_counter()
+    result = original(examples, spec)
+    seen["split_s"] = time.perf_counter() - start
+    seen["search"] = getattr(result, "near_duplicate_search", None)
+    seen["merged_clusters"] = len(result.record["merged_near_duplicates"])
+    return result
+split_module.split_examples = timed  # compile_spec imports it at call time
+from sftc.compiler import compile_spec
+bundle, lock, reused = compile_spec(sys.argv[1], bundles_dir=sys.argv[2], force=True)
+wall = time.perf_counter() - t0
+usage = resource.getrusage(resource.RUSAGE_SELF)
+size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
+print(json.dumps({"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024,
+                  "bundle_bytes": size, "packed_rows": lock["packing"]["rows"], "rejected": lock["data_manifest"]["rejected"],
+                  **seen}))
+"""
+
+
+def snapshot(rev: str, overlays: list[str]) -> tuple[Path, dict]:
+    """A commit as committed, importable as `sftc` from the cache (the package-dir mapping as symlinks).
+
+    `overlays` ("path@rev") replace single files with their version at another commit: on a shared
+    tree a commit can carry someone's half-finished hunk, and the measured change is then laid over
+    the last commit that compiles. Both are recorded in the result."""
+    def short(r):
+        return subprocess.run(["git", "rev-parse", "--short", r], cwd=common.REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    commit = short(rev)
+    overlays = [f"{path}@{short(at)}" for path, at in (o.rsplit("@", 1) for o in overlays)]
+    root = common.CACHE / "snapshots" / "+".join([commit, *(o.replace("/", "_") for o in overlays)])
+    if not (root / "pkg" / "sftc").exists():
+        src = root / "src"
+        shutil.rmtree(root, ignore_errors=True)
+        src.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", commit], cwd=common.REPO, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+        pkg = root / "pkg" / "sftc"
+        for overlay in overlays:
+            path, at = overlay.rsplit("@", 1)
+            (src / path).write_bytes(subprocess.run(["git", "show", f"{at}:{path}"], cwd=common.REPO,
+                                                    capture_output=True, check=True).stdout)
+        shutil.copytree(src / "sftc", pkg)
+        for sub in ("compiler", "runtime", "review", "templates"):
+            (pkg / sub).symlink_to(src / sub, target_is_directory=True)
+    return root / "pkg", {"head": commit, "modified_files": [], "overlays": overlays,
+                          "source": f"git archive of {rev} (--snapshot)"}
+
+
+def compile_child(project: Path, time_limit: float, pythonpath: Path | None) -> dict:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    out_dir = project / "bundles"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(project / "specs" / "scaling.yaml"), str(out_dir)],
+                              cwd=project, capture_output=True, text=True, env=env, timeout=time_limit)
+    except subprocess.TimeoutExpired:
+        return {"status": f"stopped after the {time_limit:.0f} s limit", "wall_s_at_least": round(time.perf_counter() - start, 1)}
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)  # GBs at the large sizes; the size was measured
+    if proc.returncode:
+        return {"status": f"failed (exit {proc.returncode})", "stderr_tail": proc.stderr[-2000:]}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"status": "measured", **result}
+
+
+def power_fit(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """(coefficient, exponent) of y = c * n^k, least squares in log-log; None below two points."""
+    points = [(n, y) for n, y in points if y and y > 0]
+    if len(points) < 2:
+        return None
+    xs, ys = [math.log(n) for n, _ in points], [math.log(y) for _, y in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    k = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return math.exp(my - k * mx), k
+
+
+def line_fit(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """(intercept, slope) of y = a + b * n; None below two points."""
+    if len(points) < 2:
+        return None
+    mx, my = sum(n for n, _ in points) / len(points), sum(y for _, y in points) / len(points)
+    b = sum((n - mx) * (y - my) for n, y in points) / sum((n - mx) ** 2 for n, _ in points)
+    return my - b * mx, b
+
+
+def curve(measured: dict[int, dict]) -> dict:
+    """The fitted curves of one variant and what they predict, from measured sizes only."""
+    ok = {n: r for n, r in measured.items() if r.get("status") == "measured"}
+    fits = {"wall_s": power_fit([(n, r["wall_s"]) for n, r in ok.items()]),
+            "split_s": power_fit([(n, r.get("split_s")) for n, r in ok.items()]),
+            "peak_rss_mb": line_fit([(n, r["peak_rss_mb"]) for n, r in ok.items()]),
+            "bundle_bytes": line_fit([(n, r["bundle_bytes"]) for n, r in ok.items()])}
+
+    def predict(n: int) -> dict:
+        out = {}
+        for key, fit in fits.items():
+            if fit is None:
+                continue
+            out[key] = fit[0] * n ** fit[1] if key in ("wall_s", "split_s") else fit[0] + fit[1] * n
+        return {k: round(v, 1) for k, v in out.items()}
+
+    return {"fits": {k: (None if f is None else {"form": "c*n^k" if k in ("wall_s", "split_s") else "a+b*n",
+                                                  "params": [float(f"{f[0]:.6g}"), round(f[1], 4) if k in ("wall_s", "split_s") else float(f"{f[1]:.6g}")]})
+                     for k, f in fits.items()},
+            "measured_sizes": sorted(ok), "predict": predict}
+
+
+def measure_size(variant: str, rows: int, measured: dict[int, dict], args, pythonpath) -> dict:
+    """One compile of one size, or why it was not run (predicted from the sizes measured before it)."""
+    guess = curve(measured)["predict"](rows)
+    if guess.get("wall_s", 0) > args.time_limit or guess.get("peak_rss_mb", 0) > args.max_rss_gb * 1024:
+        return {"status": f"not run: extrapolated wall {guess.get('wall_s')} s, peak RSS {guess.get('peak_rss_mb')} MB "
+                          "from the sizes measured before it", "extrapolated": guess}
+    gen = time.perf_counter()
+    project, shape = make_project(variant, rows)
+    generated = time.perf_counter() - gen
+    load_before = common.loadavg()
+    result = compile_child(project, args.time_limit, pythonpath)
+    result.update(input=shape, data_generation_s=round(generated, 1), loadavg=[load_before, common.loadavg()])
+    if result["status"] == "measured":
+        result["per_row_ms"] = round(1000 * result["wall_s"] / rows, 4)
+        result["cpu_per_row_ms"] = round(1000 * result["cpu_s"] / rows, 4)
+        result["rss_kb_per_row"] = round(1024 * result["peak_rss_mb"] / rows, 2)
+        result["cores_used"] = round(result["cpu_s"] / result["wall_s"], 2)
+        result["split_share"] = round(result["split_s"] / result["wall_s"], 3)
+    if not args.keep_data:
+        shutil.rmtree(project, ignore_errors=True)
+    return result
+
+
+def summarize_variant(measured: dict[int, dict]) -> dict:
+    fitted = curve(measured)
+    return {"sizes": {str(n): r for n, r in sorted(measured.items())}, "fits": fitted["fits"],
+            "largest_measured_rows": max(fitted["measured_sizes"], default=None),
+            "extrapolated": {str(n): fitted["predict"](n) for n in (10_000_000, 100_000_000)}}
+
+
+def main() -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="40000,400000,1000000,3000000")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--time-limit", type=float, default=600.0, help="seconds per compile (measured or predicted)")
+    parser.add_argument("--max-rss-gb", type=float, default=None, help="default: 80%% of this machine's memory")
+    parser.add_argument("--snapshot", nargs="?", const="HEAD", default=None, metavar="REV",
+                        help="measure a commit (default HEAD) from a git archive, not the working tree")
+    parser.add_argument("--overlay", action="append", default=[], metavar="PATH@REV",
+                        help="with --snapshot: this file as it is at REV")
+    parser.add_argument("--keep-data", action="store_true", help="keep the generated projects in the cache")
+    parser.add_argument("--out", default="scaling")
+    args = parser.parse_args()
+    args.max_rss_gb = args.max_rss_gb or 0.8 * common.machine().get("mem_total_gb", 8)
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    pythonpath, code = snapshot(args.snapshot, args.overlay) if args.snapshot else (None, common.code_state())
+    result = {
+        "machine": common.machine(),
+        "code": code,
+        "args": {"sizes": sizes, "variants": args.variants.split(","), "time_limit_s": args.time_limit,
+                 "max_rss_gb": round(args.max_rss_gb, 1), "snapshot": args.snapshot},
+        "tokenizer": "qwen2.5-instruct ($SFTC_EXTERNAL)", "max_length": 1024, "seq_length": 1024,
+        "parallel": "compile_spec has no parallel mode (no workers or num_proc setting): every compile is one "
+                    "process; cores_used = CPU time / wall time of each child is the measured fact",
+        "variants": {},
+    }
+    measured: dict[str, dict[int, dict]] = {v: {} for v in args.variants.split(",")}
+    for rows in sizes:  # size by size, so a time-out at a large size still leaves both variants' small ones
+        for variant in measured:
+            measured[variant][rows] = measure_size(variant, rows, measured[variant], args, pythonpath)
+            shown = {k: v for k, v in measured[variant][rows].items() if k not in ("input", "search", "stderr_tail")}
+            print(f"{variant} {rows}: {json.dumps(shown)}", flush=True)
+            # written after every size: a run stopped half-way keeps what it measured
+            result["variants"] = {v: summarize_variant(m) for v, m in measured.items()}
+            common.write_result(args.out, {**result, "complete": False})
+    result["complete"] = True
+    common.write_result(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
