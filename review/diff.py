@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from sftc.errors import SftcError
+from sftc.lock import Lock, load_lock
 
 # The kinds of change `--fail-on` can name. "spec" is any effective spec field (defaults filled
 # in, so writing out a default is not a change); the others are facts of the compiled run.
@@ -49,7 +50,7 @@ class Side:
 
     label: str
     kind: str  # "spec" | "bundle" | "git"
-    lock: dict
+    lock: Lock
 
 
 def _is_bundle_dir(path: Path) -> bool:
@@ -58,8 +59,6 @@ def _is_bundle_dir(path: Path) -> bool:
 
 def load_side(arg: str, bundles_dir: str | os.PathLike | None = None) -> Side:
     """Resolve a spec file, a bundle directory or `REV:PATH` to its lock (compiling if needed)."""
-    from sftc.compiler.bundle import load_lock
-
     path = Path(arg)
     if path.is_dir():
         if not _is_bundle_dir(path):
@@ -134,24 +133,24 @@ def _spec_copy_in_project(text: bytes, beside: Path, tag: str) -> Iterator[Path]
             temp.unlink()
 
 
-def compile_transient(spec_path: Path, bundles_dir: str | os.PathLike | None = None) -> dict:
+def compile_transient(spec_path: Path, bundles_dir: str | os.PathLike | None = None) -> Lock:
     """Lock of a spec file that is about to be deleted.
 
     Taken from the bundle cache when an identical bundle exists; otherwise compiled into a
     throwaway directory, so bundles/ never holds a lock whose spec_source is a deleted temp file.
     """
-    from sftc.compiler.bundle import compile_spec, default_bundles_dir, existing_bundle, load_lock, resolve_inputs
+    from sftc.compiler.bundle import compile_spec, default_bundles_dir, find_existing, resolve_inputs
 
     inputs = resolve_inputs(spec_path)
-    cached = (Path(bundles_dir) if bundles_dir else default_bundles_dir(inputs)) / inputs.bundle_id
-    if existing_bundle(cached, inputs.bundle_hash):
-        return load_lock(cached)
+    found = find_existing(Path(bundles_dir) if bundles_dir else default_bundles_dir(inputs), inputs)
+    if found is not None:
+        return found[1]
     with tempfile.TemporaryDirectory(prefix="sftc-diff-") as scratch:
         _, lock, _ = compile_spec(spec_path, bundles_dir=scratch)
     return lock
 
 
-def _load_git_side(arg: str, bundles_dir) -> dict:
+def _load_git_side(arg: str, bundles_dir) -> Lock:
     cwd = Path.cwd()
     rev, rel, worktree = _revision_path(arg, cwd)
     text = _git(["show", f"{rev}:{rel}"], cwd)
@@ -211,20 +210,12 @@ def ratio(before: Any, after: Any) -> Any:
     return round(after / before, 6)
 
 
-def _get(lock: dict, *path: str, default: Any = None) -> Any:
-    value: Any = lock
-    for part in path:
-        if not isinstance(value, dict) or part not in value:
-            return default
-        value = value[part]
-    return value
+def _accepted(lock: Lock) -> int:
+    return lock.data_manifest.train_examples + lock.data_manifest.eval_examples
 
 
-def _accepted(lock: dict) -> Any:
-    dm = lock.get("data_manifest") or {}
-    if "train_examples" in dm:
-        return dm["train_examples"] + dm.get("eval_examples", 0)
-    return dm.get("accepted")
+def _stats(stats) -> dict:
+    return stats.model_dump()
 
 
 @dataclass(frozen=True)
@@ -232,7 +223,7 @@ class Quantity:
     category: str
     key: str
     label: str
-    get: Callable[[dict], Any]
+    get: Callable[[Lock], Any]
     kind: str = "number"  # number | stats | bytes | hash | text
 
 
@@ -242,73 +233,73 @@ def _q(category, key, label, get, kind="number") -> Quantity:
 
 # What the review shows, in order. Each reads one number (or hash) out of a lock.
 QUANTITIES: tuple[Quantity, ...] = (
-    _q("budget", "examples_per_update", "examples per update", lambda l: _get(l, "budget", "examples_per_update")),
-    _q("budget", "source_examples_per_update", "source examples per update", lambda l: _get(l, "budget", "source_examples_per_update"), "stats"),
-    _q("budget", "supervised_tokens_per_update", "supervised tokens per update", lambda l: _get(l, "budget", "supervised_tokens_per_update"), "stats"),
-    _q("budget", "tokens_per_update", "tokens per update", lambda l: _get(l, "budget", "tokens_per_update"), "stats"),
-    _q("budget", "optimizer_steps", "optimizer steps", lambda l: _get(l, "budget", "optimizer_steps")),
-    _q("budget", "epochs", "epochs", lambda l: _get(l, "budget", "epochs")),
-    _q("budget", "warmup_steps", "warmup steps", lambda l: _get(l, "budget", "warmup_steps")),
-    _q("budget", "train_rows", "packed train rows", lambda l: _get(l, "packing", "rows")),
-    _q("budget", "packing_efficiency", "packing efficiency", lambda l: _get(l, "budget", "packing_efficiency")),
-    _q("budget", "total_tokens", "total tokens", lambda l: _get(l, "budget", "total_tokens")),
-    _q("budget", "supervised_tokens", "supervised tokens", lambda l: _get(l, "budget", "supervised_tokens")),
-    _q("budget", "lr", "learning rate", lambda l: _get(l, "spec", "optimizer", "lr")),
-    _q("budget", "lr_per_example", "lr per example", lambda l: _get(l, "budget", "lr_per_example")),
-    _q("parameters", "trainable", "trainable parameters", lambda l: _get(l, "parameters", "trainable")),
-    _q("parameters", "total", "total parameters", lambda l: _get(l, "parameters", "total")),
-    _q("parameters", "memory_total_bytes", "memory estimate per device", lambda l: _get(l, "memory_estimate", "total_bytes"), "bytes"),
-    _q("parameters", "memory_weights_bytes", "  weights", lambda l: _get(l, "memory_estimate", "weights_bytes"), "bytes"),
-    _q("parameters", "memory_gradients_bytes", "  gradients", lambda l: _get(l, "memory_estimate", "gradients_bytes"), "bytes"),
-    _q("parameters", "memory_optimizer_bytes", "  optimizer state", lambda l: _get(l, "memory_estimate", "optimizer_bytes"), "bytes"),
-    _q("parameters", "memory_activations_bytes", "  activations", lambda l: _get(l, "memory_estimate", "activations_bytes"), "bytes"),
-    _q("data", "hash", "data hash", lambda l: _get(l, "data_manifest", "hash"), "hash"),
-    _q("data", "rows_read", "rows read", lambda l: _get(l, "data_manifest", "rows_read")),
+    _q("budget", "examples_per_update", "examples per update", lambda l: l.batch.examples_per_update),
+    _q("budget", "source_examples_per_update", "source examples per update", lambda l: _stats(l.budget.source_examples_per_update), "stats"),
+    _q("budget", "supervised_tokens_per_update", "supervised tokens per update", lambda l: _stats(l.budget.supervised_tokens_per_update), "stats"),
+    _q("budget", "tokens_per_update", "tokens per update", lambda l: _stats(l.budget.tokens_per_update), "stats"),
+    _q("budget", "optimizer_steps", "optimizer steps", lambda l: l.budget.optimizer_steps),
+    _q("budget", "epochs", "epochs", lambda l: l.budget.epochs),
+    _q("budget", "warmup_steps", "warmup steps", lambda l: l.budget.warmup_steps),
+    _q("budget", "train_rows", "packed train rows", lambda l: l.packing.rows),
+    _q("budget", "packing_efficiency", "packing efficiency", lambda l: l.budget.packing_efficiency),
+    _q("budget", "total_tokens", "total tokens", lambda l: l.budget.total_tokens),
+    _q("budget", "supervised_tokens", "supervised tokens", lambda l: l.budget.supervised_tokens),
+    _q("budget", "lr", "learning rate", lambda l: l.spec.optimizer.lr),
+    _q("budget", "lr_per_example", "lr per example", lambda l: l.budget.lr_per_example),
+    _q("parameters", "trainable", "trainable parameters", lambda l: l.parameters.trainable),
+    _q("parameters", "total", "total parameters", lambda l: l.parameters.total),
+    _q("parameters", "memory_total_bytes", "memory estimate per device", lambda l: l.memory.total_bytes, "bytes"),
+    _q("parameters", "memory_weights_bytes", "  weights", lambda l: l.memory.parts.get("weights_bytes"), "bytes"),
+    _q("parameters", "memory_gradients_bytes", "  gradients", lambda l: l.memory.parts.get("gradients_bytes"), "bytes"),
+    _q("parameters", "memory_optimizer_bytes", "  optimizer state", lambda l: l.memory.parts.get("optimizer_bytes"), "bytes"),
+    _q("parameters", "memory_activations_bytes", "  activations", lambda l: l.memory.parts.get("activations_bytes"), "bytes"),
+    _q("data", "hash", "data hash", lambda l: l.data_manifest.hash, "hash"),
+    _q("data", "rows_read", "rows read", lambda l: l.data_manifest.rows_read),
     _q("data", "accepted", "rows accepted", _accepted),
-    _q("data", "rejected", "rows rejected", lambda l: sum((_get(l, "data_manifest", "rejected") or {}).values())),
-    _q("split", "train_groups", "train groups", lambda l: len(_get(l, "split", "train_groups") or [])),
-    _q("split", "eval_groups", "eval groups", lambda l: len(_get(l, "split", "eval_groups") or [])),
-    _q("split", "train_rows", "train rows", lambda l: _get(l, "split", "train_rows")),
-    _q("split", "eval_rows", "eval rows", lambda l: _get(l, "split", "eval_rows")),
-    _q("split", "merged_near_duplicates", "near-duplicate merges", lambda l: len(_get(l, "split", "merged_near_duplicates") or [])),
-    _q("template", "template_version", "template version", lambda l: l.get("template_version"), "hash"),
-    _q("template", "terminator", "template terminator", lambda l: _get(l, "template", "terminator"), "text"),
-    _q("tokenizer", "tokenizer_version", "tokenizer version", lambda l: l.get("tokenizer_version"), "hash"),
-    _q("tokenizer", "vocab_size", "tokenizer vocab size", lambda l: _get(l, "tokenizer", "vocab_size")),
-    _q("model", "config_sha256", "model config", lambda l: _get(l, "model", "config_sha256"), "hash"),
-    _q("model", "architecture", "model architecture", lambda l: _get(l, "model", "architecture"), "text"),
-    _q("model", "dtype", "model dtype", lambda l: _get(l, "model", "dtype"), "text"),
-    _q("model", "attn_implementation", "attention kernel", lambda l: _get(l, "model", "attn_implementation"), "text"),
-    _q("eval", "rules_sha256", "eval rules", lambda l: _get(l, "eval_manifest", "rules_sha256"), "hash"),
-    _q("eval", "prompts", "eval prompts", lambda l: _get(l, "eval_manifest", "prompts")),
+    _q("data", "rejected", "rows rejected", lambda l: sum(l.data_manifest.rejected.values())),
+    _q("split", "train_groups", "train groups", lambda l: len(l.split.train_groups)),
+    _q("split", "eval_groups", "eval groups", lambda l: len(l.split.eval_groups)),
+    _q("split", "train_rows", "train rows", lambda l: l.split.train_rows),
+    _q("split", "eval_rows", "eval rows", lambda l: l.split.eval_rows),
+    _q("split", "merged_near_duplicates", "near-duplicate merges", lambda l: len(l.split.merged_near_duplicates)),
+    _q("template", "template_version", "template version", lambda l: l.template_version, "hash"),
+    _q("template", "terminator", "template terminator", lambda l: l.template.terminator if l.template else None, "text"),
+    _q("tokenizer", "tokenizer_version", "tokenizer version", lambda l: l.tokenizer_version, "hash"),
+    _q("tokenizer", "vocab_size", "tokenizer vocab size", lambda l: l.tokenizer.vocab_size),
+    _q("model", "config_sha256", "model config", lambda l: l.model.config_sha256, "hash"),
+    _q("model", "architecture", "model architecture", lambda l: l.model.architecture, "text"),
+    _q("model", "dtype", "model dtype", lambda l: l.spec.model.dtype, "text"),
+    _q("model", "attn_implementation", "attention kernel", lambda l: l.spec.model.attn_implementation, "text"),
+    _q("eval", "rules_sha256", "eval rules", lambda l: l.eval_manifest.rules_sha256, "hash"),
+    _q("eval", "prompts", "eval prompts", lambda l: l.eval_manifest.prompts),
 )
 
 
-def _dynamic_quantities(a: dict, b: dict) -> list[Quantity]:
+def _dynamic_quantities(a: Lock, b: Lock) -> list[Quantity]:
     """Quantities whose names come from the locks: per-reason rejects, per-file hashes, libraries."""
     out = []
-    reasons = sorted(set(_get(a, "data_manifest", "rejected", default={})) | set(_get(b, "data_manifest", "rejected", default={})))
+    reasons = sorted(set(a.data_manifest.rejected) | set(b.data_manifest.rejected))
     for reason in reasons:
         out.append(_q("data", f"rejected.{reason}", f"  rejected: {reason}",
-                      lambda l, r=reason: (_get(l, "data_manifest", "rejected") or {}).get(r, 0)))
+                      lambda l, r=reason: l.data_manifest.rejected.get(r, 0)))
     paths = []
     for lock in (a, b):
-        for f in _get(lock, "data_manifest", "files", default=[]) or []:
-            if f.get("path") not in paths:
-                paths.append(f.get("path"))
+        for f in lock.data_manifest.files:
+            if f.path not in paths:
+                paths.append(f.path)
 
-    def file_field(lock: dict, path: str, name: str) -> Any:
-        for f in _get(lock, "data_manifest", "files", default=[]) or []:
-            if f.get("path") == path:
-                return f.get(name)
+    def file_field(lock: Lock, path: str, name: str) -> Any:
+        for f in lock.data_manifest.files:
+            if f.path == path:
+                return getattr(f, name)
         return None
 
     for path in paths:
         out.append(_q("data", f"files.{path}.sha256", f"  {path}", lambda l, p=path: file_field(l, p, "sha256"), "hash"))
         out.append(_q("data", f"files.{path}.rows_read", f"  {path} rows", lambda l, p=path: file_field(l, p, "rows_read")))
-    libraries = sorted(set(a.get("libraries") or {}) | set(b.get("libraries") or {}))
+    libraries = sorted(set(a.libraries) | set(b.libraries))
     for name in libraries:
-        out.append(_q("libraries", name, name, lambda l, n=name: (l.get("libraries") or {}).get(n), "text"))
+        out.append(_q("libraries", name, name, lambda l, n=name: l.libraries.get(n), "text"))
     return out
 
 
@@ -327,11 +318,11 @@ def _insert_after(base: tuple[Quantity, ...], extra: list[Quantity]) -> list[Qua
     return out
 
 
-def split_moves(a: dict, b: dict) -> dict:
+def split_moves(a: Lock, b: Lock) -> dict:
     """Groups that changed side: a moved group's rows were trained on in one run and evaluated in
     the other, so the two runs' eval numbers are not measured on the same thing."""
-    train_a, eval_a = set(_get(a, "split", "train_groups") or []), set(_get(a, "split", "eval_groups") or [])
-    train_b, eval_b = set(_get(b, "split", "train_groups") or []), set(_get(b, "split", "eval_groups") or [])
+    train_a, eval_a = set(a.split.train_groups), set(a.split.eval_groups)
+    train_b, eval_b = set(b.split.train_groups), set(b.split.eval_groups)
     return {
         "train_to_eval": sorted(train_a & eval_b),
         "eval_to_train": sorted(eval_a & train_b),
@@ -352,7 +343,7 @@ class Diff:
 
     @property
     def changed(self) -> bool:
-        return bool(self.categories) or self.a.lock.get("bundle_hash") != self.b.lock.get("bundle_hash")
+        return bool(self.categories) or self.a.lock.bundle_id != self.b.lock.bundle_id
 
     def row(self, key: str, category: str = "budget") -> dict:
         return next(r for r in self.rows if r["key"] == key and r["category"] == category)
@@ -360,7 +351,7 @@ class Diff:
 
 def compare(a: Side, b: Side) -> Diff:
     la, lb = a.lock, b.lock
-    fields = changed_fields(la.get("spec") or {}, lb.get("spec") or {})
+    fields = changed_fields(la.spec.model_dump(mode="json"), lb.spec.model_dump(mode="json"))
     rows = []
     for q in _insert_after(QUANTITIES, _dynamic_quantities(la, lb)):
         before, after = q.get(la), q.get(lb)
@@ -376,11 +367,11 @@ def compare(a: Side, b: Side) -> Diff:
         changed.add("spec")
     if any(moves.values()):
         changed.add("split")
-    if (la.get("model") or {}) != (lb.get("model") or {}):
+    if la.model != lb.model:
         changed.add("model")  # path or revision moved even if the config bytes did not
-    if (la.get("template") or {}) != (lb.get("template") or {}):
+    if la.template != lb.template:
         changed.add("template")
-    if _get(la, "eval_manifest", "metrics") != _get(lb, "eval_manifest", "metrics"):
+    if la.eval_manifest.metrics != lb.eval_manifest.metrics:
         changed.add("eval")
     diff = Diff(a, b, fields, rows, moves, [c for c in CATEGORIES if c in changed])
     diff.notes = _notes(diff)
@@ -411,9 +402,9 @@ def _notes(diff: Diff) -> list[str]:
     if steps["changed"] and steps["ratio"]:
         notes.append(f"Optimizer steps ×{_fmt_ratio(steps['ratio'])} ({steps['before']} -> {steps['after']}): "
                      "warmup, checkpoints and the schedule shift with it.")
-    every = _get(diff.b.lock, "spec", "checkpoint", "every_steps")
+    every = diff.b.lock.spec.checkpoint.every_steps
     if steps["changed"] and isinstance(every, int) and isinstance(steps["after"], int):
-        saves_before = (steps["before"] or 0) // (_get(diff.a.lock, "spec", "checkpoint", "every_steps") or every)
+        saves_before = (steps["before"] or 0) // (diff.a.lock.spec.checkpoint.every_steps or every)
         if steps["after"] // every != saves_before:
             notes.append(f"checkpoint.every_steps {every} gives {steps['after'] // every} intermediate checkpoint(s) "
                          f"(was {saves_before}); each is also an evaluation and a selection candidate.")
@@ -516,13 +507,13 @@ def _label(row: dict) -> str:
     return row["label"] + (" (min / mean / max)" if row["kind"] == "stats" else "")
 
 
-def _formula(lock: dict) -> str:
-    b = lock.get("budget") or {}
-    return f"{b.get('per_device')}×{b.get('grad_accum')}×{b.get('world_size')}"
+def _formula(lock: Lock) -> str:
+    b = lock.batch
+    return f"{b.per_device}×{b.grad_accum}×{b.world_size}"
 
 
 def _bundle_line(diff: Diff) -> tuple[str, str]:
-    return diff.a.lock.get("bundle_id", ABSENT), diff.b.lock.get("bundle_id", ABSENT)
+    return diff.a.lock.bundle_id, diff.b.lock.bundle_id
 
 
 def format_terminal(diff: Diff, color: bool = False) -> str:
@@ -698,7 +689,7 @@ def _has_project_marker(path: Path) -> bool:
     return any((d / m).exists() for d in (start, *start.parents) for m in ROOT_MARKERS)
 
 
-def _textconv_lock(path: Path) -> dict:
+def _textconv_lock(path: Path) -> Lock:
     """Lock for a spec file git handed us. For the old side of a diff git writes the blob to a
     temp file outside the project, where relative paths resolve nothing; git runs textconv from
     the top of the work tree, so the copy goes there (paths in a spec resolve against the project
@@ -715,35 +706,34 @@ def _textconv_lock(path: Path) -> dict:
             raise _rewrite_error(exc, temp, str(path)) from None
 
 
-def summary_facts(lock: dict) -> list[str]:
+def summary_facts(lock: Lock) -> list[str]:
     """The key compiled facts, one per line, stable order: what a line diff should compare."""
-    b, dm, split = lock.get("budget") or {}, lock.get("data_manifest") or {}, lock.get("split") or {}
-    params, mem = lock.get("parameters") or {}, lock.get("memory_estimate") or {}
-    stats = lambda d: " / ".join(_fmt_num((d or {}).get(k)) for k in ("min", "mean", "max"))  # noqa: E731
+    b, dm, split, batch = lock.budget, lock.data_manifest, lock.split, lock.batch
+    stats = lambda d: " / ".join(_fmt_num(v) for v in (d.min, d.mean, d.max))  # noqa: E731
     lines = [
-        f"bundle: {lock.get('bundle_id')}",
-        f"examples_per_update: {b.get('examples_per_update')} ({b.get('per_device')} per_device x "
-        f"{b.get('grad_accum')} grad_accum x {b.get('world_size')} world_size)",
-        f"supervised_tokens_per_update (min/mean/max): {stats(b.get('supervised_tokens_per_update'))}",
-        f"source_examples_per_update (min/mean/max): {stats(b.get('source_examples_per_update'))}",
-        f"optimizer_steps: {b.get('optimizer_steps')} ({b.get('epochs')} epochs, {b.get('warmup_steps')} warmup)",
-        f"total_tokens: {_fmt_num(b.get('total_tokens'))} ({_fmt_num(b.get('supervised_tokens'))} supervised)",
-        f"lr: {_fmt_num(_get(lock, 'spec', 'optimizer', 'lr'))} (per example {_fmt_num(b.get('lr_per_example'))})",
-        f"trainable_parameters: {_fmt_num(params.get('trainable'))} of {_fmt_num(params.get('total'))}",
-        f"memory_estimate: {_fmt_bytes(mem.get('total_bytes'))} per device",
-        f"data: {dm.get('hash')}",
+        f"bundle: {lock.bundle_id}",
+        f"examples_per_update: {batch.examples_per_update} ({batch.per_device} per_device x "
+        f"{batch.grad_accum} grad_accum x {batch.world_size} world_size)",
+        f"supervised_tokens_per_update (min/mean/max): {stats(b.supervised_tokens_per_update)}",
+        f"source_examples_per_update (min/mean/max): {stats(b.source_examples_per_update)}",
+        f"optimizer_steps: {b.optimizer_steps} ({b.epochs} epochs, {b.warmup_steps} warmup)",
+        f"total_tokens: {_fmt_num(b.total_tokens)} ({_fmt_num(b.supervised_tokens)} supervised)",
+        f"lr: {_fmt_num(lock.spec.optimizer.lr)} (per example {_fmt_num(b.lr_per_example)})",
+        f"trainable_parameters: {_fmt_num(lock.parameters.trainable)} of {_fmt_num(lock.parameters.total)}",
+        f"memory_estimate: {_fmt_bytes(lock.memory.total_bytes)} per device",
+        f"data: {dm.hash}",
     ]
-    for f in dm.get("files") or []:
-        lines.append(f"data_file: {f.get('path')} sha256:{f.get('sha256')} ({f.get('rows_read')} rows)")
-    lines.append(f"rows: {dm.get('rows_read')} read, {_accepted(lock)} accepted, {sum((dm.get('rejected') or {}).values())} rejected")
-    for reason, n in sorted((dm.get("rejected") or {}).items()):
+    for f in dm.files:
+        lines.append(f"data_file: {f.path} sha256:{f.sha256} ({f.rows_read} rows)")
+    lines.append(f"rows: {dm.rows_read} read, {_accepted(lock)} accepted, {sum(dm.rejected.values())} rejected")
+    for reason, n in sorted(dm.rejected.items()):
         lines.append(f"rejected.{reason}: {n}")
     lines += [
-        f"split: {len(split.get('train_groups') or [])} train groups ({split.get('train_rows')} rows), "
-        f"{len(split.get('eval_groups') or [])} eval groups ({split.get('eval_rows')} rows)",
-        f"template: {lock.get('template_version')}",
-        f"tokenizer: {lock.get('tokenizer_version')}",
-        f"model_config: {_get(lock, 'model', 'config_sha256')}",
+        f"split: {len(split.train_groups)} train groups ({split.train_rows} rows), "
+        f"{len(split.eval_groups)} eval groups ({split.eval_rows} rows)",
+        f"template: {lock.template_version}",
+        f"tokenizer: {lock.tokenizer_version}",
+        f"model_config: {lock.model.config_sha256}",
     ]
     return lines
 
@@ -763,7 +753,7 @@ def textconv(path: str | os.PathLike) -> str:
         return "\n".join([f"# sftc: does not compile: {exc}".replace("\n", "\n# "), raw]).rstrip("\n") + "\n"
     lines = ["# compiled (sftc textconv)", *summary_facts(lock), "# spec (defaults filled in)"]
     order = _spec_order()
-    flat = sorted(flatten(lock.get("spec") or {}), key=lambda kv: (order.get(re.split(r"[.\[]", kv[0])[0], 99), kv[0]))
+    flat = sorted(flatten(lock.spec.model_dump(mode="json")), key=lambda kv: (order.get(re.split(r"[.\[]", kv[0])[0], 99), kv[0]))
     lines += [f"{key}: {_fmt_value(value)}" for key, value in flat]
     return "\n".join(lines) + "\n"
 

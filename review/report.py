@@ -12,8 +12,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sftc.errors import RunError
+from sftc.errors import RunError, SftcError
 from sftc.io import atomic_write_text
+from sftc.lock import Lock
 
 from sftc.runtime.rundir import candidates, read_best, read_lock, read_metrics
 from sftc.runtime.select import parse_constraint
@@ -27,8 +28,8 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _behaviour_names(cands: list[dict], lock: dict) -> list[str]:
-    declared = list((lock.get("eval_manifest") or {}).get("metrics") or [])
+def _behaviour_names(cands: list[dict], lock: Lock | None) -> list[str]:
+    declared = list(lock.eval_manifest.metrics) if lock else []
     if declared:
         return [m for m in declared if any(_finite(c.get(m)) for c in cands)]
     names: list[str] = []
@@ -135,7 +136,7 @@ def _behaviour_chart(plt, path: Path, cands: list[dict], names: list[str], best:
     plt.close(fig)
 
 
-def _tokens_chart(plt, path: Path, train: list[dict], lock: dict) -> None:
+def _tokens_chart(plt, path: Path, train: list[dict], lock: Lock | None) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
     pts = [(r["step"], r["supervised_tokens"]) for r in train if _finite(r.get("supervised_tokens"))]
     if pts:
@@ -144,10 +145,9 @@ def _tokens_chart(plt, path: Path, train: list[dict], lock: dict) -> None:
                 label="supervised tokens in the update")
         mean = sum(values) / len(values)
         ax.axhline(mean, color="tab:purple", linestyle="--", linewidth=1, label=f"observed mean {mean:.0f}")
-        planned = ((lock.get("budget") or {}).get("supervised_tokens_per_update") or {})
-        if isinstance(planned, dict) and _finite(planned.get("mean")):
-            ax.axhline(planned["mean"], color="gray", linestyle=":", linewidth=1,
-                       label=f"planned mean {planned['mean']:.0f} (lock)")
+        if lock is not None:
+            planned = lock.budget.supervised_tokens_per_update.mean
+            ax.axhline(planned, color="gray", linestyle=":", linewidth=1, label=f"planned mean {planned:.0f} (lock)")
         ax.set_ylim(0, max(values) * 1.15)
         ax.legend(fontsize=8, loc="lower right")
     else:
@@ -178,8 +178,8 @@ def render_report(run_dir, out_dir=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     try:
         lock = read_lock(run_dir)
-    except RunError:
-        lock = {}  # charts only need the run's own files; the lock adds the plan to compare with
+    except SftcError:
+        lock = None  # charts only need the run's own files; the lock adds the plan to compare with
     train, _ = read_metrics(run_dir)
     cands = candidates(run_dir)
     best = read_best(run_dir)
@@ -210,8 +210,8 @@ def render_report(run_dir, out_dir=None) -> Path:
 <style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} img{{max-width:100%}}</style></head>
 <body><h1>{html.escape(title)}</h1>
-<p>bundle <code>{html.escape(str(lock.get('bundle_id', '-')))}</code>,
-parameterization <code>{html.escape(str(((lock.get('spec') or {}).get('parameterization') or {}).get('kind', '-')))}</code></p>
+<p>bundle <code>{html.escape(lock.bundle_id if lock else '-')}</code>,
+parameterization <code>{html.escape(lock.spec.parameterization.kind if lock else '-')}</code></p>
 <h2>Selected checkpoint</h2><p>{html.escape(why)}</p>
 <table>{''.join(table)}</table>
 <h2>Held-out behaviour</h2><img src="behaviour.png" alt="behaviour metrics per checkpoint">

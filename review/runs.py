@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sftc.errors import RunError
+from sftc.errors import SftcError
 from sftc.runtime.rundir import DIAGNOSTICS, metric_names, read_best, read_lock, read_metrics
 
 
@@ -21,10 +21,6 @@ def _short(value: Any, n: int = 12) -> str:
     return text[:n]
 
 
-def _mean(value: Any) -> Any:
-    return value.get("mean") if isinstance(value, dict) else value
-
-
 def list_runs(project_root) -> list[dict]:
     """One row per `runs/*/` directory: what it trained (from the bundle lock) and what it selected."""
     root = Path(project_root) / "runs"
@@ -35,18 +31,15 @@ def list_runs(project_root) -> list[dict]:
         row: dict[str, Any] = {"run": run_dir.name, "run_dir": str(run_dir)}
         try:
             lock = read_lock(run_dir)
-        except (RunError, OSError, json.JSONDecodeError) as exc:
+        except (SftcError, OSError) as exc:
             row["error"] = str(exc).splitlines()[0]
             rows.append(row)
             continue
-        spec = lock.get("spec", {})
-        param = spec.get("parameterization", {})
-        kind = param.get("kind", "?")
+        spec, budget, params = lock.spec, lock.budget, lock.parameters
+        param = spec.parameterization
+        kind = param.kind
         if kind in ("lora", "qlora"):
-            kind = f"{kind} r={param.get('rank')}"
-        budget = lock.get("budget", {})
-        params = lock.get("parameters", {})
-        packing = lock.get("packing", {})
+            kind = f"{kind} r={param.rank}"
         train, _ = read_metrics(run_dir)
         best = read_best(run_dir) or {}
         best_step = best.get("best_step")
@@ -58,19 +51,19 @@ def list_runs(project_root) -> list[dict]:
                 best_metrics = {k: v for k, v in cand.items() if (k in wanted if wanted else k not in DIAGNOSTICS)
                                 and isinstance(v, (int, float)) and not isinstance(v, bool)}
         row.update({
-            "bundle_id": lock.get("bundle_id"),
+            "bundle_id": lock.bundle_id,
             "parameterization": kind,
-            "trainable_params": params.get("trainable"),
-            "trainable_fraction": params.get("trainable_fraction"),
-            "seq_length": packing.get("seq_length") or spec.get("tokenize", {}).get("max_length"),
-            "examples_per_update": budget.get("examples_per_update"),
-            "supervised_tokens_per_update": _mean(budget.get("supervised_tokens_per_update")),
-            "total_tokens": budget.get("total_tokens"),
-            "optimizer_steps": budget.get("optimizer_steps"),
+            "trainable_params": params.trainable,
+            "trainable_fraction": params.trainable_fraction,
+            "seq_length": lock.packing.seq_length,
+            "examples_per_update": lock.batch.examples_per_update,
+            "supervised_tokens_per_update": budget.supervised_tokens_per_update.mean,
+            "total_tokens": budget.total_tokens,
+            "optimizer_steps": budget.optimizer_steps,
             "last_step": train[-1].get("step") if train else None,
-            "data_hash": (lock.get("data_manifest") or {}).get("hash"),
-            "template_version": lock.get("template_version"),
-            "tokenizer_version": lock.get("tokenizer_version"),
+            "data_hash": lock.data_manifest.hash,
+            "template_version": lock.template_version,
+            "tokenizer_version": lock.tokenizer_version,
             "best_step": best_step,
             "best_eligible": best_step is not None if best else None,
             "best_metrics": best_metrics,

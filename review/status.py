@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sftc.errors import RunError
+from sftc.errors import RunError, SftcError
 
 from sftc.runtime.rundir import (DIAGNOSTICS, candidates, checkpoint_dirs, checkpoint_problems, read_best, read_lock,
                           read_metrics, read_run_json)
@@ -52,14 +52,14 @@ def status(run_dir, verify_hashes: bool = True) -> str:
     lines = [f"run {run_dir.name}"]
     try:
         lock = read_lock(run_dir)
-    except RunError as exc:
-        lock = {}
+    except SftcError as exc:  # a missing or damaged bundle still leaves the run's own records to show
+        lock = None
         lines.append(f"  bundle: {str(exc).splitlines()[0]}")
-    bundle_id = lock.get("bundle_id")
+    bundle_id = lock.bundle_id if lock else None
     run = read_run_json(run_dir)
     if lock:
-        kind = lock["spec"]["parameterization"]["kind"]
-        planned = (lock.get("budget") or {}).get("optimizer_steps")
+        kind = lock.spec.parameterization.kind
+        planned = lock.budget.optimizer_steps
         lines.append(f"  bundle {bundle_id}  parameterization {kind}  planned steps {_num(planned)}")
     if run.get("world_size"):
         lines.append(f"  world size {run['world_size']}")

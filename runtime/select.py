@@ -211,12 +211,12 @@ def select_run(run_dir, select_spec: dict | None = None, write: bool = True) -> 
     run_dir = Path(run_dir)
     lock = read_lock(run_dir) if select_spec is None else None
     if select_spec is None:
-        select_spec = lock["spec"].get("select", {})
+        select_spec = lock.spec.select.model_dump(mode="json")
     result = select_best(run_candidates(run_dir), select_spec)
     for row in result["candidates"]:
         row["checkpoint"] = f"checkpoints/checkpoint-{row['step']}"
     if lock is not None:
-        result["bundle_id"] = lock.get("bundle_id")
+        result["bundle_id"] = lock.bundle_id
     if write:
         atomic_write_json(run_dir / "best.json", result)
     return result

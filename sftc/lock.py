@@ -21,9 +21,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_serializer
 
 from sftc.compiler.spec import BatchSpec, Spec
 from sftc.errors import BundleError
@@ -51,6 +51,17 @@ class Record(BaseModel):
     """Every level of the lock: unknown keys are refused, nothing is mutated after compile."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # Optional keys a pass writes only when they apply (data.sources, a save_to_disk input): left out
+    # of the JSON while None, so the lock holds what the pass produced and nothing more.
+    _omit_when_none: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        data = handler(self)
+        for key in self._omit_when_none:
+            if data.get(key, 0) is None:
+                del data[key]
+        return data
 
 
 class Stats(Record):
@@ -60,6 +71,8 @@ class Stats(Record):
 
 
 class DataFile(Record):
+    _omit_when_none = ("source", "weight", "format", "fingerprint", "split")
+
     path: str = Field(description="Data file, relative to the project.")
     sha256: str = Field(description="sha256 of the bytes the compiler read.")
     rows_read: int = Field(description="Rows read from this file.")
@@ -80,13 +93,15 @@ class SourceUse(Record):
 
 
 class DataManifest(Record):
-    files: tuple[DataFile, ...] = Field(description="Every input data file, in spec order.")
+    _omit_when_none = ("sources",)
+
+    files: list[DataFile] = Field(description="Every input data file, in spec order.")
     rows_read: int = Field(description="Rows read over all files.")
     train_examples: int = Field(description="Examples in train.safetensors (before packing).")
     eval_examples: int = Field(description="Examples in eval.safetensors.")
     rejected: dict[str, int] = Field(description="Rejected rows by reason (rejects.jsonl lists each).")
     hash: str = Field(description="sha256 over the data files' sha256s, in order.")
-    sources: tuple[SourceUse, ...] | None = Field(None, description="data.sources only: what each weight did.")
+    sources: list[SourceUse] | None = Field(None, description="data.sources only: what each weight did.")
 
 
 class Split(Record):
@@ -94,13 +109,19 @@ class Split(Record):
     seed: int = Field(description="split.seed used.")
     eval_fraction: float = Field(description="Requested fraction of groups held out.")
     near_duplicate_threshold: float | None = Field(description="Similarity above which groups were merged.")
-    train_groups: tuple[str, ...] = Field(description="Groups on the train side, sorted.")
-    eval_groups: tuple[str, ...] = Field(description="Groups held out, sorted.")
+    train_groups: list[str] = Field(description="Groups on the train side, sorted.")
+    eval_groups: list[str] = Field(description="Groups held out, sorted.")
     train_rows: int = Field(description="Examples on the train side.")
     eval_rows: int = Field(description="Examples held out.")
-    merged_near_duplicates: tuple[tuple[str, ...], ...] = Field(description="Groups merged as near duplicates.")
+    merged_near_duplicates: list[list[str]] = Field(description="Groups merged as near duplicates.")
+    group_keys_normalized: bool = Field(True, description="split.normalize_group_keys: keys differing only in case, "
+                                        "whitespace or '_' / '-' were one group.")
+    merged_group_spellings: list[list[str]] = Field(default_factory=list, description="Keys merged as one group by that normalisation.")
+    near_identical_groups: list[list[str]] = Field(
+        default_factory=list, description="Pairs of keys one edit apart left as separate groups (at most 200 listed).")
+    near_identical_group_pairs: int = Field(0, description="How many such pairs there are in all.")
     disjoint: bool = Field(description="No group on both sides.")
-    overlap: tuple[str, ...] = Field(description="Groups on both sides (always empty when disjoint).")
+    overlap: list[str] = Field(description="Groups on both sides (always empty when disjoint).")
 
 
 class Template(Record):
@@ -116,7 +137,7 @@ class Tokenizer(Record):
     source: Literal["local", "hub"] = Field(description="A project directory, or a hub id from the local cache.")
     path: str = Field(description="Directory relative to the project, or the hub id.")
     revision: str | None = Field(description="Hub commit of the cached snapshot (hub only).")
-    files: tuple[str, ...] = Field(description="Tokenizer files the version covers.")
+    files: list[str] = Field(description="Tokenizer files the version covers.")
     version: str = Field(description="sha256 over the tokenizer files: what tokenized the data.")
     eos_token: str | None
     eos_token_id: int | None
@@ -149,6 +170,8 @@ class Tokenize(Record):
 
 
 class Packing(Record):
+    _omit_when_none = ("ideal_rows",)
+
     strategy: str = Field(description="packing.strategy used.")
     seq_length: int = Field(description="Row length packed to.")
     rows: int = Field(description="Packed train rows.")
@@ -218,7 +241,7 @@ class EvalManifest(Record):
     examples: int = Field(description="Examples in eval.safetensors.")
     rules_path: str | None = Field(description="Rules file the bundle's rules.yaml was copied from, relative to the project.")
     rules_sha256: str | None
-    metrics: tuple[str, ...] = Field(description="Metrics the rules declare.")
+    metrics: list[str] = Field(description="Metrics the rules declare.")
     hash: str = Field(description="sha256 over the eval groups, the prompts file and the rules.")
 
 
@@ -247,7 +270,7 @@ class Lock(Record):
     tokenizer: Tokenizer
     model: BaseModelRecord
     libraries: dict[str, str] = Field(description="Installed versions at compile.")
-    token_stream_libraries: tuple[str, ...] = Field(description="Libraries whose version can change the tokens.")
+    token_stream_libraries: list[str] = Field(description="Libraries whose version can change the tokens.")
     tokenize: Tokenize
     packing: Packing
     budget: Budget

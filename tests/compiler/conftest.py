@@ -181,8 +181,8 @@ def bundle_tokenizer(bundle: Path, lock: dict):
     """The bundle's tokenizer, loaded from where the lock says (cached by its version hash)."""
     from transformers import AutoTokenizer
 
-    version = lock["tokenizer_version"]
+    version = lock.tokenizer_version
     if version not in _TOKENIZERS:
-        root = (bundle / lock["project_root"]).resolve()
-        _TOKENIZERS[version] = AutoTokenizer.from_pretrained(str(root / lock["tokenizer"]["path"]))
+        root = (bundle / lock.project_root).resolve()
+        _TOKENIZERS[version] = AutoTokenizer.from_pretrained(str(root / lock.tokenizer.path))
     return _TOKENIZERS[version]

@@ -40,16 +40,16 @@ def test_budget_matches_the_token_file(project, strategy, batch, schedule, distr
     if distributed:
         overrides["distributed"] = distributed
     bundle, lock, _ = project.compile(base_spec(**overrides))
-    budget = lock["budget"]
+    budget = lock.budget.model_dump(mode="json")
     data = load_tokens(bundle)
     rows = len(data["row_offsets"]) - 1
     per_update = batch["per_device"] * batch["grad_accum"] * batch.get("world_size", 1)
-    assert budget["examples_per_update"] == per_update
-    assert budget["train_rows"] == rows == lock["packing"]["rows"]
+    assert lock.batch.examples_per_update == per_update
+    assert budget["train_rows"] == rows == lock.packing.rows
     if strategy == "none":
-        assert rows == lock["data_manifest"]["train_examples"]
+        assert rows == lock.data_manifest.train_examples
     else:
-        assert rows < lock["data_manifest"]["train_examples"]  # packing put several examples in a row
+        assert rows < lock.data_manifest.train_examples  # packing put several examples in a row
 
     if "max_steps" in schedule:
         steps = schedule["max_steps"]

@@ -77,7 +77,7 @@ def test_inspect_marks_supervised_tokens(project, spec):
     assert "[[" in out and "]]" in out
     assert "\x1b[" not in out
     assert "position ids restart at 0" in out
-    terminator = lock["template"]["terminator"]
+    terminator = lock.template.terminator
     # every supervised span ends with the terminator, and the answers are inside [[...]]
     spans = [s.split("]]", 1)[0] for s in out.split("[[")[1:]]
     assert len(spans) == 2  # two train examples packed in row 0

@@ -25,7 +25,7 @@ def _spec(strategy: str, **overrides):
 
 def _expected_train_tokens(lock, bundle) -> dict[str, list[int]]:
     tokenizer = bundle_tokenizer(bundle, lock)
-    train = set(lock["split"]["train_groups"])
+    train = set(lock.split.train_groups)
     return {
         d["doc_id"]: tokenizer(d["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         for d in DOCS if d["doc_id"] in train
@@ -43,7 +43,7 @@ def test_every_token_is_supervised(project, docs, strategy):
     if strategy == "wrapped":
         spec["packing"]["allow_mixing"] = True
     bundle, lock, _ = project.compile(spec)
-    assert lock["template"] is None and lock["template_version"] is None
+    assert lock.template is None and lock.template_version is None
     for which in ("train", "eval"):
         data = load_tokens(bundle, which)
         assert len(data["input_ids"]) > 0
@@ -54,7 +54,7 @@ def test_every_token_is_supervised(project, docs, strategy):
             starts[data["row_offsets"][r] + np.concatenate([[0], np.cumsum(lengths)[:-1]])] = True
         assert np.all(data["labels"][starts] == -100), f"{which}: a segment start carries a label"
         assert np.array_equal(data["labels"][~starts], data["input_ids"][~starts]), f"{which}: a text token is not a target"
-    budget = lock["budget"]
+    budget = lock.budget.model_dump(mode="json")
     assert 0 < budget["supervised_tokens"] < budget["total_tokens"]
 
 
@@ -65,7 +65,7 @@ def test_bfd_split_preserves_every_token(project, docs):
     total = sum(len(v) for v in expected.values())
     assert max(len(v) for v in expected.values()) > 64  # the test needs documents longer than a row
     assert len(data["input_ids"]) == total
-    assert lock["packing"]["overflow_tokens_dropped"] == 0
+    assert lock.packing.overflow_tokens_dropped == 0
     # the multiset of tokens is exactly the documents' tokens
     assert np.array_equal(np.sort(data["input_ids"]), np.sort(np.concatenate([np.array(v) for v in expected.values()])))
     assert int(np.diff(data["row_offsets"]).max()) <= 64
@@ -80,7 +80,7 @@ def test_bfd_truncates_and_counts_the_overflow(project, docs):
     data = load_tokens(bundle)
     overflow = sum(max(len(v) - 64, 0) for v in expected.values())
     assert overflow > 0
-    assert lock["packing"]["overflow_tokens_dropped"] == overflow
+    assert lock.packing.overflow_tokens_dropped == overflow
     assert len(data["input_ids"]) == sum(len(v) for v in expected.values()) - overflow
     assert int(np.diff(data["row_offsets"]).max()) <= 64
     # each kept document is its own segment, truncated to seq_length, starting at its first token
@@ -91,7 +91,7 @@ def test_bfd_truncates_and_counts_the_overflow(project, docs):
 
 def test_text_eval_set_is_the_held_out_document(project, docs):
     bundle, lock, _ = project.compile(_spec("bfd"))
-    assert lock["split"]["eval_groups"] == ["AC-100"]
+    assert lock.split.eval_groups == ["AC-100"]
     data = load_tokens(bundle, "eval")
     tokenizer = bundle_tokenizer(bundle, lock)
     assert tokenizer.decode(data["input_ids"].tolist(), skip_special_tokens=True) == DOCS[0]["text"]

@@ -32,8 +32,8 @@ def test_two_compiles_into_two_dirs_are_byte_identical(project, spec):
     a, lock_a, reused_a = project.compile(spec, bundles_dir=project.root / "out-a")
     b, lock_b, reused_b = project.compile(spec, bundles_dir=project.root / "out-b")
     assert not reused_a and not reused_b
-    assert a.name == b.name == lock_a["bundle_id"] == lock_b["bundle_id"]
-    assert lock_a["bundle_hash"] == lock_b["bundle_hash"]
+    assert a.name == b.name == lock_a.bundle_id == lock_b.bundle_id
+    assert lock_a.inputs_hash == lock_b.inputs_hash
     files_a, files_b = _files(a), _files(b)
     assert sorted(files_a) == sorted(files_b)
     assert {"bundle.lock.json", "train.safetensors", "eval.safetensors", "rejects.jsonl", "REPORT.md"} <= set(files_a)
@@ -65,8 +65,8 @@ def test_changed_data_changes_the_id(project, spec):
     project.write_jsonl("data/rows.jsonl", rows)
     b, lock_b, reused = project.compile(spec)
     assert not reused
-    assert lock_a["bundle_id"] != lock_b["bundle_id"]
-    assert lock_a["data_manifest"]["hash"] != lock_b["data_manifest"]["hash"]
+    assert lock_a.bundle_id != lock_b.bundle_id
+    assert lock_a.data_manifest.hash != lock_b.data_manifest.hash
     assert a.exists() and b.exists()  # content-addressed: the old bundle stays as it was
 
 
@@ -78,8 +78,8 @@ def test_changed_spec_knob_changes_the_id(project, spec):
         batch={"per_device": 2, "grad_accum": 2}, schedule={"epochs": 2}, optimizer={"lr": 2.0e-4},
     ), "spec2.yaml")
     _, lock_b, _ = project.compile(changed)
-    assert lock_a["bundle_id"] != lock_b["bundle_id"]
-    assert lock_b["spec"]["optimizer"]["lr"] == 2.0e-4
+    assert lock_a.bundle_id != lock_b.bundle_id
+    assert lock_b.spec.optimizer.lr == 2.0e-4
 
 
 def test_changed_tokenizer_or_template_changes_the_id(project, spec):
@@ -96,6 +96,6 @@ def test_changed_tokenizer_or_template_changes_the_id(project, spec):
         batch={"per_device": 2, "grad_accum": 2}, schedule={"epochs": 2}, template={"chat": "templates/t.jinja"},
     )
     _, lock_b, _ = project.compile(project.write_spec(data, "spec3.yaml"))
-    assert lock_a["bundle_id"] != lock_b["bundle_id"]
-    assert lock_a["template_version"] != lock_b["template_version"]
-    assert lock_b["template"]["source"] == "file"
+    assert lock_a.bundle_id != lock_b.bundle_id
+    assert lock_a.template_version != lock_b.template_version
+    assert lock_b.template.source == "file"

@@ -81,9 +81,9 @@ def test_malformed_json_line_is_a_counted_reject(project):
     bundle, lock, _ = project.compile(base_spec(data={"max_reject_fraction": 0.2}))
     rejects = read_jsonl(bundle / "rejects.jsonl")
     assert [(r["row"], r["reason"]) for r in rejects] == [(4, "malformed_json")]
-    assert lock["data_manifest"]["rejected"] == {"malformed_json": 1}
-    assert lock["data_manifest"]["rows_read"] == 11
-    assert lock["data_manifest"]["train_examples"] + lock["data_manifest"]["eval_examples"] == 10
+    assert lock.data_manifest.rejected == {"malformed_json": 1}
+    assert lock.data_manifest.rows_read == 11
+    assert lock.data_manifest.train_examples + lock.data_manifest.eval_examples == 10
 
 
 def test_too_many_malformed_lines_fail_listing_reasons(project):
@@ -138,7 +138,7 @@ def test_path_escaping_the_project_is_refused_unless_allowed(project, rows):
                "allow_external_paths")
     _cli_fails(project, base_spec(data={"files": [str(outside)]}), "leaves the project")
     bundle, lock, _ = project.compile(base_spec(data={"files": ["../x.jsonl"]}, allow_external_paths=True))
-    assert lock["data_manifest"]["rows_read"] == len(ROWS)
+    assert lock.data_manifest.rows_read == len(ROWS)
     assert bundle.parent == project.root / "bundles"
 
 
@@ -149,8 +149,8 @@ def test_model_path_escaping_the_project_is_refused(project, rows):
 def test_wrapped_needs_allow_mixing(project, rows):
     _cli_fails(project, base_spec(packing={"strategy": "wrapped"}), "packing.strategy", "wrapped", "allow_mixing")
     bundle, lock, _ = project.compile(base_spec(packing={"strategy": "wrapped", "allow_mixing": True, "seq_length": 32}))
-    assert lock["packing"]["strategy"] == "wrapped"
-    assert lock["packing"]["boundary_safe"] is False
+    assert lock.packing.strategy == "wrapped"
+    assert lock.packing.boundary_safe is False
 
 
 def test_continued_pretraining_refuses_prompt_completion(project, rows):
@@ -184,13 +184,14 @@ def test_unsupported_data_suffix(project):
 
 
 def test_failure_while_writing_leaves_no_partial_bundle(project, rows, monkeypatch):
-    """A crash after staging began (here: rendering REPORT.md) removes the temp dir; no bundle appears."""
-    import sftc.compiler.report
+    """A crash after staging began (here: making launch.sh executable, after every file was written)
+    removes the temp dir; no bundle appears."""
+    import sftc.compiler.bundle
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(sftc.compiler.report, "render_report", boom)
+    monkeypatch.setattr(sftc.compiler.bundle.os, "chmod", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         project.compile(base_spec())
     assert (project.root / "bundles").is_dir()  # staging had started

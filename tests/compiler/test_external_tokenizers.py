@@ -58,9 +58,9 @@ def test_phi3_supervises_answer_and_end_token_only(project):
     bundle, lock = _compile_rows(project, ROWS)
     tokenizer = bundle_tokenizer(bundle, lock)
     end_id = tokenizer.convert_tokens_to_ids("<|end|>")
-    assert lock["template"]["terminator"] == "<|end|>"
-    assert lock["template"]["terminator_id"] == end_id == 32007
-    assert lock["template"]["source"] == "tokenizer"
+    assert lock.template.terminator == "<|end|>"
+    assert lock.template.terminator_id == end_id == 32007
+    assert lock.template.source == "tokenizer"
 
     completions = {r["prompt"]: r["completion"] for r in ROWS}
     seen = 0
@@ -91,8 +91,8 @@ def test_qwen25_chatml_supervises_im_end_but_not_the_newline_or_header(project):
     tokenizer = bundle_tokenizer(bundle, lock)
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") == IM_END
     assert tokenizer.convert_tokens_to_ids("<|im_start|>") == IM_START
-    assert lock["template"]["terminator"] == "<|im_end|>"
-    assert lock["template"]["terminator_id"] == IM_END
+    assert lock.template.terminator == "<|im_end|>"
+    assert lock.template.terminator_id == IM_END
 
     completions = {r["prompt"]: r["completion"] for r in ROWS}
     for _, ids, labels in segments(load_tokens(bundle)):
@@ -205,9 +205,9 @@ def test_templates_without_generation_markers_still_get_a_mask(project, name, an
         project, ROWS, template={"chat": f"templates/{name}.jinja"},
         tokenize={"max_length": 1024}, packing={"seq_length": 2048},  # SmolLM3's system block is long
     )
-    assert lock["template"]["source"] == "file"
-    assert lock["template"]["path"] == f"templates/{name}.jinja"
-    assert lock["template"]["terminator"] == "<|im_end|>"
+    assert lock.template.source == "file"
+    assert lock.template.path == f"templates/{name}.jinja"
+    assert lock.template.terminator == "<|im_end|>"
     tokenizer = bundle_tokenizer(bundle, lock)
     completions = {r["prompt"]: r["completion"] for r in ROWS}
     seen = 0

@@ -56,7 +56,7 @@ def test_near_duplicate_groups_follow_an_explicit_held_out_group(project, held_o
     project.write_jsonl("data/rows.jsonl", _rows())
     bundle, lock, _ = project.compile(_spec(eval_groups=[held_out]))
     assert read_jsonl(bundle / "rejects.jsonl") == []
-    split = lock["split"]
+    split = lock.split.model_dump(mode="json")
     assert split["merged_near_duplicates"] == [["A100", "B200"]]
     assert split["eval_groups"] == ["A100", "B200"]  # the near copy follows its twin to eval
     assert set(split["train_groups"]) == {f"U{i}" for i in range(len(UNRELATED))}
@@ -75,7 +75,7 @@ def test_near_duplicate_groups_follow_an_explicit_held_out_group(project, held_o
 def test_near_duplicate_groups_share_a_side_under_hashing(project, seed):
     project.write_jsonl("data/rows.jsonl", _rows())
     _, lock, _ = project.compile(_spec(eval_fraction=0.5, seed=seed))
-    split = lock["split"]
+    split = lock.split.model_dump(mode="json")
     assert ["A100", "B200"] in split["merged_near_duplicates"]
     assert ({"A100", "B200"} <= set(split["train_groups"])) or ({"A100", "B200"} <= set(split["eval_groups"]))
     assert set(split["train_groups"]).isdisjoint(split["eval_groups"])
@@ -85,9 +85,9 @@ def test_near_duplicate_groups_share_a_side_under_hashing(project, seed):
 def test_near_duplicate_merge_can_be_turned_off(project):
     project.write_jsonl("data/rows.jsonl", _rows())
     _, lock, _ = project.compile(_spec(eval_groups=["A100"], near_duplicates=None))
-    assert lock["split"]["merged_near_duplicates"] == []
-    assert lock["split"]["eval_groups"] == ["A100"]
-    assert "B200" in lock["split"]["train_groups"]
+    assert lock.split.merged_near_duplicates == []
+    assert lock.split.eval_groups == ["A100"]
+    assert "B200" in lock.split.train_groups
 
 
 def _example(group: str, prompt: str) -> Example:

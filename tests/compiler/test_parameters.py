@@ -84,7 +84,7 @@ def test_bundle_records_parameter_counts(project):
     """The compiled lock carries the same numbers count_parameters gives for its config."""
     project.write_jsonl("data/rows.jsonl", [{"thread_id": "T1", "prompt": "Stale key", "completion": "Rotate it."}])
     bundle, lock, _ = project.compile(base_spec(parameterization={"kind": "lora", "rank": 4}))
-    spec = parse_spec(lock["spec"])
+    spec = parse_spec(lock.spec.model_dump(mode="json"))
     expected = count_parameters(load_config(project.root / "model", spec), spec)
-    assert lock["parameters"] == expected
-    assert 0 < lock["parameters"]["trainable"] < lock["parameters"]["base"]
+    assert lock.parameters.model_dump(mode="json") == expected
+    assert 0 < lock.parameters.trainable < lock.parameters.base

@@ -49,7 +49,7 @@ def test_rejects_empty_completion_and_missing_group_with_row_numbers(seed_bundle
     assert all(r["file"] == "data/rows.jsonl" for r in rejects)
     assert "thread_id" in rejects[1]["detail"]
 
-    manifest = lock["data_manifest"]
+    manifest = lock.data_manifest.model_dump(mode="json")
     assert manifest["rows_read"] == 6
     assert manifest["rejected"] == {"empty_completion": 1, "missing_field": 1}
     (file_entry,) = manifest["files"]
@@ -62,7 +62,7 @@ def test_rejects_empty_completion_and_missing_group_with_row_numbers(seed_bundle
 
 def test_accepted_threads_are_the_seed_answer(seed_bundle):
     _, lock = seed_bundle
-    accepted = set(lock["split"]["train_groups"]) | set(lock["split"]["eval_groups"])
+    accepted = set(lock.split.train_groups) | set(lock.split.eval_groups)
     assert "B550" not in accepted  # its only row had an empty completion
     assert accepted == {"T102", "R550", "P771"}
 
@@ -83,7 +83,7 @@ def test_too_many_rejects_fail_compile_listing_reasons(project):
 
 def test_split_keeps_incident_together(seed_bundle):
     bundle, lock = seed_bundle
-    split = lock["split"]
+    split = lock.split.model_dump(mode="json")
     assert split["eval_groups"] == ["R550"]
     assert split["train_groups"] == ["P771", "T102"]
     assert split["disjoint"] is True and split["overlap"] == []
@@ -99,7 +99,7 @@ def test_split_keeps_incident_together(seed_bundle):
 def test_split_by_group_never_by_row(project, held_out):
     project.write_jsonl("data/rows.jsonl", SEED_ROWS)
     _, lock, _ = project.compile(base_spec(split={"eval_groups": held_out}))
-    split = lock["split"]
+    split = lock.split.model_dump(mode="json")
     assert split["eval_groups"] == sorted(held_out)
     assert set(split["train_groups"]).isdisjoint(split["eval_groups"])
     if "T102" in held_out:  # both turns held out together
@@ -116,7 +116,7 @@ def test_split_by_hash_keeps_every_turn_of_a_group_together(project):
     ]
     project.write_jsonl("data/rows.jsonl", rows)
     bundle, lock, _ = project.compile(base_spec(split={"eval_fraction": 0.3, "near_duplicates": None}))
-    split = lock["split"]
+    split = lock.split.model_dump(mode="json")
     assert split["eval_groups"] and split["train_groups"]
     assert set(split["train_groups"]).isdisjoint(split["eval_groups"])
     assert split["eval_rows"] == 3 * len(split["eval_groups"])
@@ -133,7 +133,7 @@ def test_mask_supervises_exactly_answer_and_terminator(project):
     project.write_jsonl("data/rows.jsonl", rows)
     bundle, lock, _ = project.compile(base_spec(template={"system": "Follow access policy."}))
     tokenizer = bundle_tokenizer(bundle, lock)
-    terminator, terminator_id = lock["template"]["terminator"], lock["template"]["terminator_id"]
+    terminator, terminator_id = lock.template.terminator, lock.template.terminator_id
     assert tokenizer.convert_tokens_to_ids(terminator) == terminator_id
 
     data = load_tokens(bundle)
@@ -166,7 +166,7 @@ def test_mask_supervises_exactly_answer_and_terminator(project):
 def test_every_compiled_example_supervises_only_its_answer(seed_bundle):
     bundle, lock = seed_bundle
     tokenizer = bundle_tokenizer(bundle, lock)
-    terminator = lock["template"]["terminator"]
+    terminator = lock.template.terminator
     answers = {r["completion"] for r in SEED_ROWS if r.get("completion") and r.get("thread_id")}
     prompts = [r["prompt"] for r in SEED_ROWS]
     seen = set()
@@ -201,9 +201,9 @@ def test_truncation_that_cuts_the_answer_is_rejected(project):
     rejects = read_jsonl(bundle / "rejects.jsonl")
     assert [(r["row"], r["reason"]) for r in rejects] == [(1, "answer_truncated")]
     assert "max_length 48" in rejects[0]["detail"]
-    assert lock["data_manifest"]["rejected"] == {"answer_truncated": 1}
-    assert lock["tokenize"]["truncated_rejected"] == 1
-    assert lock["data_manifest"]["train_examples"] == 2
+    assert lock.data_manifest.rejected == {"answer_truncated": 1}
+    assert lock.tokenize.truncated_rejected == 1
+    assert lock.data_manifest.train_examples == 2
     data = load_tokens(bundle)
     assert all(len(ids) <= 48 for _, ids, _ in segments(data))
     assert all((labels != IGNORE_INDEX).any() for _, _, labels in segments(data))
@@ -222,7 +222,7 @@ def test_long_enough_max_length_keeps_the_row(project):
     project.write_jsonl("data/rows.jsonl", _truncation_rows())
     bundle, lock, _ = project.compile(base_spec(tokenize={"max_length": 1024}, packing={"seq_length": 1024}))
     assert read_jsonl(bundle / "rejects.jsonl") == []
-    assert lock["data_manifest"]["train_examples"] == 3
+    assert lock.data_manifest.train_examples == 3
 
 
 def test_bfd_packing_cannot_cut_an_answer_that_tokenization_kept(project):
@@ -232,12 +232,12 @@ def test_bfd_packing_cannot_cut_an_answer_that_tokenization_kept(project):
     bundle, lock, _ = project.compile(base_spec(tokenize={"max_length": 1024}, packing={"strategy": "bfd", "seq_length": 48}))
     rejects = read_jsonl(bundle / "rejects.jsonl")
     assert [(r["row"], r["reason"]) for r in rejects] == [(1, "answer_truncated")]
-    assert lock["packing"]["overflow_tokens_dropped"] == 0
+    assert lock.packing.overflow_tokens_dropped == 0
     data = load_tokens(bundle)
     for _, ids, labels in segments(data):
         assert len(ids) <= 48
         assert (labels != IGNORE_INDEX).any()
-    assert lock["budget"]["supervised_tokens_per_update"]["min"] > 0
+    assert lock.budget.supervised_tokens_per_update.min > 0
 
 
 # --- packing -----------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def test_bfd_packing_cannot_cut_an_answer_that_tokenization_kept(project):
 def test_packed_position_ids_reset_at_each_example(seed_bundle):
     bundle, lock = seed_bundle
     data = load_tokens(bundle)
-    assert lock["packing"]["strategy"] == "bfd"
+    assert lock.packing.strategy == "bfd"
     row_lengths = np.diff(data["row_offsets"])
     assert len(row_lengths) == 1  # three short examples fit one 256-token row
     seg = data["seq_lengths"][data["seq_offsets"][0] : data["seq_offsets"][1]]
@@ -260,7 +260,7 @@ def test_packed_position_ids_reset_at_each_example(seed_bundle):
     assert pos.tolist() == [p for n in seg for p in range(int(n))]
     # each segment is exactly one example: it opens with the prompt's first token and has one
     # supervised terminator
-    terminator_id = lock["template"]["terminator_id"]
+    terminator_id = lock.template.terminator_id
     firsts = {int(ids[0]) for _, ids, _ in segments(data)}
     assert len(firsts) == 1
     for _, _, labels in segments(data):

@@ -47,7 +47,7 @@ def test_seeds_at_their_extremes_compile(project):
     project.write_jsonl("data/rows.jsonl", ROWS)
     for seed in (0, 2**32 - 1):
         _, lock, _ = project.compile(base_spec(seed=seed, split={"seed": seed, "eval_fraction": 0.2}))
-        assert lock["spec"]["seed"] == seed
+        assert lock.spec.seed == seed
 
 
 @pytest.mark.parametrize("overrides", [
