@@ -7,7 +7,10 @@ example with nothing to teach, so it is rejected, never silently dropped.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +32,7 @@ class Example:
     fields: dict[str, Any]
     messages: list[dict[str, str]] | None = None  # prompt_completion rows become [user, assistant]
     text: str | None = None  # text rows (continued pretraining)
+    source: int | None = None  # index in data.sources (None for data.files): its mixing weight
 
     @property
     def ref(self) -> str:
@@ -44,6 +48,99 @@ class Reject:
 
     def as_dict(self) -> dict:
         return {"file": self.file, "row": self.row, "reason": self.reason, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class DataInput:
+    """One input of a compile: a data file, or a directory written by datasets' save_to_disk."""
+
+    path: Path
+    display: str
+    source: int | None = None  # index in data.sources; None for data.files
+    dataset: bool = False
+    split: str | None = None
+
+    def __iter__(self):
+        # unpacks as the (path, display) pair that callers used before data.sources existed
+        return iter((self.path, self.display))
+
+
+def resolve_data_inputs(data_spec, resolve, display) -> tuple[list[DataInput], list[str]]:
+    """Every file or dataset a spec's data section names, resolved; plus what is missing.
+
+    `resolve(value, key)` applies the spec's path policy, `display(path)` makes the path the lock records.
+    """
+    inputs, problems = [], []
+    if data_spec.sources is None:
+        for i, name in enumerate(data_spec.files):
+            path = resolve(name, f"data.files[{i}]")
+            if not path.is_file():
+                problems.append(f"data.files[{i}]: {name}: file not found")
+            inputs.append(DataInput(path, display(path)))
+        return inputs, problems
+    for s, source in enumerate(data_spec.sources):
+        if source.dataset is not None:
+            key = f"data.sources[{s}].dataset"
+            path = resolve(source.dataset, key)
+            if not (path / "state.json").is_file() and not (path / "dataset_dict.json").is_file():
+                problems.append(f"{key}: {source.dataset}: not a dataset saved with save_to_disk "
+                                "(no state.json or dataset_dict.json)")
+            inputs.append(DataInput(path, display(path), s, dataset=True, split=source.split))
+            continue
+        for i, name in enumerate(source.files):
+            path = resolve(name, f"data.sources[{s}].files[{i}]")
+            if not path.is_file():
+                problems.append(f"data.sources[{s}].files[{i}]: {name}: file not found")
+            inputs.append(DataInput(path, display(path), s))
+    return inputs, problems
+
+
+def dataset_sha256(path: Path) -> str:
+    """One hash over a saved dataset's files (Arrow shards, state.json, dataset_info.json).
+
+    datasets' own `_fingerprint` is recorded too, but it is derived from the transforms that made
+    the dataset, not its bytes: two saves with the same fingerprint can hold different rows.
+    """
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0" + sha256_file(file).encode() + b"\0")
+    return digest.hexdigest()
+
+
+def input_sha256(item: DataInput) -> str:
+    return dataset_sha256(item.path) if isinstance(item, DataInput) and item.dataset else sha256_file(item.path)
+
+
+def data_hashes(inputs: list[DataInput]) -> list[dict]:
+    """What the bundle hash covers of the data: each input's display path and content hash."""
+    return [{"path": item.display, "sha256": input_sha256(item)} for item in inputs]
+
+
+def _iter_dataset_rows(item: DataInput) -> tuple[Iterator[tuple[int, Any, str | None]], dict]:
+    """Rows of a save_to_disk dataset (load_from_disk: memory-mapped Arrow), and what identifies it."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(item.path))
+    except Exception as exc:  # datasets raises FileNotFoundError, ValueError, ArrowInvalid ... for a bad directory
+        raise DataError(f"{item.display}: cannot load the dataset ({exc.__class__.__name__}: {str(exc)[:300]})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        names = sorted(loaded)
+        if item.split is None and len(names) == 1:
+            split = names[0]
+        elif item.split in loaded:
+            split = item.split
+        else:
+            found = f"found {item.split!r}" if item.split else "no split given"
+            raise DataError(f"data.sources[{item.source}].split: {item.display} holds splits {names}; {found}")
+        loaded = loaded[split]
+    elif item.split is not None:
+        raise DataError(f"data.sources[{item.source}].split: {item.display} is a single Dataset, it has no splits; "
+                        "remove split")
+    else:
+        split = None
+    identity = {"fingerprint": loaded._fingerprint, "split": split}
+    return ((i, row, None) for i, row in enumerate(loaded)), identity
 
 
 @dataclass
@@ -148,18 +245,25 @@ def _group_key(row: dict, key: str) -> tuple[str | None, str | None]:
     return str(value), None
 
 
-def _check_messages(value: Any, key: str) -> tuple[list[dict] | None, tuple[str, str] | None]:
+def _check_messages(value: Any, key: str, names=None) -> tuple[list[dict] | None, tuple[str, str] | None]:
+    role_key = getattr(names, "role", None) or "role"
+    content_key = getattr(names, "content", None) or "content"
+    role_names = getattr(names, "roles", None)
     if not isinstance(value, list) or not value:
-        return None, ("wrong_type", f"{key} must be a non-empty list of {{role, content}}")
+        return None, ("wrong_type", f"{key} must be a non-empty list of {{{role_key}, {content_key}}}")
     messages = []
     for i, message in enumerate(value):
-        if not isinstance(message, dict) or set(message) - {"role", "content"} - {"name"}:
-            return None, ("wrong_type", f"{key}[{i}] must be an object with role and content")
-        role, content = message.get("role"), message.get("content")
+        if not isinstance(message, dict) or set(message) - {role_key, content_key} - {"name"}:
+            return None, ("wrong_type", f"{key}[{i}] must be an object with {role_key} and {content_key}")
+        role, content = message.get(role_key), message.get(content_key)
+        if role_names is not None:
+            if role not in role_names:
+                return None, ("bad_role", f"{key}[{i}].{role_key} is {role!r}; data fields.roles maps {', '.join(map(repr, role_names))}")
+            role = role_names[role]
         if role not in ROLES:
-            return None, ("bad_role", f"{key}[{i}].role is {role!r}; allowed: {', '.join(ROLES)}")
+            return None, ("bad_role", f"{key}[{i}].{role_key} is {role!r}; allowed: {', '.join(ROLES)}")
         if not isinstance(content, str):
-            return None, ("wrong_type", f"{key}[{i}].content is {type(content).__name__}, expected a string")
+            return None, ("wrong_type", f"{key}[{i}].{content_key} is {type(content).__name__}, expected a string")
         if role == "assistant" and not content.strip():
             return None, ("empty_completion", f"{key}[{i}] is an assistant turn with no content")
         messages.append({"role": role, "content": content})
@@ -168,16 +272,41 @@ def _check_messages(value: Any, key: str) -> tuple[list[dict] | None, tuple[str,
     return messages, None
 
 
-def validate_row(row: Any, data_spec, fmt: str) -> tuple[Example | None, tuple[str, str] | None, str]:
-    """Check one row; returns (example, (reason, detail) or None, dedup key)."""
+def split_transcript(text: str, markers: dict[str, str], key: str) -> tuple[list[dict] | None, tuple[str, str] | None]:
+    """A transcript such as OASST/Guanaco's '### Human: ... ### Assistant: ...' cut into messages at
+    the declared markers. A trailing marker with nothing after it is the cue for the answer and dropped."""
+    pattern = re.compile("|".join(re.escape(m) for m in sorted(markers, key=len, reverse=True)))
+    cuts = list(pattern.finditer(text))
+    if not cuts:
+        return None, ("no_turns", f"{key} holds none of the turn markers {sorted(markers)}")
+    if text[: cuts[0].start()].strip():
+        return None, ("no_turns", f"{key} has text before its first turn marker {cuts[0].group()!r}")
+    messages = []
+    for i, cut in enumerate(cuts):
+        end = cuts[i + 1].start() if i + 1 < len(cuts) else len(text)
+        messages.append({"role": markers[cut.group()], "content": text[cut.end():end].strip()})
+    if messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    for i, message in enumerate(messages):
+        if not message["content"]:
+            reason = "empty_completion" if message["role"] == "assistant" else "empty_prompt"
+            return None, (reason, f"{key}: turn {i + 1} ({message['role']}) is empty")
+    return messages, None
+
+
+def validate_row(row: Any, data_spec, fmt: str, names=None) -> tuple[Example | None, tuple[str, str] | None, str]:
+    """Check one row; returns (example, (reason, detail) or None, dedup key). `names` is the field
+    map of the row's source (default data_spec.fields)."""
     if not isinstance(row, dict):
         return None, ("not_an_object", f"row is {type(row).__name__}, expected an object"), ""
-    names = data_spec.fields
+    names = names or data_spec.fields
     needed = {"prompt_completion": [names.prompt, names.completion], "conversational": [names.messages],
               "text": [names.text]}[fmt]
     missing = sorted(k for k in [names.group, *needed] if k not in row or row[k] is None)
     if missing:
-        return None, ("missing_field", f"missing {missing}"), ""
+        # the fields the row does have: a wrong field name in the spec is then one look away
+        present = ", ".join(sorted(map(str, row))[:20]) or "none"
+        return None, ("missing_field", f"missing {missing}; the row has: {present}"), ""
     group, problem = _group_key(row, names.group)
     if problem:
         return None, ("missing_field" if problem == "missing" else "wrong_type", f"{names.group}: {problem}"), ""
@@ -190,11 +319,17 @@ def validate_row(row: Any, data_spec, fmt: str) -> tuple[Example | None, tuple[s
             return None, ("empty_completion", f"{names.completion} is empty"), ""
         if not prompt.strip():
             return None, ("empty_prompt", f"{names.prompt} is empty"), ""
+        if names.turn_markers:
+            turns, problem = split_transcript(prompt, names.turn_markers, names.prompt)
+            if problem:
+                return None, problem, ""
+            messages = [*turns, {"role": "assistant", "content": completion}]
+            return Example("", 0, group, row, messages=messages), None, json.dumps(messages)
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
         key = json.dumps([prompt, completion])
         return Example("", 0, group, row, messages=messages), None, key
     if fmt == "conversational":
-        messages, problem = _check_messages(row[names.messages], names.messages)
+        messages, problem = _check_messages(row[names.messages], names.messages, names)
         if problem:
             return None, problem, ""
         return Example("", 0, group, row, messages=messages), None, json.dumps(messages)
@@ -206,17 +341,30 @@ def validate_row(row: Any, data_spec, fmt: str) -> tuple[Example | None, tuple[s
     return Example("", 0, group, row, text=text), None, text
 
 
-def read_data(files: list[tuple[Path, str]], data_spec) -> DataResult:
-    """Read and validate every row of every file; exact duplicates of an accepted row are rejected."""
+def read_data(files: list, data_spec) -> DataResult:
+    """Read and validate every row of every input; exact duplicates of an accepted row are rejected.
+
+    `files`: DataInputs (or (path, display) pairs). A source's own format and field map apply to its rows.
+    """
     result = DataResult([], [])
     first_seen: dict[str, str] = {}
-    for path, display in files:
-        if not path.is_file():
+    for item in files:
+        item = item if isinstance(item, DataInput) else DataInput(*item)
+        path, display = item.path, item.display
+        source = data_spec.sources[item.source] if item.source is not None else None
+        fmt = (source.format if source else None) or data_spec.format
+        names = (source.fields if source else None) or data_spec.fields
+        identity = {}
+        if item.dataset:
+            rows_iter, identity = _iter_dataset_rows(item)
+        elif not path.is_file():
             raise DataError(f"data.files: {display}: file not found")
+        else:
+            rows_iter = iter_rows(path, display)
         reasons: Counter = Counter()
         accepted = 0
         rows = 0
-        for number, row, problem in iter_rows(path, display):
+        for number, row, problem in rows_iter:
             rows += 1
             if problem:
                 reason, _, detail = problem.partition(": ")
@@ -228,19 +376,56 @@ def read_data(files: list[tuple[Path, str]], data_spec) -> DataResult:
                 result.rejects.append(Reject(display, number, "bad_encoding", f"lone UTF-16 surrogate in {bad}"))
                 reasons["bad_encoding"] += 1
                 continue
-            example, rejected, key = validate_row(row, data_spec, data_spec.format)
+            example, rejected, key = validate_row(row, data_spec, fmt, names)
             if rejected is None and key in first_seen:
                 rejected = ("duplicate", f"same content as {first_seen[key]}")
             if rejected:
                 result.rejects.append(Reject(display, number, *rejected))
                 reasons[rejected[0]] += 1
                 continue
-            example.file, example.row = display, number
+            example.file, example.row, example.source = display, number, item.source
             first_seen[key] = example.ref
             result.examples.append(example)
             accepted += 1
-        result.files.append({
-            "path": display, "sha256": sha256_file(path), "rows_read": rows, "accepted": accepted,
+        entry = {
+            "path": display, "sha256": input_sha256(item), "rows_read": rows, "accepted": accepted,
             "rejected": dict(sorted(reasons.items())),
-        })
+        }
+        if item.source is not None:  # only with data.sources, so data.files manifests keep their bytes
+            entry.update({"source": item.source, "weight": source.weight, "format": fmt})
+        if item.dataset:
+            entry.update(identity)
+        result.files.append(entry)
     return result
+
+
+def weigh_sources(input_ids: list, labels: list, examples: list[Example], data_spec, seed: int):
+    """Apply data.sources weights to the tokenized train examples: (input_ids, labels, record or None).
+
+    A weight w repeats every example floor(w) times and adds a seeded choice of round(frac(w) * n)
+    more (w < 1 keeps that many, none repeated), so a mixture is reproducible from the spec alone
+    and eval is never reweighted. Examples keep their order; packing shuffles them later.
+    """
+    if data_spec.sources is None:
+        return input_ids, labels, None
+    by_source: dict[int, list[int]] = {}
+    for index, example in enumerate(examples):
+        by_source.setdefault(example.source, []).append(index)
+    copies = [1] * len(examples)
+    record = []
+    for s, source in enumerate(data_spec.sources):
+        members = by_source.get(s, [])
+        whole, fraction = divmod(source.weight, 1.0)
+        ranked = sorted(members, key=lambda i: hashlib.sha256(f"{seed}:{s}:{examples[i].ref}".encode()).digest())
+        extra = set(ranked[: int(math.floor(fraction * len(members) + 0.5))])
+        for i in members:
+            copies[i] = int(whole) + (1 if i in extra else 0)
+        record.append({"source": s, "weight": source.weight, "train_examples": len(members),
+                       "used": sum(copies[i] for i in members)})
+    if not any(copies):
+        raise DataError(f"data.sources: the weights {[s.weight for s in data_spec.sources]} leave no train example")
+    out_ids, out_labels = [], []
+    for ids, lab, n in zip(input_ids, labels, copies):
+        out_ids.extend([ids] * n)
+        out_labels.extend([lab] * n)
+    return out_ids, out_labels, record

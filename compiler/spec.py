@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from sftc.errors import SpecError
 from sftc.yaml import load_yaml_text, read_yaml_file
@@ -112,18 +112,79 @@ class ModelSpec(Strict):
     trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint. Off unless needed.")
 
 
-class FieldMap(Strict):
-    """Which row field holds what."""
+Role = Literal["system", "user", "assistant"]
+
+
+class _OmitUnset(Strict):
+    """Optional keys added after specs were first locked are left out of the dump while unset, so
+    a spec that does not use them keeps its canonical form and its bundle id."""
+
+    _omit_when_none: tuple[str, ...] = ()
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        data = handler(self)
+        for key in self._omit_when_none:
+            if data.get(key, 0) is None:
+                del data[key]
+        return data
+
+
+class FieldMap(_OmitUnset):
+    """Which row field holds what, and how rows as they ship map onto sftc's roles."""
+
+    _omit_when_none = ("role", "content", "roles", "turn_markers")
 
     prompt: str = Field("prompt", description="Field with the user's request (prompt_completion).")
     completion: str = Field("completion", description="Field with the desired answer (prompt_completion).")
     messages: str = Field("messages", description="Field with the [{role, content}] list (conversational).")
     text: str = Field("text", description="Field with raw text (text format, continued pretraining).")
     group: str = Field(description="Group key for the leakage-resistant split: thread, policy document, tenant.")
+    role: str | None = Field(None, description="Key of the speaker inside each message (ShareGPT/FastChat: 'from'); default 'role'.")
+    content: str | None = Field(None, description="Key of the text inside each message (ShareGPT/FastChat: 'value'); default 'content'.")
+    roles: dict[str, Role] | None = Field(
+        None, description="Speaker names in the rows -> system / user / assistant (ShareGPT: {human: user, gpt: assistant}).",
+    )
+    turn_markers: dict[str, Role] | None = Field(
+        None,
+        description="prompt_completion: the prompt is a transcript cut into turns at these markers "
+        "(OASST/Guanaco: {'### Human:': user, '### Assistant:': assistant}); the completion is the last answer.",
+    )
 
 
-class DataSpec(Strict):
-    files: list[PathText] = Field(min_length=1, description="Input files: .jsonl, .json (a list of rows) or .parquet.")
+class SourceSpec(Strict):
+    """One input of a mixture: files or a saved `datasets` dataset, with its own weight and mapping."""
+
+    files: list[PathText] | None = Field(None, min_length=1, description="Input files: .jsonl, .json (a list of rows) or .parquet.")
+    dataset: PathText | None = Field(None, description="Directory written by datasets' save_to_disk (read with load_from_disk).")
+    split: str | None = Field(None, description="Split of a saved DatasetDict (e.g. 'train'); required when it has several.")
+    weight: float = Field(
+        1.0, gt=0.0, le=100.0,
+        description="Share of this source's train examples used: 0.5 keeps a seeded half, 2.0 repeats each twice.",
+    )
+    format: Literal["prompt_completion", "conversational", "text"] | None = Field(
+        None, description="Row shape of this source; default data.format."
+    )
+    fields: FieldMap | None = Field(None, description="Field map of this source; default data.fields.")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "SourceSpec":
+        if (self.files is None) == (self.dataset is None):
+            raise ValueError("give exactly one of files or dataset")
+        if self.split is not None and self.dataset is None:
+            raise ValueError("split applies to a dataset source")
+        return self
+
+
+class DataSpec(_OmitUnset):
+    _omit_when_none = ("sources",)
+
+    files: list[PathText] | None = Field(
+        None, min_length=1, description="Input files: .jsonl, .json (a list of rows) or .parquet. Or use sources."
+    )
+    sources: list[SourceSpec] | None = Field(
+        None, min_length=1, description="Weighted inputs (files or saved datasets), each with its own format and fields.",
+    )
     format: Literal["prompt_completion", "conversational", "text"] = Field(
         description="Row shape. 'text' is for continued_pretraining."
     )
@@ -135,6 +196,15 @@ class DataSpec(Strict):
         False, description="Accept rows whose text holds a special/control token of the template (e.g. '<|user|>'); "
         "off: such a row could forge a turn, and is rejected as control_token_in_text.",
     )
+
+    @model_validator(mode="after")
+    def _one_input_list(self) -> "DataSpec":
+        if (self.files is None) == (self.sources is None):
+            raise ValueError("give exactly one of data.files or data.sources")
+        formats = {source.format or self.format for source in self.sources or []}
+        if "text" in formats | {self.format} and len(formats | {self.format}) > 1:
+            raise ValueError(f"text sources cannot be mixed with chat sources (formats {sorted(formats | {self.format})})")
+        return self
 
 
 class SplitSpec(Strict):
