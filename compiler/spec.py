@@ -211,6 +211,10 @@ class SplitSpec(Strict):
     eval_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="Share of groups held out (by group, never by row).")
     seed: int = Field(13, ge=0, le=MAX_SEED, description="Seed of the group hash that decides each group's side.")
     eval_groups: list[str] | None = Field(None, description="Explicit held-out groups; overrides eval_fraction.")
+    normalize_group_keys: bool = Field(
+        True, description="Group keys that differ only in case, whitespace or '_' / '-' are one group "
+        "(every merge is listed in the lock's split record); false keeps keys exactly as written.",
+    )
     near_duplicates: float | None = Field(
         0.85, gt=0.0, le=1.0,
         description="Prompts at least this similar (word-shingle Jaccard) are merged into one group; null turns it off.",

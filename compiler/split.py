@@ -228,6 +228,45 @@ def _walk_bucket(members, rows, store, threshold, component, cap, stats):
         parts = list(by_root.values())
 
 
+_SPELLING = re.compile(r"[\s_\-]+")
+# near-identical group keys are reported, not merged: at most this many pairs go into the lock
+MAX_NEAR_IDENTICAL_REPORTED = 200
+
+
+def normalized_group_key(key: str) -> str:
+    """The key as a person means it: case, whitespace and `_` / `-` are spelling, not identity
+    (OrgAccess has `Risk Manager` and `Risk_Manager`, one role on both sides of the split)."""
+    return _SPELLING.sub(" ", key.casefold()).strip()
+
+
+def near_identical_keys(keys: list[str], same_cluster) -> tuple[list[list[str]], int]:
+    """Pairs of keys one edit apart (a letter or sign inserted, deleted or replaced; two adjacent
+    swapped), not in one cluster already: (up to MAX_NEAR_IDENTICAL_REPORTED pairs, how many in all).
+
+    Keys sharing a one-deletion variant are candidates, so the work is linear in the keys' total
+    length rather than quadratic in their number. An edit to a digit never counts: `T101` and
+    `T102` are two threads, not a typo.
+    """
+    buckets: dict[str, list[str]] = {}
+    for key in keys:
+        norm = normalized_group_key(key)
+        if len(norm) < 4 or len(norm) > 256:
+            continue
+        variants = {norm} | {norm[:i] + norm[i + 1:] for i, ch in enumerate(norm) if not ch.isdigit()}
+        for variant in variants:
+            buckets.setdefault(variant, []).append(key)
+    pairs = set()
+    for members in buckets.values():
+        if len(members) < 2 or len(members) > 64:  # a variant shared by dozens of keys is a naming scheme
+            continue
+        for i, left in enumerate(members):
+            for right in members[i + 1:]:
+                if left != right and not same_cluster(left, right):
+                    pairs.add(tuple(sorted((left, right))))
+    ordered = sorted(pairs)
+    return [list(p) for p in ordered[:MAX_NEAR_IDENTICAL_REPORTED]], len(ordered)
+
+
 def side_of(group: str, seed: int, eval_fraction: float) -> str:
     digest = hashlib.sha256(f"{seed}:{group}".encode()).digest()
     return "eval" if int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction else "train"
@@ -246,6 +285,15 @@ class SplitResult:
 def split_examples(examples: list[Example], split_spec) -> SplitResult:
     groups = sorted({e.group for e in examples})
     union = _UnionFind(groups)
+    normalize = getattr(split_spec, "normalize_group_keys", True)
+    spellings: dict[str, list[str]] = {}
+    if normalize:
+        for group in groups:
+            spellings.setdefault(normalized_group_key(group), []).append(group)
+        for members in spellings.values():
+            for other in members[1:]:
+                union.union(members[0], other)
+    merged_spellings = sorted(members for members in spellings.values() if len(members) > 1)
     search: dict = {}
     if split_spec.near_duplicates is not None:
         texts = [prompt_text(e) for e in examples]
@@ -258,6 +306,7 @@ def split_examples(examples: list[Example], split_spec) -> SplitResult:
     clusters: dict[str, list[str]] = {}
     for group in groups:
         clusters.setdefault(union.find(group), []).append(group)
+    near_identical, near_identical_count = near_identical_keys(groups, lambda a, b: union.find(a) == union.find(b))
 
     if split_spec.eval_groups is not None:
         wanted = set(split_spec.eval_groups)
@@ -293,7 +342,14 @@ def split_examples(examples: list[Example], split_spec) -> SplitResult:
         "eval_groups": eval_groups,
         "train_rows": len(train),
         "eval_rows": len(held),
-        "merged_near_duplicates": sorted(sorted(m) for m in clusters.values() if len(m) > 1),
+        # clusters that near-duplicate prompts made: more than one key even after spelling is set aside
+        "merged_near_duplicates": sorted(
+            sorted(m) for m in clusters.values() if len({normalized_group_key(g) if normalize else g for g in m}) > 1
+        ),
+        "group_keys_normalized": normalize,
+        "merged_group_spellings": merged_spellings,
+        "near_identical_groups": near_identical,
+        "near_identical_group_pairs": near_identical_count,
         "disjoint": not overlap,
         "overlap": overlap,
     }

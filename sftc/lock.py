@@ -120,6 +120,12 @@ class Split(Record):
     near_identical_groups: list[list[str]] = Field(
         default_factory=list, description="Pairs of keys one edit apart left as separate groups (at most 200 listed).")
     near_identical_group_pairs: int = Field(0, description="How many such pairs there are in all.")
+    group_keys_normalized: bool = Field(True, description="split.normalize_group_keys: keys differing only in case, "
+                                        "whitespace or '_' / '-' were one group.")
+    merged_group_spellings: list[list[str]] = Field(default_factory=list, description="Keys merged as one group by that normalisation.")
+    near_identical_groups: list[list[str]] = Field(
+        default_factory=list, description="Pairs of keys one edit apart left as separate groups (at most 200 listed).")
+    near_identical_group_pairs: int = Field(0, description="How many such pairs there are in all.")
     disjoint: bool = Field(description="No group on both sides.")
     overlap: list[str] = Field(description="Groups on both sides (always empty when disjoint).")
 
