@@ -259,10 +259,15 @@ def line_fit(points: list[tuple[float, float]]) -> tuple[float, float] | None:
     return my - b * mx, b
 
 
+POWER_LAW = ("wall_s", "cpu_s", "split_s")
+
+
 def curve(measured: dict[int, dict]) -> dict:
     """The fitted curves of one variant and what they predict, from measured sizes only."""
     ok = {n: r for n, r in measured.items() if r.get("status") == "measured"}
     fits = {"wall_s": power_fit([(n, r["wall_s"]) for n, r in ok.items()]),
+            # CPU time: on a shared machine the wall time also measures the other jobs
+            "cpu_s": power_fit([(n, r.get("cpu_s")) for n, r in ok.items()]),
             "split_s": power_fit([(n, r.get("split_s")) for n, r in ok.items()]),
             "peak_rss_mb": line_fit([(n, r["peak_rss_mb"]) for n, r in ok.items()]),
             "bundle_bytes": line_fit([(n, r["bundle_bytes"]) for n, r in ok.items()])}
@@ -272,17 +277,20 @@ def curve(measured: dict[int, dict]) -> dict:
         for key, fit in fits.items():
             if fit is None:
                 continue
-            out[key] = fit[0] * n ** fit[1] if key in ("wall_s", "split_s") else fit[0] + fit[1] * n
+            out[key] = fit[0] * n ** fit[1] if key in POWER_LAW else fit[0] + fit[1] * n
         return {k: round(v, 1) for k, v in out.items()}
 
-    return {"fits": {k: (None if f is None else {"form": "c*n^k" if k in ("wall_s", "split_s") else "a+b*n",
-                                                  "params": [float(f"{f[0]:.6g}"), round(f[1], 4) if k in ("wall_s", "split_s") else float(f"{f[1]:.6g}")]})
+    return {"fits": {k: (None if f is None else {"form": "c*n^k" if k in POWER_LAW else "a+b*n",
+                                                  "params": [float(f"{f[0]:.6g}"), round(f[1], 4) if k in POWER_LAW else float(f"{f[1]:.6g}")]})
                      for k, f in fits.items()},
             "measured_sizes": sorted(ok), "predict": predict}
 
 
 def measure_size(variant: str, rows: int, measured: dict[int, dict], args, pythonpath) -> dict:
     """One compile of one size, or why it was not run (predicted from the sizes measured before it)."""
+    stopped = [n for n, r in measured.items() if r["status"].startswith("stopped") and n < rows]
+    if stopped:
+        return {"status": f"not run: {min(stopped)} rows already ran past the {args.time_limit:.0f} s limit"}
     guess = curve(measured)["predict"](rows)
     if guess.get("wall_s", 0) > args.time_limit or guess.get("peak_rss_mb", 0) > args.max_rss_gb * 1024:
         return {"status": f"not run: extrapolated wall {guess.get('wall_s')} s, peak RSS {guess.get('peak_rss_mb')} MB "
@@ -313,7 +321,8 @@ def summarize_variant(measured: dict[int, dict]) -> dict:
 
 def main() -> dict:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", default="40000,400000,1000000,3000000")
+    # 10k and 100k: a curve needs points before the sizes it predicts (and decides not to run)
+    parser.add_argument("--sizes", default="10000,40000,100000,400000,1000000,3000000")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--time-limit", type=float, default=600.0, help="seconds per compile (measured or predicted)")
     parser.add_argument("--max-rss-gb", type=float, default=None, help="default: 80%% of this machine's memory")

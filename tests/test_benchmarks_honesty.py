@@ -124,3 +124,13 @@ def test_training_batches_are_drawn_across_the_whole_epoch():
     assert bench_train.spread(30, 30) == list(range(30))
     with pytest.raises(SystemExit, match="fewer than the 31"):
         bench_train.spread(30, 31)
+
+
+def test_scaling_does_not_run_past_a_size_that_ran_out_of_time(monkeypatch):
+    monkeypatch.setattr(bench_scaling, "make_project", lambda *a: (_ for _ in ()).throw(AssertionError("ran")))
+    measured = {40_000: {"status": "measured", "wall_s": 40.0, "cpu_s": 30.0, "split_s": 5.0, "peak_rss_mb": 900.0,
+                         "bundle_bytes": 10},
+                100_000: {"status": "stopped after the 600 s limit", "wall_s_at_least": 600.0}}
+    args = type("Args", (), {"time_limit": 600.0, "max_rss_gb": 100.0, "keep_data": False})
+    out = bench_scaling.measure_size("duplicate_heavy", 400_000, measured, args, None)
+    assert out["status"] == "not run: 100000 rows already ran past the 600 s limit"
