@@ -95,6 +95,8 @@ def _check_template(bundle: Bundle, problems: list[str]) -> None:
 
 
 def _check_data(bundle: Bundle, problems: list[str]) -> int:
+    from sftc.compiler.data import dataset_sha256
+
     files = bundle.lock.data_manifest.files
     for entry in files:
         path = bundle.resolve(entry.path)
@@ -102,6 +104,8 @@ def _check_data(bundle: Bundle, problems: list[str]) -> int:
             problems.append(f"{path}: input data file is gone (lock data_manifest.files)")
         elif path.is_file() and sha256_file(path) != entry.sha256.removeprefix("sha256:"):
             problems.append(f"{path}: input data changed since compile; recompile the bundle so its tokens match")
+        elif path.is_dir() and dataset_sha256(path) != entry.sha256.removeprefix("sha256:"):  # a save_to_disk dataset
+            problems.append(f"{path}: input dataset changed since compile; recompile the bundle so its tokens match")
     return len(files)
 
 

@@ -184,10 +184,17 @@ def test_weighted_sources_and_a_saved_dataset(project, sharegpt, oasst, tmp_path
     assert lock2["bundle_id"] == lock["bundle_id"]
     assert (again / "train.safetensors").read_bytes() == (bundle / "train.safetensors").read_bytes()
 
-    # the dataset's rows are part of the bundle hash, like a file's bytes
+    # the dataset's rows are part of the bundle hash, like a file's bytes, and a run re-checks them
+    from sftc.runtime.bundle import load_bundle
+    from sftc.runtime.verify import _check_data
+
+    problems = []
+    assert _check_data(load_bundle(bundle), problems) == 2 and problems == []
     shutil.rmtree(project.root / dataset)
     rows[0]["conversations"][1]["value"] = "A different first answer."
     _save_dataset(project, rows)
+    _check_data(load_bundle(bundle), problems)
+    assert len(problems) == 1 and "input dataset changed since compile" in problems[0]
     _, lock3 = _compile(project, _mixture(dataset, oasst))
     assert lock3["bundle_id"] != lock["bundle_id"]
     assert lock3["data_manifest"]["hash"] != manifest["hash"]
