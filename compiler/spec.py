@@ -567,6 +567,38 @@ def project_root(spec_path: str | os.PathLike) -> Path:
     return start
 
 
+MAX_DIRECTORY_ENTRIES = 100_000
+
+
+def refuse_links_out(root: Path, directory: Path, key: str, spec: Spec, source: str) -> None:
+    """A project directory (the model's, the tokenizer's) whose files are symlinks out of the project
+    is refused like a path out of it: resolve_path checks the directory, this its contents."""
+    project = root.resolve()
+    try:
+        Path(directory).resolve().relative_to(project)
+    except ValueError:
+        return  # a hub snapshot or an allowed external path: not a project directory
+    if spec.allow_external_paths:
+        return
+    outside, seen = [], 0
+    for parent, dirs, files in os.walk(directory, followlinks=False):
+        for name in [*dirs, *files]:
+            seen += 1
+            if seen > MAX_DIRECTORY_ENTRIES:
+                raise SpecError(f"{source}: {key}: {directory} holds more than {MAX_DIRECTORY_ENTRIES} entries; refused")
+            entry = Path(parent) / name
+            if entry.is_symlink():
+                try:
+                    entry.resolve().relative_to(project)
+                except (ValueError, OSError, RuntimeError):  # RuntimeError: a symlink loop
+                    outside.append(entry.relative_to(directory).as_posix())
+    if outside:
+        raise SpecError(
+            f"{source}: {key}: {len(outside)} file(s) in {Path(directory).name}/ are symlinks that leave the project; "
+            "copy them in, or set allow_external_paths: true", [f"{name} -> outside the project" for name in sorted(outside)[:20]],
+        )
+
+
 def resolve_path(root: Path, value: str, key: str, spec: Spec, source: str) -> Path:
     """A spec path, resolved; refused if it leaves the project unless the spec allows it."""
     candidate = Path(value)
