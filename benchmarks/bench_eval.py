@@ -68,7 +68,7 @@ def main() -> dict:
         "machine": common.machine(),
         "loadavg": load,
         "torch_threads": threads,
-        "model": str(model_path.relative_to(common.REPO)) if model_path.is_relative_to(common.REPO) else str(model_path),
+        "model": common.shown_path(model_path),
         "prompts": len(prompts),
         "max_new_tokens": max_new,
         "batch_size": batch,

@@ -359,7 +359,7 @@ def main() -> dict:
         "loadavg": load,
         "torch_threads": threads,
         "device": "cpu",
-        "model": {"path": str(model_path.relative_to(common.REPO)) if model_path.is_relative_to(common.REPO) else str(model_path),
+        "model": {"path": common.shown_path(model_path),
                   "parameters": n_params, "dtype": "float32",
                   "attn_implementation": {name: attention_for(name) for name in setups_run}},
         "bundle": bundle.bundle_id,
