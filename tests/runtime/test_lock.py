@@ -219,3 +219,18 @@ def test_an_unchanged_spec_finds_its_bundle(project):
     bundle = project.compile()
     again, lock, reused = compile_spec(project.root / "spec.yaml")
     assert reused and again == bundle and lock.bundle_id == bundle.name
+
+
+def test_the_bundle_format_doc_holds_the_lock_field_table():
+    from pathlib import Path
+
+    from sftc.lock import field_table
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "bundle-format.md").read_text(encoding="utf-8")
+    assert field_table() in doc, "regenerate the table in docs/bundle-format.md from sftc.lock.field_table()"
+
+
+def test_schema_lock_prints_the_lock_model():
+    result = CliRunner().invoke(main, ["schema", "--lock"])
+    schema = json.loads(result.output)
+    assert result.exit_code == 0 and schema["title"] == "Lock" and "seal" in schema["required"]
