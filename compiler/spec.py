@@ -22,14 +22,14 @@ from sftc.yaml import load_yaml_text, read_yaml_file
 
 
 # Ranges every later pass can honour. numpy and torch seeds are 0..2**32-1; the rest bound the work
-# or memory that grows with a value (an order of MAX_PLANNED_ROWS int64 is 256 MiB) before it starts.
+# or memory that grows with a value (an order of MAX_PLANNED_ROWS int64 is 128 MiB) before it starts.
 MAX_SEED = 2**32 - 1
 MAX_SEQ_LENGTH = 1 << 20
 MAX_BATCH = 1 << 16
 MAX_PROCESSES = 1 << 16
 MAX_LORA_RANK = 1 << 16
 MAX_EPOCHS = 10_000.0
-MAX_PLANNED_ROWS = 1 << 25
+MAX_PLANNED_ROWS = 1 << 24
 # A path or name from the spec reaches os calls: a NUL byte there is a ValueError, not a missing file.
 PathText = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]
 Name = Annotated[str, Field(min_length=1, max_length=1000, pattern=r"^[^\x00]+$")]
@@ -40,11 +40,13 @@ def planned_rows_problem(steps: int, per_update: int, rows: int) -> str | None:
     """Why the data order a schedule asks for is too big to plan, or None. Checked before the order
     is built: `epochs: 1e15` or `batch.per_device: 10**9` would otherwise hang the compile."""
     planned = steps * per_update
-    if planned <= MAX_PLANNED_ROWS:
+    passes = -(-planned // max(rows, 1))  # the order is one seeded permutation per pass over the rows
+    if planned <= MAX_PLANNED_ROWS and passes <= MAX_EPOCHS:
         return None
     return (f"schedule: {steps} optimizer steps x {per_update} rows per update = {planned} rows planned over "
-            f"{rows} train rows; at most {MAX_PLANNED_ROWS} are planned in one bundle: lower schedule.epochs / "
-            "schedule.max_steps or batch.per_device x grad_accum x world_size")
+            f"{rows} train rows ({passes} passes); at most {MAX_PLANNED_ROWS} rows and {MAX_EPOCHS:g} passes are "
+            "planned in one bundle: lower schedule.epochs / schedule.max_steps or batch.per_device x grad_accum x "
+            "world_size")
 
 
 class Strict(BaseModel):
