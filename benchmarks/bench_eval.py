@@ -46,7 +46,7 @@ def main() -> dict:
     model.config.use_cache = True
     tokenizer = AutoTokenizer.from_pretrained(bundle.tokenizer_path)
     prompts = [p["prompt_ids"] for p in bundle.eval_prompts()[: args.prompts]]
-    stop = [bundle.lock["template"]["terminator_id"]]
+    stop = [bundle.lock.template.terminator_id]
     max_new = spec.eval.max_new_tokens
     batch = spec.eval.batch_size
 

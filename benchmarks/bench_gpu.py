@@ -60,7 +60,7 @@ def main() -> dict:
     bundle = load_bundle(args.bundle or common.demo_bundle())
     model_path = Path(args.model or bundle.model_path)
     tokenizer = AutoTokenizer.from_pretrained(bundle.tokenizer_path)
-    pad_id = int(bundle.lock["tokenizer"]["pad_token_id"])
+    pad_id = int(bundle.lock.tokenizer.pad_token_id)
     n = args.warmup + args.steps
     from sftc.runtime.attention import register
 
