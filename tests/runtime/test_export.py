@@ -131,10 +131,11 @@ def test_full_export_reloads_generates_and_carries_provenance(project):
     assert provenance["metrics"]["policy_pass_rate"] == 0.97
     assert provenance["files"]["model.safetensors"] == sha256_file(out / "model.safetensors")
 
-    # Re-export replaces the previous export and leaves no staging directories behind.
+    # Re-export replaces the previous export, byte for byte the same, and leaves no staging directories behind.
     (out / "stale.txt").write_text("from an older export")
     export_run(run)
     assert not (run / "export" / "stale.txt").exists()
+    assert json.loads((out / "provenance.json").read_text()) == provenance  # its files: the sha256 of every other file
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
 
 
