@@ -343,8 +343,7 @@ class Diff:
 
     @property
     def changed(self) -> bool:
-        # the inputs, not the bundle id: a spec compiled from a temp copy (REV:PATH) records another spec_source
-        return bool(self.categories) or self.a.lock.inputs_hash != self.b.lock.inputs_hash
+        return bool(self.categories) or self.a.lock.bundle_id != self.b.lock.bundle_id
 
     def row(self, key: str, category: str = "budget") -> dict:
         return next(r for r in self.rows if r["key"] == key and r["category"] == category)
