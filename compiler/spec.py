@@ -22,14 +22,14 @@ from sftc.yaml import load_yaml_text, read_yaml_file
 
 
 # Ranges every later pass can honour. numpy and torch seeds are 0..2**32-1; the rest bound the work
-# or memory that grows with a value (an order of MAX_PLANNED_ROWS int64 is 256 MiB) before it starts.
+# or memory that grows with a value (an order of MAX_PLANNED_ROWS int64 is 128 MiB) before it starts.
 MAX_SEED = 2**32 - 1
 MAX_SEQ_LENGTH = 1 << 20
 MAX_BATCH = 1 << 16
 MAX_PROCESSES = 1 << 16
 MAX_LORA_RANK = 1 << 16
 MAX_EPOCHS = 10_000.0
-MAX_PLANNED_ROWS = 1 << 25
+MAX_PLANNED_ROWS = 1 << 24
 # A path or name from the spec reaches os calls: a NUL byte there is a ValueError, not a missing file.
 PathText = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]
 Name = Annotated[str, Field(min_length=1, max_length=1000, pattern=r"^[^\x00]+$")]
@@ -40,11 +40,13 @@ def planned_rows_problem(steps: int, per_update: int, rows: int) -> str | None:
     """Why the data order a schedule asks for is too big to plan, or None. Checked before the order
     is built: `epochs: 1e15` or `batch.per_device: 10**9` would otherwise hang the compile."""
     planned = steps * per_update
-    if planned <= MAX_PLANNED_ROWS:
+    passes = -(-planned // max(rows, 1))  # the order is one seeded permutation per pass over the rows
+    if planned <= MAX_PLANNED_ROWS and passes <= MAX_EPOCHS:
         return None
     return (f"schedule: {steps} optimizer steps x {per_update} rows per update = {planned} rows planned over "
-            f"{rows} train rows; at most {MAX_PLANNED_ROWS} are planned in one bundle: lower schedule.epochs / "
-            "schedule.max_steps or batch.per_device x grad_accum x world_size")
+            f"{rows} train rows ({passes} passes); at most {MAX_PLANNED_ROWS} rows and {MAX_EPOCHS:g} passes are "
+            "planned in one bundle: lower schedule.epochs / schedule.max_steps or batch.per_device x grad_accum x "
+            "world_size")
 
 
 class Strict(BaseModel):
@@ -298,7 +300,7 @@ class CheckpointSpec(Strict):
 
 class EvalSpec(Strict):
     rules: PathText | None = Field(None, description="Versioned rules file (format and policy checks, metric definitions).")
-    max_new_tokens: int = Field(96, gt=0, le=MAX_SEQ_LENGTH, description="Greedy generation budget per held-out prompt.")
+    max_new_tokens: int = Field(96, gt=0, le=32_768, description="Greedy generation budget per held-out prompt.")
     batch_size: int = Field(16, gt=0, le=MAX_BATCH, description="Prompts generated together (left-padded, KV cache on).")
     max_prompts: int | None = Field(None, gt=0, le=10_000_000, description="Cap on held-out prompts scored per evaluation.")
 
@@ -565,6 +567,38 @@ def project_root(spec_path: str | os.PathLike) -> Path:
         if any((candidate / m).exists() for m in ROOT_MARKERS):
             return candidate
     return start
+
+
+MAX_DIRECTORY_ENTRIES = 100_000
+
+
+def refuse_links_out(root: Path, directory: Path, key: str, spec: Spec, source: str) -> None:
+    """A project directory (the model's, the tokenizer's) whose files are symlinks out of the project
+    is refused like a path out of it: resolve_path checks the directory, this its contents."""
+    project = root.resolve()
+    try:
+        Path(directory).resolve().relative_to(project)
+    except ValueError:
+        return  # a hub snapshot or an allowed external path: not a project directory
+    if spec.allow_external_paths:
+        return
+    outside, seen = [], 0
+    for parent, dirs, files in os.walk(directory, followlinks=False):
+        for name in [*dirs, *files]:
+            seen += 1
+            if seen > MAX_DIRECTORY_ENTRIES:
+                raise SpecError(f"{source}: {key}: {directory} holds more than {MAX_DIRECTORY_ENTRIES} entries; refused")
+            entry = Path(parent) / name
+            if entry.is_symlink():
+                try:
+                    entry.resolve().relative_to(project)
+                except (ValueError, OSError, RuntimeError):  # RuntimeError: a symlink loop
+                    outside.append(entry.relative_to(directory).as_posix())
+    if outside:
+        raise SpecError(
+            f"{source}: {key}: {len(outside)} file(s) in {Path(directory).name}/ are symlinks that leave the project; "
+            "copy them in, or set allow_external_paths: true", [f"{name} -> outside the project" for name in sorted(outside)[:20]],
+        )
 
 
 def resolve_path(root: Path, value: str, key: str, spec: Spec, source: str) -> Path:
