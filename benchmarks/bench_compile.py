@@ -43,6 +43,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+from sftc.lock import load_lock  # noqa: E402
+
 REPO = common.REPO
 EXTERNAL = common.EXTERNAL
 RESULTS = common.RESULTS
@@ -222,21 +224,21 @@ def main() -> dict:
             load.append(common.loadavg())
             print(f"repeat {rep + 1} {side}: {(colds if side == 'sftc' else trls)[-1]['seconds']:.1f}s", flush=True)
     warm = [sftc_warm(project) for _ in range(3)]
-    lock = json.loads((Path(colds[-1]["bundle"]) / "bundle.lock.json").read_text())
+    lock = load_lock(Path(colds[-1]["bundle"]))
     med = common.median
     sftc_s, trl_s = med([c["seconds"] for c in colds]), med([t["seconds"] for t in trls])
     split_s = med([c["split_s"] for c in colds])
     # Rows each side tokenized, from each side's own output: sftc tokenizes every row it accepts
     # (rows rejected for their length were tokenized too, then dropped); TRL every example it got.
-    manifest = lock["data_manifest"]
-    not_tokenized = sum(n for reason, n in manifest["rejected"].items() if "trunc" not in reason and "token" not in reason)
-    sftc_tokenized = manifest["rows_read"] - not_tokenized
+    manifest = lock.data_manifest
+    not_tokenized = sum(n for reason, n in manifest.rejected.items() if "trunc" not in reason and "token" not in reason)
+    sftc_tokenized = manifest.rows_read - not_tokenized
     trl_tokenized = trls[-1]["examples"]
     sftc_proc, trl_proc = med([c["process_s"] for c in colds]), med([t["process_s"] for t in trls])
     result = {
         "machine": machine(),
         "loadavg": load,
-        "rows": lock["data_manifest"]["rows_read"],
+        "rows": lock.data_manifest.rows_read,
         "repeats": args.repeats,
         "sftc_compile_s": round(sftc_s, 2),
         "trl_prepare_s": round(trl_s, 2),
@@ -261,13 +263,13 @@ def main() -> dict:
         "trl_peak_rss_mb": round(max(t["peak_rss_mb"] for t in trls), 1),
         "sftc_compile_runs_s": [round(c["seconds"], 2) for c in colds],
         "trl_prepare_runs_s": [round(t["seconds"], 2) for t in trls],
-        "packing_efficiency": lock["budget"]["packing_efficiency"],
-        "packed_rows": lock["packing"]["rows"],
-        "ideal_rows": lock["packing"]["ideal_rows"],
+        "packing_efficiency": lock.budget.packing_efficiency,
+        "packed_rows": lock.packing.rows,
+        "ideal_rows": lock.packing.ideal_rows,
         "trl_packed_rows": trls[-1]["rows"],
         "trl_packing_efficiency": round(trls[-1]["tokens"] / (trls[-1]["rows"] * 1024), 4),
         "trl_examples": trls[-1]["examples"],
-        "rejected": lock["data_manifest"]["rejected"],
+        "rejected": lock.data_manifest.rejected,
         "bundle": common.shown_path(Path(colds[-1]["bundle"])),
         "targets": {"compile_vs_trl_ratio": "<= 1.0", "warm_recompile_s": "<= 2", "compile_peak_rss_mb": "<= 2048",
                     "packing_efficiency": ">= 0.97"},

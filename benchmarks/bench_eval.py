@@ -46,7 +46,7 @@ def main() -> dict:
     model.config.use_cache = True
     tokenizer = AutoTokenizer.from_pretrained(bundle.tokenizer_path)
     prompts = [p["prompt_ids"] for p in bundle.eval_prompts()[: args.prompts]]
-    stop = [bundle.lock["template"]["terminator_id"]]
+    stop = [bundle.lock.template.terminator_id]
     max_new = spec.eval.max_new_tokens
     batch = spec.eval.batch_size
 
@@ -68,7 +68,7 @@ def main() -> dict:
         "machine": common.machine(),
         "loadavg": load,
         "torch_threads": threads,
-        "model": str(model_path.relative_to(common.REPO)) if model_path.is_relative_to(common.REPO) else str(model_path),
+        "model": common.shown_path(model_path),
         "prompts": len(prompts),
         "max_new_tokens": max_new,
         "batch_size": batch,

@@ -60,7 +60,7 @@ def main() -> dict:
     bundle = load_bundle(args.bundle or common.demo_bundle())
     model_path = Path(args.model or bundle.model_path)
     tokenizer = AutoTokenizer.from_pretrained(bundle.tokenizer_path)
-    pad_id = int(bundle.lock["tokenizer"]["pad_token_id"])
+    pad_id = int(bundle.lock.tokenizer.pad_token_id)
     n = args.warmup + args.steps
     from sftc.runtime.attention import register
 
@@ -101,7 +101,7 @@ def main() -> dict:
         del model, opt
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    result = {"ran": True, "machine": common.machine(), "model": str(model_path), "flash_attn_installed": has_flash,
+    result = {"ran": True, "machine": common.machine(), "model": common.shown_path(model_path), "flash_attn_installed": has_flash,
               "setups": out}
     common.write_result("gpu", result)
     print(json.dumps(result, indent=2))

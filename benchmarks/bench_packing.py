@@ -47,7 +47,7 @@ def efficiency(bundle_dir: Path, seed: int = 0) -> dict:
 
     bundle = load_bundle(bundle_dir)
     tf = bundle.train
-    L = int(bundle.lock["packing"]["seq_length"])
+    L = int(bundle.lock.packing.seq_length)
     examples = tf.seq_lengths.astype(np.int64)
     total = int(examples.sum())
     rows = tf.row_lengths.astype(np.int64)
@@ -62,7 +62,7 @@ def efficiency(bundle_dir: Path, seed: int = 0) -> dict:
     pad_positions = int(sum(BATCH * examples[b].max() for b in perm))
     pad_real = int(sum(examples[b].sum() for b in perm))
 
-    lock_budget = bundle.lock["budget"]
+    lock_budget = bundle.lock.budget
     return {
         "bundle": bundle.bundle_id,
         "seq_length": L,
@@ -78,8 +78,8 @@ def efficiency(bundle_dir: Path, seed: int = 0) -> dict:
             "padded_batches": round(pad_real / pad_positions, 4),
             "padded_to_max": round(total / (len(examples) * L), 4),
         },
-        "lock_packing_efficiency": lock_budget.get("packing_efficiency"),
-        "lock_padding_fraction": lock_budget.get("padding_fraction"),
+        "lock_packing_efficiency": lock_budget.packing_efficiency,
+        "lock_padding_fraction": lock_budget.padding_fraction,
         "bfd_vs_padded_positions": round((pad_positions / pad_real) / (bfd_batch_positions / bfd_batch_real), 3),
     }
 

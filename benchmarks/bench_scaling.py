@@ -183,7 +183,7 @@ wall = time.perf_counter() - t0
 usage = resource.getrusage(resource.RUSAGE_SELF)
 size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
 print(json.dumps({"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024,
-                  "bundle_bytes": size, "packed_rows": lock["packing"]["rows"], "rejected": lock["data_manifest"]["rejected"],
+                  "bundle_bytes": size, "packed_rows": lock.packing.rows, "rejected": lock.data_manifest.rejected,
                   **seen}))
 """
 

@@ -109,7 +109,7 @@ def trl_batches(bundle, tokenizer, model_path: Path, n_batches: int, seed: int) 
             ids.append(a.astype(np.int64).tolist())
             labels.append(b.astype(np.int64).tolist())
     dataset = Dataset.from_dict({"input_ids": ids, "labels": labels})
-    seq_length = int(bundle.lock["packing"]["seq_length"])
+    seq_length = int(bundle.lock.packing.seq_length)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, packing in (("trl_padded", False), ("trl_flat", True)):
@@ -171,7 +171,7 @@ def dense_batches(bundle, n_batches: int) -> list[dict]:
     positions (scoring every position would add LM-head work that the others do not do)."""
     import torch
 
-    seq_length = int(bundle.lock["packing"]["seq_length"])
+    seq_length = int(bundle.lock.packing.seq_length)
     flat = torch.from_numpy(bundle.train.input_ids.astype("int64"))
     flat_labels = torch.from_numpy(bundle.train.labels.astype("int64"))
     need = BATCH * seq_length
@@ -286,7 +286,7 @@ def main() -> dict:
     if args.scale_10m:
         model_path = common.scaled_model(model_path)
     tokenizer = AutoTokenizer.from_pretrained(bundle.tokenizer_path)
-    pad_id = int(bundle.lock["tokenizer"]["pad_token_id"])
+    pad_id = int(bundle.lock.tokenizer.pad_token_id)
     n = args.warmup + args.steps
     eq_rows = rows_for_equal_examples(bundle)
     batches = {"sftc_varlen": sftc_batches(bundle, pad_id, n, "varlen"),
@@ -359,11 +359,11 @@ def main() -> dict:
         "loadavg": load,
         "torch_threads": threads,
         "device": "cpu",
-        "model": {"path": str(model_path.relative_to(common.REPO)) if model_path.is_relative_to(common.REPO) else str(model_path),
+        "model": {"path": common.shown_path(model_path),
                   "parameters": n_params, "dtype": "float32",
                   "attn_implementation": {name: attention_for(name) for name in setups_run}},
         "bundle": bundle.bundle_id,
-        "seq_length": int(bundle.lock["packing"]["seq_length"]),
+        "seq_length": int(bundle.lock.packing.seq_length),
         "batch_rows": BATCH,
         "equal_examples_rows": eq_rows,
         "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,

@@ -154,6 +154,8 @@ def resolve_inputs(spec_path: str | os.PathLike) -> Inputs:
         tokenizer_dir = None
     if problems:
         raise SftcError(f"{src}: {len(problems)} input(s) cannot be used", problems)
+    spec_mod.refuse_links_out(root, model_dir, "model.path", spec, src)
+    spec_mod.refuse_links_out(root, tokenizer_dir, "model.tokenizer", spec, src)
 
     tok_version, _ = tokenizer_version(tokenizer_dir)
     config_sha256(model_dir)  # a clear error when config.json is missing

@@ -264,10 +264,15 @@ def load_template(spec, tokenizer, chat_path: Path | None, display: str | None) 
 def local_dir(location: str, revision: str | None, key: str) -> Path:
     """A model or tokenizer location as a local directory (hub ids resolve through the local cache only)."""
     path = Path(location)
-    if path.is_dir():
-        return path
-    if not _HUB_ID.match(location):
+    # Project paths arrive resolved against the spec's project (absolute). A relative location is a
+    # hub id, never a directory under the current working directory: `model.path: m` missing from
+    # the project but present in the cwd was loaded from outside the project.
+    if path.is_absolute():
+        if path.is_dir():
+            return path
         raise SpecError(f"{key}: {location}: directory not found")
+    if not _HUB_ID.match(location):
+        raise SpecError(f"{key}: {location}: not a directory in the project, and not a hub id (org/name)")
     try:
         from huggingface_hub import snapshot_download
 

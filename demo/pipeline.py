@@ -7,6 +7,7 @@ records the child's wall time and peak RSS, which only the parent can measure ho
     .venv/bin/python -m demo.pipeline pretrain
     .venv/bin/python -m demo.pipeline sft access-policy-lora
     .venv/bin/python -m demo.pipeline compare
+    .venv/bin/python -m demo.pipeline records access-policy-lora   # DVC metrics/plots of an existing run
 """
 
 from __future__ import annotations
@@ -36,17 +37,30 @@ def compile_and_run(name: str) -> dict:
     if run_dir.exists():
         shutil.rmtree(run_dir)  # DVC re-runs a stage only when its inputs changed: start clean
     start = time.perf_counter()
-    child = subprocess.Popen([str(REPO / ".venv/bin/sftc"), "run", str(bundle), "--run-dir", str(run_dir)], cwd=REPO)
+    # paths relative to the project: run.json records the bundle path it was given, and an absolute
+    # one would not resolve after `dvc pull` into another checkout
+    child = subprocess.Popen([str(REPO / ".venv/bin/sftc"), "run", os.path.relpath(bundle, REPO),
+                              "--run-dir", os.path.relpath(run_dir, REPO)], cwd=REPO)
     _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"sftc run {bundle} failed (exit {os.waitstatus_to_exitcode(status)})")
-    resources = {"bundle_id": lock["bundle_id"], "wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    resources = {"bundle_id": lock.bundle_id, "wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
     atomic_write_json(run_dir / "resources.json", resources)
     from sftc.review.report import render_report
 
     render_report(run_dir)  # loss curves, behaviour per checkpoint, tokens per update
+    write_run_records(name)
     return resources
+
+
+def write_run_records(name: str) -> None:
+    """DVC's metrics and plots of runs/<name> (selected metrics, loss and behaviour per checkpoint),
+    beside the run in reports/runs/<name>/: a file inside the runs/<name> output cannot also be a
+    DVC metric. Timings stay in runs/<name>/resources.json, out of every DVC metric."""
+    from sftc.review.runs import write_dvc_records
+
+    write_dvc_records(REPO / "runs" / name, REPO / "reports" / "runs" / name)
 
 
 def pretrain() -> None:
@@ -181,12 +195,16 @@ def main() -> None:
     sft = sub.add_parser("sft")
     sft.add_argument("name", choices=SFT_RUNS)
     sub.add_parser("compare")
+    records = sub.add_parser("records")
+    records.add_argument("name", choices=("access-policy-cpt",) + SFT_RUNS)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     if args.stage == "pretrain":
         pretrain()
     elif args.stage == "sft":
         compile_and_run(args.name)
+    elif args.stage == "records":
+        write_run_records(args.name)
     else:
         compare()
 

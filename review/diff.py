@@ -343,7 +343,8 @@ class Diff:
 
     @property
     def changed(self) -> bool:
-        return bool(self.categories) or self.a.lock.bundle_id != self.b.lock.bundle_id
+        # the inputs, not the bundle id: a spec compiled from a temp copy (REV:PATH) records another spec_source
+        return bool(self.categories) or self.a.lock.inputs_hash != self.b.lock.inputs_hash
 
     def row(self, key: str, category: str = "budget") -> dict:
         return next(r for r in self.rows if r["key"] == key and r["category"] == category)

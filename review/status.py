@@ -35,12 +35,33 @@ def _live_pid(run_dir: Path) -> int | None:
     return pid
 
 
-def _num(value: Any) -> str:
+def fmt_number(value: Any) -> str:
+    """The one number format of `sftc status` and `sftc runs`: integers with thousands separators,
+    other numbers to 4 significant digits (thousands and up as whole numbers with separators)."""
     if isinstance(value, bool) or value is None:
         return "-" if value is None else str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}"
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     return str(value)
+
+
+def run_state(run_dir) -> str:
+    """running (a live `sftc run` holds run.lock), else what run.json says; a record still saying
+    'running' with no live process means the process died: interrupted."""
+    run_dir = Path(run_dir)
+    if _live_pid(run_dir) is not None:
+        return "running"
+    try:
+        recorded = read_run_json(run_dir).get("status")
+    except SftcError:
+        return "damaged"
+    if recorded == "running":
+        return "interrupted"
+    return recorded or "-"
 
 
 def status(run_dir, verify_hashes: bool = True) -> str:
@@ -60,7 +81,7 @@ def status(run_dir, verify_hashes: bool = True) -> str:
     if lock:
         kind = lock.spec.parameterization.kind
         planned = lock.budget.optimizer_steps
-        lines.append(f"  bundle {bundle_id}  parameterization {kind}  planned steps {_num(planned)}")
+        lines.append(f"  bundle {bundle_id}  parameterization {kind}  planned steps {fmt_number(planned)}")
     if run.get("world_size"):
         lines.append(f"  world size {run['world_size']}")
     pid = _live_pid(run_dir)
@@ -72,8 +93,9 @@ def status(run_dir, verify_hashes: bool = True) -> str:
     train, _ = read_metrics(run_dir)
     if train:
         last = train[-1]
-        lines.append(f"  last train step {last.get('step')}: loss {_num(last.get('loss'))}, lr {_num(last.get('lr'))}, "
-                     f"supervised tokens so far {_num(last.get('supervised_tokens_total'))}")
+        lines.append(f"  last train step {last.get('step')}: loss {fmt_number(last.get('loss'))}, "
+                     f"lr {fmt_number(last.get('lr'))}, "
+                     f"supervised tokens so far {fmt_number(last.get('supervised_tokens_total'))}")
     else:
         lines.append("  no train steps logged yet")
 
@@ -86,7 +108,7 @@ def status(run_dir, verify_hashes: bool = True) -> str:
         problems = checkpoint_problems(path, bundle_id, verify_hashes=verify_hashes)
         state = "valid" if not problems else "INVALID: " + "; ".join(problems)
         metrics = evaluated.get(step, {})
-        shown = "  ".join(f"{k} {_num(v)}" for k, v in sorted(metrics.items()) if k not in DIAGNOSTICS)
+        shown = "  ".join(f"{k} {fmt_number(v)}" for k, v in sorted(metrics.items()) if k not in DIAGNOSTICS)
         mark = "*" if step == best_step else " "
         lines.append(f"  {mark} step {step:>6}  {state}" + (f"  {shown}" if shown else ""))
     gone = sorted(set(evaluated) - {s for s, _ in dirs})
@@ -99,7 +121,7 @@ def status(run_dir, verify_hashes: bool = True) -> str:
         if best_step is not None:
             lines.append(f"  best: step {best_step}")
         else:
-            lines.append(f"  best: none eligible (fallback step {_num(best.get('fallback_step'))})")
+            lines.append(f"  best: none eligible (fallback step {fmt_number(best.get('fallback_step'))})")
         lines.append(f"  why: {best.get('why', '-')}")
     export = run_dir / "export"
     if export.is_dir():

@@ -16,12 +16,7 @@ from typing import Callable, Iterable
 
 from sftc.errors import RunError
 from sftc.io import read_json
-
-
-def _is_hub_id(value: str) -> bool:
-    from sftc.compiler.template import _HUB_ID  # the compiler's one definition of a hub id
-
-    return bool(_HUB_ID.match(value))
+from sftc.runtime.export import is_hub_id
 
 
 def _load_failure(what: str, location: str, exc: Exception, hint: str) -> RunError:
@@ -38,7 +33,7 @@ def adapter_base_location(export_dir: Path, config: dict) -> tuple[str, str | No
     local = export_dir / named
     if Path(named).is_absolute() or local.exists():
         return str(local), None
-    if _is_hub_id(named):
+    if is_hub_id(named):
         return named, config.get("revision")
     raise RunError(
         f"{export_dir / 'adapter_config.json'}: base_model_name_or_path {named!r} is a path relative to the export, "
@@ -51,7 +46,9 @@ def adapter_base_location(export_dir: Path, config: dict) -> tuple[str, str | No
 def load_export(export_dir) -> tuple[object, object, list[int]]:
     """(model, tokenizer, stop token ids) of an export directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a weight-loading bar per model would bury a one-line reply
     export_dir = Path(export_dir)
     adapter = export_dir / "adapter_config.json"
     if not adapter.is_file() and not (export_dir / "config.json").is_file():
@@ -66,7 +63,7 @@ def load_export(export_dir) -> tuple[object, object, list[int]]:
         except (OSError, ValueError) as exc:
             raise _load_failure("the adapter's base model", location, exc,
                                 f"fetch it first (`hf download {location}`) or load merged/ instead"
-                                if _is_hub_id(location) else "check the base model directory") from None
+                                if is_hub_id(location) else "check the base model directory") from None
         model = PeftModel.from_pretrained(base, str(export_dir))
     else:
         try:
@@ -114,18 +111,21 @@ def chat(export_dir, lines: Iterable[str], write: Callable[[str], None], system:
     replies = 0
     if prompt_marker:
         prompt_marker()
-    for line in lines:
-        text = line.rstrip("\n")
-        if text.strip() in ("/exit", "/quit"):
-            break
-        if text.strip() == "/clear":
-            history = _opening(system)
-        elif text.strip():
-            history.append({"role": "user", "content": text})
-            answer = reply(model, tokenizer, stops, history, max_new_tokens)
-            history.append({"role": "assistant", "content": answer})
-            write(answer)
-            replies += 1
-        if prompt_marker:
-            prompt_marker()
+    try:
+        for line in lines:
+            text = line.rstrip("\n")
+            if text.strip() in ("/exit", "/quit"):
+                break
+            if text.strip() == "/clear":
+                history = _opening(system)
+            elif text.strip():
+                history.append({"role": "user", "content": text})
+                answer = reply(model, tokenizer, stops, history, max_new_tokens)
+                history.append({"role": "assistant", "content": answer})
+                write(answer)
+                replies += 1
+            if prompt_marker:
+                prompt_marker()
+    except KeyboardInterrupt:  # Ctrl-C ends a chat like /exit, not with a traceback
+        pass
     return replies

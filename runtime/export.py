@@ -53,7 +53,7 @@ def _export_step(run_dir: Path, best: dict, allow_ineligible: bool) -> tuple[int
 # --- where the base model is, in terms that hold on another machine ---------------------------
 
 
-def _is_hub_id(value: str | None) -> bool:
+def is_hub_id(value: str | None) -> bool:
     from sftc.compiler.template import _HUB_ID  # the compiler's one definition of a hub id
 
     return bool(value) and bool(_HUB_ID.match(value))
@@ -79,7 +79,7 @@ def _declared_hub_id(local: Path) -> str | None:
         name = read_json(config).get("_name_or_path") if config.is_file() else None
     except (OSError, ValueError):
         return None
-    return name if isinstance(name, str) and _is_hub_id(name) and not Path(name).exists() else None
+    return name if isinstance(name, str) and is_hub_id(name) and not Path(name).exists() else None
 
 
 def base_reference(bundle: Bundle, export_dir: Path) -> dict:
@@ -309,10 +309,9 @@ def export_run(run_dir, allow_ineligible: bool = False) -> Path:
         _save_tokenizer(bundle, [stage] + ([merged_dir] if merged_dir else []))
         candidate = next((c for c in best.get("candidates", []) if c.get("step") == step), {})
         provenance = _provenance(run_dir, bundle, manifest, best, step, eligible, candidate, copied, base, merged_info)
-        raw = lock.model_dump(mode="json")
         if merged_dir is not None:
-            (merged_dir / "README.md").write_text(model_card(provenance, raw, best, merged_card=True), encoding="utf-8")
-        (stage / "README.md").write_text(model_card(provenance, raw, best), encoding="utf-8")
+            (merged_dir / "README.md").write_text(model_card(provenance, lock, best, merged_card=True), encoding="utf-8")
+        (stage / "README.md").write_text(model_card(provenance, lock, best), encoding="utf-8")
         provenance["files"] = _sha_files(stage)
         (stage / "provenance.json").write_text(pretty_json(provenance), encoding="utf-8")
     return final

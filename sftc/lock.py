@@ -8,7 +8,7 @@ The seal: `seal.sha256` is the sha256 of the canonical lock without the seal (so
 listed file's sha256, the spec, the budget, the bundle id ...), and `seal.fields` holds a short
 hash per field so a refused edit names the field that changed. The bundle id is
 `<name>-<first 12 hex of the content hash>`, the content being the lock without its id, its seal
-and the files rendered from the lock (REPORT.md, launch.sh, deepspeed.json name the bundle id, so
+and the files rendered from the lock (REPORT.md and launch.sh name the bundle id, so
 they cannot be inside the hash the id comes from; they are inside the seal). Anyone can recompute
 a sha256, so the seal detects edits and rot, not a forger who rewrites the lock, its seal and its
 id together; the id check makes such a forgery a different bundle.
@@ -33,7 +33,7 @@ FORMAT_VERSION = 2
 LOCK_NAME = "bundle.lock.json"
 # Files rendered from the lock itself (each names the bundle id): sealed, but outside the content
 # hash the bundle id is derived from.
-RENDERED_FILES = ("REPORT.md", "deepspeed.json", "launch.sh")
+RENDERED_FILES = ("REPORT.md", "launch.sh")
 # How deep seal.fields names a changed value (spec.optimizer.lr is depth 3); lists are leaves.
 SEAL_DEPTH = 3
 # The base-model files sealed into the lock (model.files) and checked before loading: what
@@ -114,12 +114,6 @@ class Split(Record):
     train_rows: int = Field(description="Examples on the train side.")
     eval_rows: int = Field(description="Examples held out.")
     merged_near_duplicates: list[list[str]] = Field(description="Groups merged as near duplicates.")
-    group_keys_normalized: bool = Field(True, description="split.normalize_group_keys: keys differing only in case, "
-                                        "whitespace or '_' / '-' were one group.")
-    merged_group_spellings: list[list[str]] = Field(default_factory=list, description="Keys merged as one group by that normalisation.")
-    near_identical_groups: list[list[str]] = Field(
-        default_factory=list, description="Pairs of keys one edit apart left as separate groups (at most 200 listed).")
-    near_identical_group_pairs: int = Field(0, description="How many such pairs there are in all.")
     group_keys_normalized: bool = Field(True, description="split.normalize_group_keys: keys differing only in case, "
                                         "whitespace or '_' / '-' were one group.")
     merged_group_spellings: list[list[str]] = Field(default_factory=list, description="Keys merged as one group by that normalisation.")
@@ -260,9 +254,9 @@ class Lock(Record):
     """bundle.lock.json, format 2."""
 
     format_version: Literal[2] = Field(description="Lock format; 2 since the sealed typed lock.")
-    sftc_version: str
+    sftc_version: str = Field(description="sftc that compiled the bundle.")
     bundle_id: str = Field(description="<name>-<first 12 hex of the content hash>.")
-    name: str
+    name: str = Field(description="spec.name.")
     inputs_hash: str = Field(
         description="sha256 over the compile inputs (spec, data, template, tokenizer, model files, rules, "
         "token-stream libraries, compiler code): a recompile of unchanged inputs finds this bundle."
@@ -270,21 +264,21 @@ class Lock(Record):
     spec: Spec = Field(description="The spec with every default filled in.")
     spec_source: str = Field(description="Spec file relative to the project.")
     project_root: str = Field(description="The project, relative to the bundle directory.")
-    data_manifest: DataManifest
-    split: Split
+    data_manifest: DataManifest = Field(description="What was read and what became of each row.")
+    split: Split = Field(description="The group split (compiler/split.py).")
     template: Template | None = Field(description="None for plain text (continued pretraining).")
-    tokenizer: Tokenizer
-    model: BaseModelRecord
+    tokenizer: Tokenizer = Field(description="The tokenizer that tokenized the data.")
+    model: BaseModelRecord = Field(description="The base model, its files sealed. Its load options are spec.model.")
     libraries: dict[str, str] = Field(description="Installed versions at compile.")
     token_stream_libraries: list[str] = Field(description="Libraries whose version can change the tokens.")
-    tokenize: Tokenize
-    packing: Packing
-    budget: Budget
-    parameters: Parameters
-    memory: Memory
-    eval_manifest: EvalManifest
+    tokenize: Tokenize = Field(description="Tokenization totals.")
+    packing: Packing = Field(description="The packing pass (compiler/pack.py).")
+    budget: Budget = Field(description="The batch budget over the planned run (compiler/budget.py).")
+    parameters: Parameters = Field(description="Parameter counts (compiler/model.py).")
+    memory: Memory = Field(description="Memory estimate per device (compiler/model.py).")
+    eval_manifest: EvalManifest = Field(description="What the held-out evaluation uses.")
     files: dict[str, str] = Field(description="sha256 of every file of the bundle directory but this lock.")
-    seal: Seal
+    seal: Seal = Field(description="sha256 of everything above, and a short hash per field to name an edit.")
 
     @property
     def batch(self) -> BatchSpec:
@@ -434,3 +428,31 @@ def load_lock(bundle_dir: str | os.PathLike, sealed: bool = True) -> Lock:
 
 def lock_schema() -> dict:
     return Lock.model_json_schema()
+
+
+def field_table() -> str:
+    """The lock's fields as a Markdown table (docs/bundle-format.md holds this output; a test keeps
+    the two equal)."""
+    import typing
+
+    def type_name(annotation) -> str:
+        text = getattr(annotation, "__name__", None) if typing.get_origin(annotation) is None else None
+        return text or str(annotation).replace("typing.", "").replace("sftc.lock.", "").replace("sftc.compiler.spec.", "")
+
+    rows = ["| field | type | what |", "|---|---|---|"]
+
+    def walk(model, prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            path = f"{prefix}{name}"
+            kind = type_name(info.annotation).replace("|", "\\|")
+            rows.append(f"| `{path}` | `{kind}` | {(info.description or '').replace('|', '/')} |")
+            inner = [a for a in (info.annotation, *typing.get_args(info.annotation))
+                     if isinstance(a, type) and issubclass(a, Record)]
+            inner += [a for arg in typing.get_args(info.annotation) for a in typing.get_args(arg)
+                      if isinstance(a, type) and issubclass(a, Record)]
+            listed = any(typing.get_origin(a) is list for a in (info.annotation, *typing.get_args(info.annotation)))
+            for sub in dict.fromkeys(inner):
+                walk(sub, path + ("[]." if listed else "."))
+
+    walk(Lock, "")
+    return "\n".join(rows) + "\n"

@@ -59,7 +59,7 @@ def test_a_schedule_too_big_to_plan_is_refused_before_the_order_is_built(project
         {"thread_id": f"t{i}", "prompt": f"Key T{i} is stale.", "completion": f"Rotate key T{i}."} for i in range(4000)]
     project.write_jsonl("data/rows.jsonl", rows)
     started = time.monotonic()
-    with pytest.raises(SftcError, match=f"at most {MAX_PLANNED_ROWS} are planned"):
+    with pytest.raises(SftcError, match=f"at most {MAX_PLANNED_ROWS} rows"):
         project.compile(base_spec(**overrides))
     assert time.monotonic() - started < 60
     assert project.leftovers() == []

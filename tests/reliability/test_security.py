@@ -84,7 +84,7 @@ def test_template_reaching_python_internals_fails_in_the_sandbox(cproject, name,
     assert result.exit_code == 2, result.output
     out = result.output
     assert out.lstrip().startswith("error:") and "Traceback" not in out
-    assert "template.chat" in out and "failed to render" in out, out
+    assert "template.chat: templates/evil.jinja: rendering" in out and "failed" in out, out
     assert "SecurityError" in out or "sandbox" in out.lower() or "MAX_RANGE" in out, out
     assert not marker.exists()
     assert not (cproject.root / "bundles").exists() or not list((cproject.root / "bundles").iterdir())
@@ -141,8 +141,37 @@ def test_symlinked_data_outside_is_accepted_only_when_allowed(cproject):
     (cproject.root / "data" / "rows.jsonl").symlink_to(outside)
     with pytest.raises(SpecError):
         cproject.compile(base_spec())
-    _, lock, _ = cproject.compile(base_spec(allow_external_paths=True))
-    assert lock["data_manifest"]["rows_read"] == len(ROWS)
+    bundle, _, _ = cproject.compile(base_spec(allow_external_paths=True))
+    assert json.loads((bundle / "bundle.lock.json").read_text())["data_manifest"]["rows_read"] == len(ROWS)
+
+
+def test_a_model_path_missing_from_the_project_is_never_read_from_the_cwd(cproject, tmp_path, monkeypatch):
+    # `model.path: elsewhere` did not exist in the project but did under the cwd, and was loaded from there
+    _write_rows(cproject)
+    cwd = tmp_path / "cwd"
+    shutil.copytree(cproject.root / "model", cwd / "elsewhere")
+    shutil.copytree(cproject.root / "model", cwd / "org" / "name")
+    monkeypatch.chdir(cwd)
+    for location in ("elsewhere", "org/name"):
+        with pytest.raises(SftcError) as err:
+            cproject.compile(base_spec(model={"path": location}))
+        assert "model.path" in str(err.value) and location in str(err.value), str(err.value)
+    assert not (cproject.root / "bundles").exists()
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "config.json"])
+def test_a_model_file_symlinked_out_of_the_project_is_refused(cproject, name):
+    _write_rows(cproject)
+    outside = cproject.root.parent / f"outside-{name}"
+    shutil.move(cproject.root / "model" / name, outside)
+    (cproject.root / "model" / name).symlink_to(outside)
+    with pytest.raises(SftcError) as err:
+        cproject.compile(base_spec())
+    message = str(err.value)
+    assert "model.path" in message and name in message and "leave the project" in message, message
+    assert not (cproject.root / "bundles").exists()
+    bundle, _, _ = cproject.compile(base_spec(allow_external_paths=True))
+    assert (bundle / "train.safetensors").is_file()
 
 
 # --- trust_remote_code ---------------------------------------------------------------------------
@@ -152,7 +181,6 @@ def test_trust_remote_code_is_off_unless_the_spec_says_so_and_the_lock_records_i
     bundle = project.compile()
     lock = json.loads((bundle / "bundle.lock.json").read_text())
     assert lock["spec"]["model"]["trust_remote_code"] is False
-    assert lock["model"]["trust_remote_code"] is False
 
     # the runtime loads the model and tokenizer with exactly the locked value
     import transformers
@@ -178,7 +206,7 @@ def test_trust_remote_code_is_off_unless_the_spec_says_so_and_the_lock_records_i
 
     turned_on = project.compile(model={"trust_remote_code": True})
     assert turned_on != bundle, "trust_remote_code is part of the bundle hash"
-    assert json.loads((turned_on / "bundle.lock.json").read_text())["model"]["trust_remote_code"] is True
+    assert json.loads((turned_on / "bundle.lock.json").read_text())["spec"]["model"]["trust_remote_code"] is True
 
 
 # --- nothing is unpickled ------------------------------------------------------------------------
@@ -221,7 +249,7 @@ def test_no_unsafe_deserialization_in_the_code():
                 if owner == "yaml" and name == "load":
                     loader = _kw(node, "Loader") or (node.args[1] if len(node.args) > 1 else None)
                     text = ast.unparse(loader) if loader is not None else ""
-                    if text not in ("_Loader", "yaml.SafeLoader", "SafeLoader", "yaml.CSafeLoader"):
+                    if text not in ("_StrictLoader", "yaml.SafeLoader", "SafeLoader", "yaml.CSafeLoader"):
                         problems.append(f"{where}: yaml.load with Loader={text or 'default'}")
                 if name == "load" and owner in ("np", "numpy"):
                     ap = _kw(node, "allow_pickle")

@@ -130,7 +130,7 @@ def test_changed_data_file_shows_new_hash_and_counts(project, capsys):
     derived = report["derived"]["data"]
     assert code == EXIT_CHANGED
     assert report["changed_fields"] == []  # the spec did not change; its data did
-    assert derived["hash"]["before"] == before["data_manifest"]["hash"] != derived["hash"]["after"]
+    assert derived["hash"]["before"] == before.data_manifest.hash != derived["hash"]["after"]
     assert derived["files.data/rows.jsonl.sha256"]["after"] == sha256_file(data)
     assert derived["rows_read"] == {"before": 48, "after": 57, "ratio": pytest.approx(57 / 48, abs=1e-6)}
     assert derived["accepted"]["before"] == 48 and derived["accepted"]["after"] == 56

@@ -12,28 +12,30 @@ from sftc.review.report import render_report
 from sftc.review.runs import format_runs, list_runs
 from sftc.runtime.select import select_best
 from sftc.review.status import status
+from tests.lock_factory import sample_lock, write_lock
 
-BUNDLE_ID = "demo-lora-0123456789ab"
 RULE = {"require": {"format_pass_rate": ">= 0.98"}, "maximize": "policy_pass_rate",
         "tie_break": [{"minimize": "eval_loss"}], "export_if_none_eligible": False}
 EVALS = {200: (1.91, 0.93, 0.99), 400: (1.77, 0.91, 1.00), 600: (1.79, 0.97, 0.98)}
 
 
+LOCK = sample_lock(
+    spec={"parameterization": {"kind": "lora", "rank": 16}, "tokenize": {"max_length": 512}, "select": RULE,
+          "batch": {"per_device": 4, "grad_accum": 8},
+          "data": {"files": ["data/rows.jsonl"]}},
+    packing={"seq_length": 512},
+    budget={"optimizer_steps": 600, "total_tokens": 4_915_200,
+            "supervised_tokens_per_update": {"min": 2100, "mean": 2480.4, "max": 2900}},
+    parameters={"trainable": 1_703_936, "total": 3_700_000, "trainable_fraction": 0.46},
+    data_manifest={"hash": "sha256:5ca1ab1e" + "0" * 56},
+    template={"version": "sha256:7e3a1a7e" + "0" * 56},
+    eval_manifest={"metrics": ["format_pass_rate", "policy_pass_rate"]},
+)
+BUNDLE_ID = LOCK["bundle_id"]
+
+
 def make_run(root: Path) -> Path:
-    bundle = root / "bundles" / BUNDLE_ID
-    bundle.mkdir(parents=True)
-    lock = {
-        "bundle_id": BUNDLE_ID, "project_root": "../..",
-        "spec": {"parameterization": {"kind": "lora", "rank": 16}, "tokenize": {"max_length": 512}, "select": RULE},
-        "packing": {"seq_length": 512},
-        "budget": {"optimizer_steps": 600, "examples_per_update": 32, "total_tokens": 4_915_200,
-                   "supervised_tokens_per_update": {"min": 2100, "mean": 2480.4, "max": 2900}},
-        "parameters": {"trainable": 1_703_936, "total": 3_700_000, "trainable_fraction": 0.46},
-        "data_manifest": {"hash": "sha256:5ca1ab1e" + "0" * 56},
-        "template_version": "sha256:7e3a1a7e" + "0" * 56,
-        "eval_manifest": {"metrics": ["format_pass_rate", "policy_pass_rate"]},
-    }
-    (bundle / "bundle.lock.json").write_text(pretty_json(lock))
+    bundle = write_lock(root / "bundles" / BUNDLE_ID, LOCK)  # 32 rows per update: spec batch 4 x 8 x 1
     run = root / "runs" / BUNDLE_ID
     run.mkdir(parents=True)
     (run / "run.json").write_text(json.dumps({"bundle_id": BUNDLE_ID, "bundle_dir": str(bundle), "world_size": 1}))
@@ -109,6 +111,6 @@ def test_runs_overview(tmp_path):
     assert "error" in rows[1]
     table = format_runs(rows)
     header, first = table.splitlines()[:2]
-    assert header.split()[:4] == ["run", "param", "trainable", "seq"]
-    for needle in (BUNDLE_ID, "lora r=16", "1,703,936", "2,480.4", "5ca1ab1e0000", "7e3a1a7e0000", "600/600", "0.970"):
+    assert header.split()[:5] == ["run", "status", "param", "trainable", "seq"]
+    for needle in (BUNDLE_ID, "lora r=16", "1,703,936", "2,480", "5ca1ab1e0000", "7e3a1a7e0000", "600/600", "0.97"):
         assert needle in first, needle

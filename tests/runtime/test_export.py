@@ -131,10 +131,11 @@ def test_full_export_reloads_generates_and_carries_provenance(project):
     assert provenance["metrics"]["policy_pass_rate"] == 0.97
     assert provenance["files"]["model.safetensors"] == sha256_file(out / "model.safetensors")
 
-    # Re-export replaces the previous export and leaves no staging directories behind.
+    # Re-export replaces the previous export, byte for byte the same, and leaves no staging directories behind.
     (out / "stale.txt").write_text("from an older export")
     export_run(run)
     assert not (run / "export" / "stale.txt").exists()
+    assert json.loads((out / "provenance.json").read_text()) == provenance  # its files: the sha256 of every other file
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
 
 
@@ -368,3 +369,45 @@ def test_base_named_by_hub_id_when_certain(tmp_path):
     declared = base_reference(bundle("local", "models/tuned"), export)
     assert declared["declared_hub_id"] == "Qwen/Qwen2.5-0.5B-Instruct" and declared["hub_id"] is None
     assert declared["adapter_base"] == "../../../models/tuned"
+
+
+def test_adapter_over_a_hub_base_loads_anywhere_the_cache_has_it(project, tmp_path, monkeypatch):
+    """A base given as a hub id: the adapter names it by id and the locked commit, so
+    AutoPeftModelForCausalLM finds it through the Hugging Face cache from any directory."""
+    import huggingface_hub.constants as hub_constants
+    from huggingface_hub import ModelCard
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--sftc-test--tiny"
+    shutil.copytree(project.root / "model", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    shutil.rmtree(project.root / "model")
+
+    adapters: dict = {}
+    snapshot = repo / "snapshots" / commit
+    bundle_spec = {**LORA, "merge_on_export": False}
+    original = project.compile
+
+    def compile_hub(**overrides):
+        return original(**overrides, model={"path": "sftc-test/tiny"})
+
+    monkeypatch.setattr(project, "compile", compile_hub)
+    out = export_run(_make_run(project, bundle_spec, _lora_saver(snapshot, adapters), steps=(600,)))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == ("sftc-test/tiny", commit)
+    card = ModelCard((out / "README.md").read_text()).data.to_dict()
+    assert card["base_model"] == "sftc-test/tiny"
+
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(out, elsewhere)
+    shutil.rmtree(project.root)
+    monkeypatch.chdir(tmp_path)
+    ids = _prompt(AutoTokenizer.from_pretrained(elsewhere))
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(elsewhere).eval()
+    assert _greedy(reloaded, ids) == _greedy(adapters[600], ids)
+

@@ -219,3 +219,42 @@ def test_an_unchanged_spec_finds_its_bundle(project):
     bundle = project.compile()
     again, lock, reused = compile_spec(project.root / "spec.yaml")
     assert reused and again == bundle and lock.bundle_id == bundle.name
+
+
+def test_the_bundle_format_doc_holds_the_lock_field_table():
+    from pathlib import Path
+
+    from sftc.lock import field_table
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "bundle-format.md").read_text(encoding="utf-8")
+    assert field_table() in doc, "regenerate the table in docs/bundle-format.md from sftc.lock.field_table()"
+
+
+def test_schema_lock_prints_the_lock_model():
+    result = CliRunner().invoke(main, ["schema", "--lock"])
+    schema = json.loads(result.output)
+    assert result.exit_code == 0 and schema["title"] == "Lock" and "seal" in schema["required"]
+
+
+def test_a_hub_model_is_its_id_and_snapshot_commit_and_is_checked(project, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--tiny" / "snapshots" / commit
+    shutil.copytree(project.root / "model", snapshot)
+    (cache / "models--org--tiny" / "refs").mkdir()
+    (cache / "models--org--tiny" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    shutil.rmtree(project.root / "model")
+    bundle = project.compile(model={"path": "org/tiny"})
+    lock = load_lock(bundle)
+    assert (lock.model.source, lock.model.path, lock.model.revision) == ("hub", "org/tiny", commit)
+    assert (lock.tokenizer.source, lock.tokenizer.path, lock.tokenizer.revision) == ("hub", "org/tiny", commit)
+    assert str(cache).encode() not in (bundle / LOCK_NAME).read_bytes()
+    verify_bundle(bundle)
+    weights = snapshot / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    assert "model.safetensors: base model file changed since compile" in _refused(bundle)
