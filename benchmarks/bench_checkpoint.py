@@ -1,12 +1,12 @@
 """Checkpoint overhead and resume start-up, from real `sftc run` sessions on the demo bundle.
 
-Run 1 (fresh): `runtime.train.run_bundle` in a child process, exactly what `sftc run` calls,
+Run 1 (fresh): `runtime.run.run_bundle` in a child process, exactly what `sftc run` calls,
 in a temporary run directory. So that the benchmark fits in minutes on 2 shared cores, the save
 interval is shortened to SAVE_AT steps (a wrapper on `training_args`; the bundle is untouched)
 and the run stops one step after that save; the overhead is then
 save time / (checkpoint.every_steps of specs/access-policy-full.yaml x median step time),
 i.e. the share at the demo's real interval. `--full-interval` runs the real interval instead. Instrumented from outside, without
-changing the runtime: wrappers around `runtime.train.save_checkpoint` (the whole save: HF state
+changing the runtime: wrappers around `runtime.checkpoint.save_checkpoint` (the whole save: HF state
 files, eval, manifest hashes, fsync, rename, best.json, rotation), `evaluate_checkpoint` (the
 held-out loss + behaviour eval that sftc runs inside every save) and `RunState.begin_update`
 (a timestamp per optimizer step).
@@ -37,7 +37,9 @@ SAVE_AT = 5  # 4 measured steps after a warm-up step, then the save
 
 CHILD = r"""
 import json, os, sys, time
-import sftc.runtime.train as T
+import sftc.runtime.trainer as T
+import sftc.runtime.evaluate.held_out as H
+from sftc.runtime.run import run_bundle
 events = {"steps": [], "saves": [], "evals": []}
 _args = T.training_args
 def training_args(*a, **k):
@@ -55,11 +57,11 @@ _save = T.save_checkpoint
 def save_checkpoint(trainer, model):
     t = time.time(); path = _save(trainer, model); events["saves"].append([t, time.time()]); return path
 T.save_checkpoint = save_checkpoint
-_eval = T.evaluate_checkpoint
-def evaluate_checkpoint(*a, **k):
+_eval = H.evaluate_model
+def evaluate_model(*a, **k):
     t = time.time(); out = _eval(*a, **k); events["evals"].append([t, time.time()]); return out
-T.evaluate_checkpoint = evaluate_checkpoint
-T.run_bundle(sys.argv[1], run_dir=sys.argv[2], stop_after_steps=int(sys.argv[3]))
+H.evaluate_model = evaluate_model
+run_bundle(sys.argv[1], run_dir=sys.argv[2], stop_after_steps=int(sys.argv[3]))
 print("EVENTS " + json.dumps(events))
 """
 

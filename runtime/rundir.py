@@ -1,30 +1,421 @@
-"""The run directory (`runs/<bundle_id>/`): where its records are and how each is read.
+"""The run directory (`runs/<bundle_id>/`): its records, how each is written, read and validated.
 
-status, report, select and export all read the same files; reading them here keeps one idea of
-what a valid checkpoint is and which eval line counts for a step.
+    run.json        what this run is and how its last session ended (running, finished, failed,
+                    stopped, interrupted); rewritten atomically at every change of status
+    metrics.jsonl   one JSON line per train update, per checkpoint evaluation, per rotation;
+                    append-only while training
+    best.json       the selection: derived from the checkpoints' evaluation records at every start
+                    and after every checkpoint, never read back as state
+    run.lock        flock held by the one `sftc run` writing the directory
+
+status, report, select and export read the same files through here, so every reader refuses a
+damaged record the same way: naming the file and saying what to do. Nothing unparseable is ever
+deleted: damaged metrics lines are moved beside the file (metrics.jsonl.quarantine-<n>), and the
+selection refuses to run on an eval history with holes unless the user allows it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from sftc.errors import RunError
-from sftc.io import read_json, sha256_file
+from sftc.lock import Lock, load_lock
+from sftc.io import atomic_write_json, atomic_write_text, read_json
+from sftc.runtime import checkpoint as ckpt
 
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+RUN_JSON = "run.json"
+BEST_JSON = "best.json"
+METRICS = "metrics.jsonl"
+RUN_STATUSES = ("running", "finished", "failed", "stopped", "interrupted")
+_QUARANTINE = re.compile(r"^metrics\.jsonl\.(quarantine|torn)-(\d+)$")
 
 
-# --- run directory files ---------------------------------------------------------------------
+class MetricsWarning(UserWarning):
+    pass
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --- reading a JSON record -------------------------------------------------------------------
+
+
+def _read_record(path: Path, what: str, remedy: str) -> dict:
+    """A JSON object from `path`, or a RunError naming the file, what is wrong and what to do."""
+    try:
+        value = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path}: the {what} is damaged (not valid JSON: {exc}); {remedy}") from None
+    except OSError as exc:
+        raise RunError(f"{path}: cannot read the {what} ({exc.strerror or exc}); {remedy}") from None
+    if not isinstance(value, dict):
+        raise RunError(f"{path}: the {what} is damaged (a JSON {type(value).__name__}, expected an object); {remedy}")
+    return value
+
+
+def _require(path: Path, record: dict, what: str, remedy: str, checks: dict[str, tuple]) -> None:
+    wrong = [f"{key}: found {record.get(key)!r}" for key, types in checks.items()
+             if key in record and not isinstance(record[key], types)]
+    if wrong:
+        raise RunError(f"{path}: the {what} is damaged; {remedy}", wrong)
+
+
+# --- run.json --------------------------------------------------------------------------------
 
 
 def read_run_json(run_dir) -> dict:
-    path = Path(run_dir) / "run.json"
+    """run.json, validated; {} when the run never started."""
+    path = Path(run_dir) / RUN_JSON
     if not path.is_file():
         return {}
-    return read_json(path)
+    remedy = ("it is rewritten by the next `sftc run` of this directory (the checkpoints are the state), "
+              "or delete it")
+    record = _read_record(path, "run record", remedy)
+    _require(path, record, "run record", remedy,
+             {"bundle_id": (str,), "bundle_dir": (str,), "status": (str,), "sessions": (list,)})
+    if "status" in record and record["status"] not in RUN_STATUSES:
+        raise RunError(f"{path}: the run record is damaged (status {record['status']!r}; allowed: "
+                       f"{', '.join(RUN_STATUSES)}); {remedy}")
+    return record
+
+
+def write_run_json(run_dir, record: dict, tolerate_storage_errors: bool = False) -> bool:
+    """Write run.json atomically. With `tolerate_storage_errors` (the failure paths, where the disk
+    may be the very thing that failed) a storage error is reported on stderr once and False comes
+    back, so the original error is the one the user sees, not a chain of tracebacks."""
+    try:
+        atomic_write_json(Path(run_dir) / RUN_JSON, record)
+        return True
+    except OSError as exc:
+        if not tolerate_storage_errors:
+            raise
+        print(f"sftc: could not record status {record.get('status')!r} in {Path(run_dir) / RUN_JSON}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return False
+
+
+# --- metrics.jsonl ---------------------------------------------------------------------------
+
+
+@dataclass
+class DamagedLine:
+    """A metrics line that does not parse: where it was, its bytes, and what it may have held."""
+
+    source: str  # the file it sits in now
+    line: int
+    text: str
+    torn: bool  # the unterminated last line of a killed write, not damage
+
+    @property
+    def kind(self) -> str | None:
+        match = re.search(r'"kind":\s*"(train|eval|rotate)"', self.text)
+        return match.group(1) if match else None
+
+    @property
+    def step(self) -> int | None:
+        match = re.search(r'"step":\s*(\d+)', self.text)
+        return int(match.group(1)) if match else None
+
+
+@dataclass
+class MetricsLog:
+    path: Path
+    lines: list[dict] = field(default_factory=list)
+    damaged: list[DamagedLine] = field(default_factory=list)
+
+    @property
+    def train(self) -> list[dict]:
+        return [line for line in self.lines if line.get("kind") == "train"]
+
+    @property
+    def evals(self) -> list[dict]:
+        return [line for line in self.lines if line.get("kind") == "eval"]
+
+    def missing_evals(self, recovered_steps: set[int]) -> list[str]:
+        """Damaged lines that were, or may have been, an evaluation no other record holds.
+
+        A torn last line is not a hole: every record is fsynced before the next one starts and an
+        eval line before its checkpoint's rename, so a torn line belongs to work after the last
+        complete checkpoint, which a resume runs again. A damaged line that still reads as a train
+        or rotation line, or as the eval of a step whose checkpoint.json holds the metrics, is not
+        one either.
+        """
+        holes = []
+        evaluated = {int(line["step"]) for line in self.evals if isinstance(line.get("step"), int)}
+        for bad in self.damaged:
+            if bad.torn or bad.kind in ("train", "rotate"):
+                continue
+            if bad.step is not None and bad.kind == "eval" and (bad.step in recovered_steps or bad.step in evaluated):
+                continue
+            what = f"the eval of step {bad.step}" if bad.kind == "eval" and bad.step is not None else "a record"
+            holes.append(f"{bad.source} line {bad.line} held {what} that cannot be read")
+        return holes
+
+
+def _parse_lines(path: Path, text: str, log: MetricsLog, torn_tail: bool) -> None:
+    raw_lines = text.split("\n")
+    ends_clean = text.endswith("\n") or text == ""
+    if ends_clean:
+        raw_lines = raw_lines[:-1]
+    for n, raw in enumerate(raw_lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("kind"), str) and isinstance(row.get("step"), int):
+            log.lines.append(row)
+        else:
+            torn = torn_tail or (n == len(raw_lines) and not ends_clean)
+            log.damaged.append(DamagedLine(source=path.name, line=n, text=raw, torn=torn))
+
+
+def read_metrics_log(run_dir) -> MetricsLog:
+    """The one reader of metrics.jsonl: parsed lines in file order, plus every line that does not
+    parse, from the file itself and from its quarantine files."""
+    run_dir = Path(run_dir)
+    path = run_dir / METRICS
+    log = MetricsLog(path=path)
+    for side in sorted(run_dir.glob(METRICS + ".*")):
+        match = _QUARANTINE.match(side.name)
+        if match:
+            scratch = MetricsLog(path=side)
+            _parse_lines(side, side.read_text(encoding="utf-8", errors="replace"), scratch, match.group(1) == "torn")
+            # a quarantined line stays out of the history until the user puts it back (and deletes
+            # the quarantine file), even one that parses now: it still counts as damage
+            log.damaged += scratch.damaged + [
+                DamagedLine(source=side.name, line=0, text=json.dumps(row), torn=match.group(1) == "torn")
+                for row in scratch.lines
+            ]
+    if path.is_file():
+        _parse_lines(path, path.read_bytes().decode("utf-8", errors="replace"), log, False)
+    return log
+
+
+def read_metrics(run_dir) -> tuple[list[dict], list[dict]]:
+    """(train lines, eval lines) of metrics.jsonl, in file order; damaged lines are skipped with a
+    warning that names them (the runtime quarantines them at its next start)."""
+    log = read_metrics_log(run_dir)
+    in_file = [d for d in log.damaged if d.source == METRICS and not d.torn]
+    if in_file:
+        warnings.warn(f"{log.path}: {len(in_file)} line(s) do not parse (line {', '.join(str(d.line) for d in in_file)}); "
+                      "skipped here, and moved to a quarantine file by the next `sftc run`", MetricsWarning, stacklevel=2)
+    return log.train, log.evals
+
+
+def _next_quarantine(run_dir: Path, kind: str) -> Path:
+    taken = [int(m.group(2)) for p in run_dir.glob(METRICS + ".*") if (m := _QUARANTINE.match(p.name))]
+    return run_dir / f"{METRICS}.{kind}-{max(taken, default=0) + 1}"
+
+
+def repair_metrics(run_dir, through_step: int) -> MetricsLog:
+    """At the start of a session: keep the parsed lines up to the step the run resumes from (later
+    ones are about to be logged again), and move every line that does not parse, byte for byte,
+    into a quarantine file beside metrics.jsonl, with a warning. Returns the log as it now stands."""
+    run_dir = Path(run_dir)
+    log = read_metrics_log(run_dir)
+    if not log.path.exists():
+        return log
+    fresh = [d for d in log.damaged if d.source == METRICS]
+    for kind, lines in (("quarantine", [d for d in fresh if not d.torn]), ("torn", [d for d in fresh if d.torn])):
+        if not lines:
+            continue
+        target = _next_quarantine(run_dir, kind)
+        atomic_write_text(target, "".join(d.text + "\n" for d in lines))
+        for d in lines:
+            d.source = target.name
+        if kind == "quarantine":
+            warnings.warn(f"{log.path}: line(s) {', '.join(str(d.line) for d in lines)} do not parse; moved to "
+                          f"{target.name} (nothing is deleted)", MetricsWarning, stacklevel=2)
+    log.lines = [line for line in log.lines if line["step"] <= through_step]
+    atomic_write_text(log.path, "".join(json.dumps(line, sort_keys=True) + "\n" for line in log.lines))
+    return log
+
+
+def append_metrics(run_dir, record: dict) -> None:
+    with open(Path(run_dir) / METRICS, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def latest_by_step(rows: list[dict]) -> list[dict]:
+    """One row per step, the last one written: a resumed run re-logs the steps after its checkpoint,
+    and only the re-run is the history of the weights that exist."""
+    by_step: dict[int, dict] = {}
+    for row in rows:
+        if "step" in row:
+            by_step[int(row["step"])] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+# --- checkpoints as the run directory sees them ----------------------------------------------
+
+
+def checkpoint_dirs(run_dir) -> list[tuple[int, Path]]:
+    return ckpt.checkpoint_dirs(Path(run_dir) / "checkpoints")
+
+
+def checkpoint_problems(ckpt_dir, bundle_id: str | None = None, verify_hashes: bool = True) -> list[str]:
+    """Why a checkpoint directory is not a complete checkpoint of this bundle ([] when it is):
+    runtime/checkpoint.py's validate, the one validator, plus the bundle it belongs to."""
+    manifest, why = ckpt.validate(Path(ckpt_dir), verify_hashes=verify_hashes)
+    if manifest is None:
+        return [why]
+    if bundle_id is not None and manifest.get("bundle_id") != bundle_id:
+        return [f"{ckpt_dir}: written by bundle {manifest.get('bundle_id')!r}, not {bundle_id!r}"]
+    return []
+
+
+def candidates(run_dir, log: MetricsLog | None = None) -> list[dict]:
+    """Every evaluated step, as select_best wants it: eval lines of metrics.jsonl, completed by the
+    metrics sealed in checkpoint.json for steps the log lacks. `on_disk` says whether the
+    checkpoint still exists (rotation removes old ones)."""
+    log = log if log is not None else read_metrics_log(run_dir)
+    rows = {int(r["step"]): {k: v for k, v in r.items() if k != "kind"} for r in latest_by_step(log.evals)}
+    on_disk = set()
+    for step, path in checkpoint_dirs(run_dir):
+        if not (path / ckpt.MANIFEST).is_file():
+            continue
+        on_disk.add(step)  # export validates the one it ships; a listing need not re-hash every weight file
+        if step not in rows:
+            manifest, _ = ckpt.validate(path, verify_hashes=False)
+            if manifest is not None and manifest.get("metrics"):
+                rows[step] = {"step": step, **manifest["metrics"]}
+    out = []
+    for step in sorted(rows):
+        row = {k: v for k, v in rows[step].items() if _scalar(v)}
+        row["step"] = step
+        row["on_disk"] = step in on_disk
+        out.append(row)
+    return out
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, bool, int, float))
+
+
+# --- best.json -------------------------------------------------------------------------------
+
+
+def history_holes(run_dir, log: MetricsLog | None = None) -> list[str]:
+    log = log if log is not None else read_metrics_log(run_dir)
+    recovered = set()
+    for step, path in checkpoint_dirs(run_dir):
+        manifest, _ = ckpt.validate(path, verify_hashes=False)
+        if manifest is not None and manifest.get("metrics"):
+            recovered.add(step)
+    return log.missing_evals(recovered)
+
+
+def check_history(run_dir, allow_incomplete_history: bool = False, log: MetricsLog | None = None) -> list[str]:
+    """The holes in the run's evaluation history; a RunError when there are some and the user did
+    not allow selecting without them."""
+    holes = history_holes(run_dir, log)
+    if holes and not allow_incomplete_history:
+        raise RunError(
+            f"{run_dir}: the evaluation history is incomplete, so a selection from it could be wrong",
+            holes + ["the damaged lines are kept in the quarantine file(s) beside metrics.jsonl: repair them, append "
+                     "them to metrics.jsonl and delete the quarantine file, or pass --allow-incomplete-history to "
+                     "select from what can be read"],
+        )
+    return holes
+
+
+def derive_best(run_dir, select_spec: dict, bundle_id: str | None = None, allow_incomplete_history: bool = False,
+                log: MetricsLog | None = None, write: bool = True) -> dict:
+    """Select from every evaluation record the run has, and (re)write best.json from it.
+
+    Called at every start and after every checkpoint: best.json is an output, so a kill between a
+    checkpoint's rename and the best.json that follows it loses nothing. An eval history with
+    holes (a damaged line that held an evaluation) could select a different checkpoint than the
+    complete one would, so it is refused unless the user allows it; the result records it.
+    """
+    from sftc.runtime.select import select_best
+
+    run_dir = Path(run_dir)
+    log = log if log is not None else read_metrics_log(run_dir)
+    holes = check_history(run_dir, allow_incomplete_history, log)
+    result = select_best(candidates(run_dir, log), select_spec)
+    for row in result["candidates"]:
+        row["checkpoint"] = f"checkpoints/checkpoint-{row['step']}"
+    best = result.get("best_step")
+    result["checkpoint"] = f"checkpoints/checkpoint-{best}" if best is not None else None
+    if bundle_id is not None:
+        result["bundle_id"] = bundle_id
+    if holes:
+        result["incomplete_history"] = holes
+    if write:
+        atomic_write_json(run_dir / BEST_JSON, result)
+    return result
+
+
+def read_best(run_dir) -> dict | None:
+    """best.json, validated; None when no checkpoint was selected yet."""
+    path = Path(run_dir) / BEST_JSON
+    if not path.is_file():
+        return None
+    remedy = ("it is derived from the checkpoints' evaluation records: run `sftc run` on this run's bundle "
+              "again (it re-derives best.json and trains nothing new if the run finished), or delete it")
+    record = _read_record(path, "selection record", remedy)
+    _require(path, record, "selection record", remedy,
+             {"best_step": (int, type(None)), "fallback_step": (int, type(None)), "candidates": (list,),
+              "rule": (dict,), "why": (str, type(None))})
+    if "candidates" in record and not all(isinstance(c, dict) for c in record["candidates"]):
+        raise RunError(f"{path}: the selection record is damaged (a candidate is not an object); {remedy}")
+    return record
+
+
+# --- the run lock, starting over ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "run.lock"
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RunError(
+                f"{run_dir}: another `sftc run` is training in this run directory ({holder}); "
+                "wait for it to finish, or give this run another run directory"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} since {now()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def start_over(run_dir: Path) -> None:
+    import shutil
+
+    for name in ("checkpoints", "export"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for path in [run_dir / METRICS, run_dir / BEST_JSON, run_dir / RUN_JSON, *run_dir.glob(METRICS + ".*")]:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+# --- where the run's bundle and inputs are ---------------------------------------------------
 
 
 def bundle_dir_of(run_dir) -> Path:
@@ -48,113 +439,9 @@ def bundle_dir_of(run_dir) -> Path:
     raise RunError(f"{run_dir}: cannot find the run's bundle (looked for bundle.lock.json in: {', '.join(tried)})")
 
 
-def read_lock(run_dir) -> dict:
-    return read_json(bundle_dir_of(run_dir) / "bundle.lock.json")
-
-
-def read_metrics(run_dir) -> tuple[list[dict], list[dict]]:
-    """(train lines, eval lines) of metrics.jsonl, in file order. A torn last line (the run was killed
-    mid-write) is skipped; a torn line in the middle is an error."""
-    path = Path(run_dir) / "metrics.jsonl"
-    train, evals = [], []
-    if not path.is_file():
-        return train, evals
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):
-                break
-            raise RunError(f"{path}: line {n} is not JSON") from None
-        if row.get("kind") == "train":
-            train.append(row)
-        elif row.get("kind") == "eval":
-            evals.append(row)
-    return train, evals
-
-
-def latest_by_step(rows: list[dict]) -> list[dict]:
-    """One row per step, the last one written: a resumed run re-logs the steps after its checkpoint,
-    and only the re-run is the history of the weights that exist."""
-    by_step: dict[int, dict] = {}
-    for row in rows:
-        if "step" in row:
-            by_step[int(row["step"])] = row
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def checkpoint_dirs(run_dir) -> list[tuple[int, Path]]:
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = _CHECKPOINT.match(child.name)
-        if match and child.is_dir():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
-def checkpoint_problems(ckpt_dir, bundle_id: str | None = None, verify_hashes: bool = True) -> list[str]:
-    """Why a checkpoint directory is not a complete checkpoint of this bundle ([] when it is).
-    checkpoint.json is written last, so its absence means the save never finished."""
-    ckpt_dir = Path(ckpt_dir)
-    manifest_path = ckpt_dir / "checkpoint.json"
-    if not manifest_path.is_file():
-        return [f"{ckpt_dir.name}: no checkpoint.json (save did not finish)"]
-    try:
-        manifest = read_json(manifest_path)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return [f"{ckpt_dir.name}: checkpoint.json is not valid JSON"]
-    problems = []
-    if bundle_id is not None and manifest.get("bundle_id") != bundle_id:
-        problems.append(f"{ckpt_dir.name}: written by bundle {manifest.get('bundle_id')!r}, not {bundle_id!r}")
-    files = manifest.get("files") or {}
-    if not files:
-        problems.append(f"{ckpt_dir.name}: checkpoint.json lists no files")
-    for rel, expected in sorted(files.items()):
-        path = ckpt_dir / rel
-        if not path.is_file():
-            problems.append(f"{ckpt_dir.name}/{rel}: missing")
-        elif verify_hashes:
-            want = str(expected).removeprefix("sha256:")
-            if sha256_file(path) != want:
-                problems.append(f"{ckpt_dir.name}/{rel}: sha256 differs from checkpoint.json")
-    return problems
-
-
-def read_best(run_dir) -> dict | None:
-    path = Path(run_dir) / "best.json"
-    return read_json(path) if path.is_file() else None
-
-
-def candidates(run_dir) -> list[dict]:
-    """Every evaluated step, as select_best wants it: eval lines of metrics.jsonl, completed by the
-    metrics recorded in checkpoint.json for steps the log lacks. `on_disk` says whether the
-    checkpoint still exists (rotation may have removed it)."""
-    _, evals = read_metrics(run_dir)
-    rows = {int(r["step"]): {k: v for k, v in r.items() if k != "kind"} for r in latest_by_step(evals)}
-    for step, path in checkpoint_dirs(run_dir):
-        manifest_path = path / "checkpoint.json"
-        if step not in rows and manifest_path.is_file():
-            metrics = read_json(manifest_path).get("metrics") or {}
-            if metrics:
-                rows[step] = {"step": step, **metrics}
-    on_disk = {step for step, path in checkpoint_dirs(run_dir) if (path / "checkpoint.json").is_file()}
-    out = []
-    for step in sorted(rows):
-        row = {k: v for k, v in rows[step].items() if _scalar(v)}
-        row["step"] = step
-        row["on_disk"] = step in on_disk
-        out.append(row)
-    return out
-
-
-def _scalar(value: Any) -> bool:
-    return value is None or isinstance(value, (str, bool, int, float))
+def read_lock(run_dir) -> Lock:
+    """The run's bundle lock, through the one loader (sealed, typed)."""
+    return load_lock(bundle_dir_of(run_dir))
 
 
 # Numbers logged next to the metrics that describe the evaluation itself, not the model.
@@ -162,40 +449,16 @@ DIAGNOSTICS = frozenset({"step", "eligible", "failed", "rank", "on_disk", "check
                          "eval_tokens", "generated_tokens", "generation_seconds", "replies_truncated", "epoch"})
 
 
-def metric_names(lock: dict) -> list[str]:
+def metric_names(lock: Lock) -> list[str]:
     """eval_loss, the rules' declared metrics and whatever the selection rule names, in that order."""
-    names = ["eval_loss"] + list((lock.get("eval_manifest") or {}).get("metrics") or [])
-    select = (lock.get("spec") or {}).get("select") or {}
-    names += list(select.get("require") or {}) + ([select["maximize"]] if select.get("maximize") else [])
-    tie_break = select.get("tie_break") or []
-    for entry in [tie_break] if isinstance(tie_break, dict) else tie_break:
-        names += [v for v in entry.values() if v]
+    names = ["eval_loss"] + list(lock.eval_manifest.metrics)
+    select = lock.spec.select
+    names += list(select.require) + ([select.maximize] if select.maximize else [])
+    for entry in select.tie_break:
+        names += [v for v in (entry.minimize, entry.maximize) if v]
     out: list[str] = []
     for name in names:
         name = "eval_loss" if name == "val_loss" else name
         if name not in out:
             out.append(name)
     return out if len(out) > 1 else []
-
-
-def project_root_of(bundle_dir, lock: dict) -> Path:
-    """Where the lock's relative paths resolve. The compiler records project_root relative to the
-    bundle directory; an absolute one is used as is."""
-    bundle_dir = Path(bundle_dir)
-    root = lock.get("project_root")
-    if root:
-        path = Path(root)
-        return path if path.is_absolute() else (bundle_dir / path).resolve()
-    return bundle_dir.resolve().parent.parent
-
-
-def lock_location(bundle_dir, lock: dict, *candidates: str | None) -> str | None:
-    """The first candidate that exists as a local path (resolved against the project), else the
-    first one given as written (a hub id)."""
-    root = project_root_of(bundle_dir, lock)
-    given = [c for c in candidates if c]
-    for value in given:
-        path = Path(value) if Path(value).is_absolute() else root / value
-        if path.exists():
-            return str(path)
-    return given[0] if given else None

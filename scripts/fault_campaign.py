@@ -213,9 +213,9 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    from sftc.runtime.train import read_metrics
+    from sftc.runtime.rundir import read_metrics_log
 
-    return read_metrics(run_dir / "metrics.jsonl")
+    return read_metrics_log(run_dir).lines
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -87,17 +88,57 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, pretty_json(obj))
 
 
+_OWNER = re.compile(r"\.pid(\d+)(?:[.-]|$)")
+
+
+def owner_alive(name: str) -> bool:
+    """Whether the process named in a staging name (`.<final>.pid<N>.<random>.tmp`) still runs.
+    A name with no owner predates owner records; nothing can own it any more."""
+    match = _OWNER.search(name)
+    if not match:
+        return False
+    pid = int(match.group(1))
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_staging(parent: str | os.PathLike) -> list[str]:
+    """Remove the staging and set-aside dirs of staging_dir() in `parent` whose writer is dead (a
+    SIGKILL mid-compile or mid-export leaves them forever otherwise). Returns their names."""
+    parent = Path(parent)
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for child in parent.iterdir():
+        if (child.name.startswith(".") and child.name.endswith((".tmp", ".old")) and child.is_dir()
+                and not owner_alive(child.name)):
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child.name)
+    return sorted(removed)
+
+
 @contextlib.contextmanager
 def staging_dir(final: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `final`; on success rename it into place, on failure remove it.
 
     If `final` already exists when the work is done (a concurrent writer won), the staged copy is
     discarded: both writers produced the same content-addressed result. With `replace`, the old
-    directory is moved aside first and removed only after the new one is in place.
+    directory is moved aside first and removed only after the new one is in place. The temporary
+    names carry this process's pid, and stale ones of dead writers in the same directory are
+    removed first.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    remove_stale_staging(final.parent)
+    owner = f".{final.name}.pid{os.getpid()}."
+    tmp = Path(tempfile.mkdtemp(prefix=owner, suffix=".tmp", dir=final.parent))
     try:
         yield tmp
         for file in tmp.rglob("*"):
@@ -105,7 +146,7 @@ def staging_dir(final: str | os.PathLike, replace: bool = False) -> Iterator[Pat
                 with open(file, "rb") as handle:
                     os.fsync(handle.fileno())
         if replace and final.exists():
-            aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+            aside = Path(tempfile.mkdtemp(prefix=owner, suffix=".old", dir=final.parent))
             os.rename(final, aside / final.name)
             os.rename(tmp, final)
             shutil.rmtree(aside, ignore_errors=True)

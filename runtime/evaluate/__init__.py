@@ -4,6 +4,7 @@
     score.py     each declared check per reply, and the metrics over rows
     generate.py  greedy replies to the eval prompts, scored: the behaviour metrics
     loss.py      token-weighted held-out loss over the eval token file
+    held_out.py  all of the above at a checkpoint, with the RNG left as it was
 
 The names below are the package's public API, so callers need not know which module holds what.
 """

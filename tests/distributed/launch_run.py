@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from sftc.runtime.train import run_bundle
+from sftc.runtime.run import run_bundle
 
 if __name__ == "__main__":
     stop = int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] != "-" else None

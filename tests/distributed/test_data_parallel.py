@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sftc.runtime.batching import plan_updates
-from sftc.runtime.train import run_bundle
+from sftc.runtime.run import run_bundle
 
 from .conftest import final_tensors, torchrun, train_losses
 

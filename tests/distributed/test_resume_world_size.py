@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from sftc.runtime.train import run_bundle
+from sftc.runtime.run import run_bundle
 
 from .conftest import torchrun
 from .test_data_parallel import STEPS, TOL, _compile, _report, max_diffs

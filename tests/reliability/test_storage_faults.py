@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from sftc.runtime import checkpoint as ckpt
-from sftc.runtime.train import run_bundle
+from sftc.runtime.run import run_bundle
 from sftc.cli import main
 from sftc.errors import RunError
 

@@ -129,7 +129,7 @@ def run_in_subprocess(bundle: Path, run_dir: Path, env: dict | None = None, time
                       fresh: bool = False) -> subprocess.CompletedProcess:
     """`run_bundle` in a fresh interpreter (what `sftc run` does), so it can be SIGKILLed."""
     code = (
-        "import sys; from sftc.runtime.train import run_bundle; "
+        "import sys; from sftc.runtime.run import run_bundle; "
         f"run_bundle({str(bundle)!r}, run_dir={str(run_dir)!r}, fresh={fresh!r})"
     )
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", **(env or {})}

@@ -10,7 +10,7 @@ import torch
 from sftc.runtime.attention import VARLEN_SDPA, register, sdpa_varlen_attention, segment_bounds
 from sftc.runtime.batching import collate
 from sftc.runtime.bundle import load_bundle
-from sftc.runtime.train import load_model, load_tokenizer, pad_token_id
+from sftc.runtime.model import load_model, load_tokenizer, pad_token_id
 
 
 def _rows(bundle, n: int) -> list[dict]:

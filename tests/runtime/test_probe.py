@@ -9,7 +9,7 @@ from sftc.runtime.attention import VARLEN_SDPA
 from sftc.runtime.batching import choose_layout, collate_rows
 from sftc.runtime.bundle import load_bundle
 from sftc.runtime.probe import pick_examples, probe_contamination, run_probe
-from sftc.runtime.train import load_model, load_tokenizer, pad_token_id
+from sftc.runtime.model import load_model, load_tokenizer, pad_token_id
 from sftc.errors import RunError
 
 
@@ -38,8 +38,8 @@ def test_trainer_call_keeps_packed_examples_apart(probed):
     bundle, model, pad = probed
     examples = pick_examples(bundle, 4)
     assert len(examples) == 4
-    own = choose_layout(bundle.lock["model"]["attn_implementation"])
-    assert own == {"sdpa": "varlen", "eager": "segments"}[bundle.lock["model"]["attn_implementation"]]
+    own = choose_layout(bundle.lock.spec.model.attn_implementation)
+    assert own == {"sdpa": "varlen", "eager": "segments"}[bundle.lock.spec.model.attn_implementation]
     for layout in (own, "packed_rows"):  # the run's own layout, and stacked packed rows
         result = probe_contamination(model, examples, pad_token_id=pad, tolerance=1e-4, layout=layout)
         assert result["passed"], result

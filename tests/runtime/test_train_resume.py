@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from sftc.runtime.checkpoint import KILL_AFTER_ENV, CheckpointWarning, validate
-from sftc.runtime.train import run_bundle
+from sftc.runtime.run import run_bundle
 
 from .conftest import final_tensors, run_in_subprocess, train_losses
 
