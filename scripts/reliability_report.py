@@ -26,13 +26,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-KEYS = ("faults_injected", "faults_survived", "corrupt_checkpoints_loaded", "inputs_tried", "tracebacks",
+KEYS = ("faults_injected", "faults_survived", "corrupt_checkpoints_loaded", "inputs_tried", "tracebacks", "hangs",
         "drift_cases", "drift_caught")
+FAMILY_PREFIX = "inputs_tried_"  # tests count each input under inputs_tried and inputs_tried_<family>
 
 
-def run_tests(figures_path: Path, junit: Path) -> dict:
+def run_tests(figures_path: Path, junit: Path, fuzz_scale: int = 1) -> dict:
     env = {**os.environ, "SFTC_RELIABILITY_FIGURES": str(figures_path), "OMP_NUM_THREADS": "1",
-           "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "SFTC_FUZZ_EXAMPLES": str(fuzz_scale)}
     command = [sys.executable, "-m", "pytest", "tests/reliability", "-p", "no:cacheprovider", "-q", "-W", "ignore",
                f"--junitxml={junit}"]
     started = time.monotonic()
@@ -51,18 +52,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faults", type=int, default=0, help="also run a standalone campaign with this many faults")
     parser.add_argument("--size", default="large", choices=["small", "large"])
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--fuzz-scale", type=int, default=1,
+                        help="multiply the hypothesis examples of the fuzz tests (SFTC_FUZZ_EXAMPLES)")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="sftc-reliability-") as tmp:
         figures_path = Path(tmp) / "figures.json"
-        tests = run_tests(figures_path, Path(tmp) / "junit.xml")
+        tests = run_tests(figures_path, Path(tmp) / "junit.xml", args.fuzz_scale)
         figures = json.loads(figures_path.read_text()) if figures_path.is_file() else {}
 
     report = {key: int(figures.get(key, 0)) for key in KEYS}
-    report["details"] = {k: v for k, v in sorted(figures.items()) if k not in KEYS}
+    report["inputs_tried_by_family"] = {k[len(FAMILY_PREFIX):]: int(v) for k, v in sorted(figures.items())
+                                        if k.startswith(FAMILY_PREFIX)}
+    report["details"] = {k: v for k, v in sorted(figures.items()) if k not in KEYS and not k.startswith(FAMILY_PREFIX)}
     report["tests"] = tests
     commands = ["python scripts/reliability_report.py" + (f" --faults {args.faults} --size {args.size} --seed {args.seed}"
-                                                          if args.faults else "")]
+                                                          if args.faults else "")
+                + (f" --fuzz-scale {args.fuzz_scale}" if args.fuzz_scale != 1 else "")]
     if args.faults:
         sys.path.insert(0, str(REPO / "scripts"))
         import fault_campaign
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     print(json.dumps({k: report[k] for k in KEYS} | {"tests": tests}, indent=2))
     ok = tests["exit_code"] == 0 and report["faults_survived"] == report["faults_injected"] \
-        and not report["corrupt_checkpoints_loaded"] and not report["tracebacks"] \
+        and not report["corrupt_checkpoints_loaded"] and not report["tracebacks"] and not report["hangs"] \
         and report["drift_caught"] == report["drift_cases"]
     return 0 if ok else 1
 

@@ -12,6 +12,7 @@ ValueError (a traceback instead of a reject), a deeply nested .json file a Recur
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -26,7 +27,8 @@ from sftc.errors import DataError
 
 from tests.compiler.conftest import base_spec, read_jsonl
 
-SETTINGS = settings(max_examples=200, deadline=None,
+EXAMPLES = int(os.environ.get("SFTC_FUZZ_EXAMPLES", "1"))  # scripts/reliability_report.py --fuzz-scale
+SETTINGS = settings(max_examples=200 * EXAMPLES, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 REASONS = {"missing_field", "wrong_type", "empty_completion", "empty_prompt", "malformed_json", "bad_encoding",
            "duplicate", "not_an_object", "bad_role", "ends_without_answer", "empty_text"}

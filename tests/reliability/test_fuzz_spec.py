@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
 import pytest
 import yaml
@@ -22,7 +23,8 @@ from sftc.io import canonical_json
 
 from tests.compiler.conftest import base_spec
 
-SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+EXAMPLES = int(os.environ.get("SFTC_FUZZ_EXAMPLES", "1"))  # scripts/reliability_report.py --fuzz-scale
+SETTINGS = settings(max_examples=200 * EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FIELD_NAMES = sorted({
     *Spec.model_fields, "kind", "rank", "alpha", "dropout", "path", "dtype", "files", "format", "fields", "group",
     "lr", "epochs", "max_steps", "every_steps", "per_device", "grad_accum", "seq_length", "strategy", "chat",

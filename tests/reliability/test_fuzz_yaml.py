@@ -6,6 +6,7 @@ Before it, the rules-file loader was a weaker copy: `? [a, b]\\n: 1` was a TypeE
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -72,10 +73,11 @@ def test_the_valid_rules_file_loads():
     assert load_rules_text(VALID_RULES, "ok.yaml").metric_names == ["format_pass_rate"]
 
 
+EXAMPLES = int(os.environ.get("SFTC_FUZZ_EXAMPLES", "1"))  # scripts/reliability_report.py --fuzz-scale
 yaml_noise = st.text(alphabet=st.sampled_from(list("[]{}:-?&*!|>'\"#,\n abc01~")), max_size=300)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300 * EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=st.one_of(yaml_noise, st.text(max_size=300)),
        cut=st.integers(0, len(VALID_RULES)), insert=st.text(max_size=30))
 def test_fuzzed_rules_files_end_in_rules_or_a_clear_error(text, cut, insert, figures):
