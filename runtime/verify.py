@@ -12,13 +12,12 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-from pathlib import Path
 from typing import Any
 
 from sftc.compiler.spec import BatchSpec
 from sftc.errors import BundleError, SftcError
 from sftc.hashcache import cached_sha256
-from sftc.io import sha256_file, sha256_tree
+from sftc.io import sha256_file
 from sftc.lock import Lock, model_file_names
 from sftc.runtime.bundle import Bundle, load_bundle
 
@@ -58,22 +57,23 @@ def _check_model(bundle: Bundle, problems: list[str]) -> int:
 
 
 def _check_tokenizer(bundle: Bundle, problems: list[str]) -> None:
+    from sftc.compiler.template import tokenizer_version  # the compiler's own version: one definition
+
     tok = bundle.lock.tokenizer
     try:
         root = bundle.tokenizer_dir
     except SftcError as exc:
         problems.append(str(exc))
         return
-    missing = [f for f in tok.files if not (root / f).is_file()]
-    if missing:
-        problems.append(f"{root}: tokenizer file(s) {missing} are gone; the bundle was compiled with them")
+    found, names = tokenizer_version(root)
+    if found == tok.version:
         return
-    found = "sha256:" + sha256_tree(root, list(tok.files))
-    if found != tok.version:
-        problems.append(
-            f"{root}: tokenizer files changed since compile (tokenizer.version {found}, lock says {tok.version}); "
-            "recompile the bundle"
-        )
+    gone, added = sorted(set(tok.files) - set(names)), sorted(set(names) - set(tok.files))
+    detail = "; ".join(part for part in (f"gone: {gone}" if gone else "", f"added: {added}" if added else "") if part)
+    problems.append(
+        f"{root}: tokenizer files changed since compile (tokenizer.version {found}, lock says {tok.version}"
+        + (f"; {detail}" if detail else "") + "); recompile the bundle"
+    )
 
 
 def _check_template(bundle: Bundle, problems: list[str]) -> None:

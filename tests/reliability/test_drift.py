@@ -43,7 +43,7 @@ def _edit_template(root: Path, monkeypatch):
 
 
 def _upgrade_transformers(root: Path, monkeypatch):
-    real = runtime.verify.installed_version
+    real = sftc.runtime.verify.installed_version
     monkeypatch.setattr(sftc.runtime.verify, "installed_version", lambda name: DRIFTED if name == "transformers" else real(name))
     return "transformers: compiled with"
 
@@ -95,7 +95,7 @@ def test_drift_is_refused_by_verify_and_run(project, monkeypatch, case, figures)
 
 def test_drift_in_a_library_that_does_not_shape_tokens_is_recorded_not_refused(project, monkeypatch):
     bundle = project.compile()
-    real = runtime.verify.installed_version
+    real = sftc.runtime.verify.installed_version
     monkeypatch.setattr(sftc.runtime.verify, "installed_version", lambda name: "9.9.9" if name == "torch" else real(name))
     result, out = _cli("verify", bundle)
     assert result.exit_code == 0, out
