@@ -31,7 +31,7 @@ def _launch(tmp_path, script, env, *args):
     tools = tmp_path / "tools"
     if not tools.exists():
         tools.mkdir()
-        for tool in ("bash", "dirname", "head", "env"):
+        for tool in ("bash", "dirname", "sed", "env"):
             (tools / tool).symlink_to(shutil.which(tool))
     path = ":".join(p for p in (env.pop("PREPEND_PATH", None), str(tools)) if p)
     return subprocess.run(["/bin/bash", str(script), *args], env={"PATH": path, **env}, capture_output=True, text=True)
@@ -61,12 +61,21 @@ def test_launch_sh_for_two_nodes_uses_static_ranks_from_the_scheduler(project, t
     assert "--node-rank=1" in slurm and "--master-addr=node17" in slurm and "--master-port=29500" in slurm
     explicit = launched({"MASTER_ADDR": "10.0.0.5", "NODE_RANK": "0", "SLURM_NODEID": "1"})
     assert "--node-rank=0" in explicit  # NODE_RANK wins over the scheduler's variables
+    # under SLURM without MASTER_ADDR: the first host of the job (a long list must not end the script by SIGPIPE)
+    (python.parent / "scontrol").write_text('#!/usr/bin/env bash\n[[ "$1 $2" == "show hostnames" ]] && '
+                                            'for ((i = 0; i < 20000; i++)); do printf "gpu%05d\\n" $i; done\n')
+    (python.parent / "scontrol").chmod(0o755)
+    slurm = _launch(tmp_path, script, {"PREPEND_PATH": str(python.parent), "SLURM_JOB_NODELIST": "gpu[00000-19999]",
+                                        "SLURM_NODEID": "1"})
+    assert slurm.returncode == 0, slurm.stderr
+    assert "--master-addr=gpu00000" in slurm.stdout.splitlines() and "--node-rank=1" in slurm.stdout.splitlines()
     # found on PATH when SFTC_PYTHON is not set
     assert _launch(tmp_path, script, {"PREPEND_PATH": str(python.parent), "MASTER_ADDR": "h", "NODE_RANK": "1"}).returncode == 0
 
 
 @pytest.mark.parametrize("env, message", [
     ({"NODE_RANK": "1"}, "MASTER_ADDR is not set; with 2 nodes"),
+    ({"NODE_RANK": "1", "SLURM_JOB_NODELIST": "gpu[01-02]"}, "MASTER_ADDR is not set"),  # no scontrol to ask
     ({"MASTER_ADDR": "node0"}, "node rank '' (from NODE_RANK, SLURM_NODEID or JOB_COMPLETION_INDEX) must be one of 0 .. 1"),
     ({"MASTER_ADDR": "node0", "SLURM_NODEID": "2"}, "node rank '2'"),
     ({"MASTER_ADDR": "node0", "NODE_RANK": "x"}, "node rank 'x'"),
