@@ -428,6 +428,49 @@ def verify_sharding(model, d: Dist, where: str) -> dict:
     return record
 
 
+def _local_and_global(tensor) -> tuple[int, int]:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        return tensor.to_local().numel(), tensor.numel()
+    return tensor.numel(), tensor.numel()
+
+
+def verify_state_shares(model, optimizer, d: Dist) -> dict:
+    """Under fsdp, after an optimizer step (gradients still held, Adam state created): each rank's
+    share of the gradients and of the optimizer state, measured like the parameters' in
+    verify_sharding. A gradient or state tensor that is whole on a rank (replicated) is refused.
+    Collective."""
+    import torch
+
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    grads = [0, 0]
+    state = [0, 0]
+    for p in model.parameters():
+        if p.requires_grad and p.grad is not None:
+            local, total = _local_and_global(p.grad)
+            grads[0], grads[1] = grads[0] + local, grads[1] + total
+        for value in optimizer.state.get(p, {}).values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:  # skip the scalar step counter
+                local, total = _local_and_global(value)
+                state[0], state[1] = state[0] + local, state[1] + total
+    per_rank = gather_objects(d, (grads[0], state[0]))
+    record = {}
+    problems = []
+    for i, (name, total) in enumerate((("gradients", grads[1]), ("optimizer_state", state[1]))):
+        locals_ = [r[i] for r in per_rank]
+        record[name] = {"total": total, "local": locals_}
+        if total == 0:
+            problems.append(f"no {name} to measure after the optimizer step")
+        elif sum(locals_) != total or max(locals_) > SHARD_SLACK * total / d.world_size:
+            problems.append(f"{name}: the ranks hold {locals_} of {total:,} elements; sharded, each would hold "
+                            f"about {total / d.world_size:,.0f}")
+    if problems:
+        raise RunError("distributed.strategy 'fsdp' but the training state is not sharded", problems)
+    d.checks["state_shares"] = record
+    return record
+
+
 def verify_replicated(model, d: Dist) -> dict:
     """Under ddp the model the trainer steps must be a DistributedDataParallel."""
     from torch.nn.parallel import DistributedDataParallel

@@ -204,6 +204,12 @@ def make_trainer_class():
             else:
                 verify_replicated(stepped, d)
 
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            if self.run.dist.fsdp and "state_shares" not in self.run.dist.checks:  # once per run: an all_gather
+                from sftc.runtime.distributed import verify_state_shares
+
+                verify_state_shares(self.run.trainer.model_wrapped, self.run.trainer.optimizer, self.run.dist)
+
         def on_step_begin(self, args, state, control, **kwargs):
             self.run.begin_update()
 

@@ -64,7 +64,8 @@ def test_two_nodes_on_loopback_take_the_ranks_of_their_node_rank_and_equal_one_r
     # 2 nodes x 2 processes, fsdp across both: per_device 2, one micro-batch per rank per update,
     # against one process with grad_accum 4
     bundle = project.compile(batch={"per_device": 2, "grad_accum": 1, "world_size": 4},
-                             distributed={"strategy": "fsdp", "nodes": 2, "procs_per_node": 2},
+                             distributed={"strategy": "fsdp", "nodes": 2, "procs_per_node": 2,
+                                          "activation_checkpointing": True},
                              schedule={"max_steps": STEPS}, checkpoint={"every_steps": 2, "keep_last": 3})
     one = project.root / "runs" / "one"
     run_bundle(bundle, run_dir=one)
@@ -92,6 +93,16 @@ def test_two_nodes_on_loopback_take_the_ranks_of_their_node_rank_and_equal_one_r
     assert checks["parent_death_signal"] == "SIGKILL"
     for check in checks["sharding"]:
         assert sum(check["local_parameters"]) == check["total_parameters"] and len(check["local_parameters"]) == 4
+    # gradients and Adam state measured per rank after the first optimizer step: a quarter each
+    shares = checks["state_shares"]
+    print(f"\nper rank: parameters {checks['sharding'][-1]['local_parameters']}, gradients "
+          f"{shares['gradients']['local']}, optimizer state {shares['optimizer_state']['local']}")
+    for name in ("gradients", "optimizer_state"):
+        total, local = shares[name]["total"], shares[name]["local"]
+        assert len(local) == 4 and sum(local) == total and max(local) <= 1.01 * total / 4, shares
+    assert shares["gradients"]["total"] == checks["sharding"][0]["total_parameters"]
+    assert shares["optimizer_state"]["total"] == 2 * shares["gradients"]["total"]  # exp_avg and exp_avg_sq
+    assert checks["activation_checkpointing"] is True
     assert record["consumption"]["checked_against_plan"]
     assert record["consumption"]["supervised_tokens_total"] == record["supervised_tokens_predicted"]
 
