@@ -65,7 +65,12 @@ def count_parameters(config, spec) -> dict:
     else:
         from peft import get_peft_model
 
-        trained = get_peft_model(model, lora_config(spec.parameterization))
+        try:
+            trained = get_peft_model(model, lora_config(spec.parameterization))
+        except ValueError as exc:  # peft's NoMatchingPeftModuleError and config checks: the spec's to fix
+            first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+            raise SpecError(f"parameterization.target_modules: {spec.parameterization.target_modules!r} cannot be "
+                            f"adapted in this model: {first[:300]}") from None
         trainable, total = trained.get_nb_trainable_parameters()
     shapes = [tuple(p.shape) for p in trained.parameters() if p.requires_grad]
     attention_heads = int(getattr(config, "num_attention_heads", 0) or 0)

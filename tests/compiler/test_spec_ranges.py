@@ -63,3 +63,10 @@ def test_a_schedule_too_big_to_plan_is_refused_before_the_order_is_built(project
         project.compile(base_spec(**overrides))
     assert time.monotonic() - started < 60
     assert project.leftovers() == []
+
+
+def test_lora_target_modules_the_model_lacks_are_a_spec_error(project):
+    # peft's NoMatchingPeftModuleError was a traceback from the parameter count
+    project.write_jsonl("data/rows.jsonl", ROWS)
+    with pytest.raises(SpecError, match=r"parameterization.target_modules: \['nonexistent'\] cannot be adapted"):
+        project.compile(base_spec(parameterization={"kind": "lora", "target_modules": ["nonexistent"]}))
