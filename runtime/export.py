@@ -308,11 +308,17 @@ def export_run(run_dir, allow_ineligible: bool = False) -> Path:
             _write_generation_config(merged_dir, lock, None)
         _save_tokenizer(bundle, [stage] + ([merged_dir] if merged_dir else []))
         candidate = next((c for c in best.get("candidates", []) if c.get("step") == step), {})
-        provenance = _provenance(run_dir, bundle, manifest, best, step, eligible, candidate, copied, base, merged_info)
+        provenance = _provenance(run_dir, bundle, manifest, best, step, eligible, candidate, base, merged_info)
         if merged_dir is not None:
             (merged_dir / "README.md").write_text(model_card(provenance, lock, best, merged_card=True), encoding="utf-8")
         (stage / "README.md").write_text(model_card(provenance, lock, best), encoding="utf-8")
         provenance["files"] = _sha_files(stage)
+        # the checkpoint's files that the export carries unchanged, by the hash checkpoint.json sealed;
+        # the others (adapter_config.json naming this machine's base path, optimizer and RNG state) stay behind
+        listed = manifest.get("files") or {}
+        provenance["from_checkpoint"] = {
+            name: provenance["files"][name] for name in copied
+            if provenance["files"].get(name) == str(listed.get(name, "")).removeprefix("sha256:")}
         (stage / "provenance.json").write_text(pretty_json(provenance), encoding="utf-8")
     return final
 
@@ -325,7 +331,7 @@ def _project_path(path: Path, root: Path) -> str:
 
 
 def _provenance(run_dir: Path, bundle: Bundle, manifest: dict, best: dict, step: int, eligible: bool,
-                candidate: dict, copied: list[str], base: dict, merged_info: dict | None) -> dict:
+                candidate: dict, base: dict, merged_info: dict | None) -> dict:
     lock = bundle.lock
     spec = lock.spec
     metrics = dict(manifest.get("metrics") or {})
@@ -343,8 +349,6 @@ def _provenance(run_dir: Path, bundle: Bundle, manifest: dict, best: dict, step:
         "step": step,
         "eligible": eligible,
         "checkpoint": f"checkpoints/checkpoint-{step}",
-        "checkpoint_files": manifest.get("files"),
-        "exported_from_checkpoint": copied,
         "base_model": base,
         "parameterization": spec.parameterization.model_dump(mode="json"),
         "objective": spec.objective,

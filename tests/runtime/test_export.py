@@ -130,6 +130,8 @@ def test_full_export_reloads_generates_and_carries_provenance(project):
     assert provenance["step"] == 600 and provenance["eligible"] is True
     assert provenance["metrics"]["policy_pass_rate"] == 0.97
     assert provenance["files"]["model.safetensors"] == sha256_file(out / "model.safetensors")
+    sealed = json.loads((run / "checkpoints" / "checkpoint-600" / "checkpoint.json").read_text())["files"]
+    assert provenance["from_checkpoint"]["model.safetensors"] == sealed["model.safetensors"]
 
     # Re-export replaces the previous export, byte for byte the same, and leaves no staging directories behind.
     (out / "stale.txt").write_text("from an older export")
@@ -411,3 +413,18 @@ def test_adapter_over_a_hub_base_loads_anywhere_the_cache_has_it(project, tmp_pa
     reloaded = AutoPeftModelForCausalLM.from_pretrained(elsewhere).eval()
     assert _greedy(reloaded, ids) == _greedy(adapters[600], ids)
 
+
+
+def test_same_run_elsewhere_exports_the_same_bytes(project, tmp_path):
+    """The same project at another path (another machine, another clone) exports identical files:
+    nothing in an export depends on where the project lives."""
+    other = type(project)(tmp_path / "another" / "clone" / "proj")
+    shutil.copytree(project.root, other.root)
+    exports = []
+    for each in (project, other):
+        run = _make_run(each, LORA, _lora_saver(each.root / "model", {}), steps=(600,), system=TRICKY_SYSTEM)
+        exports.append(export_run(run))
+    files = [{p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file()}
+             for out in exports]
+    assert files[0] == files[1]
+    assert {"README.md", "provenance.json", "adapter_config.json", "merged/README.md", "merged/model.safetensors"} <= set(files[0])
