@@ -175,7 +175,7 @@ def export(run_dir: str, allow_ineligible: bool, allow_incomplete_history: bool)
 
 _export_arg = click.argument("export_dir", type=click.Path(file_okay=False, exists=True))
 _system_opt = click.option("--system", default=None, help="A system message instead of the one the model was trained with.")
-_tokens_opt = click.option("--max-new-tokens", type=int, default=256, show_default=True)
+_tokens_opt = click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 
 
 @main.command()
