@@ -76,36 +76,56 @@ def _on_alarm(signum, frame):
 
 @contextmanager
 def render_limits():
-    """Bound the address space while templates render (re-entrant: the outermost sets it).
-
-    RLIMIT_AS turns any allocation past the headroom (a filter, `~` concatenation, a multiplied
-    string) into a MemoryError inside the render, whichever jinja operation made it. Linux only;
-    elsewhere the time and output limits still hold.
+    """The scope renders run in (re-entrant: the outermost sets it up, so a pass over 38k rows pays
+    for it once). It caps the address space: RLIMIT_AS turns any allocation past the headroom (a
+    filter, `~` concatenation, a multiplied string) into a MemoryError inside the render, whichever
+    jinja operation made it (Linux; elsewhere the time and output limits still hold). In the main
+    thread it installs the SIGALRM handler guarded_render's wall clock needs.
     """
-    global _limit_depth
-    try:
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-        with open("/proc/self/statm", "rb") as handle:
-            in_use = int(handle.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    except (ImportError, OSError, ValueError):
-        yield
+    global _scope_depth, _timed
+    _scope_depth += 1
+    if _scope_depth > 1:
+        try:
+            yield
+        finally:
+            _scope_depth -= 1
         return
-    _limit_depth += 1
-    limited = _limit_depth == 1
-    if limited:
-        cap = in_use + RENDER_MEMORY_HEADROOM
-        resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    restore = []
     try:
+        if threading.current_thread() is threading.main_thread():
+            restore.append(lambda previous=signal.signal(signal.SIGALRM, _on_alarm): signal.signal(signal.SIGALRM, previous))
+            _timed = True
+        try:
+            import resource
+
+            soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+            with open("/proc/self/statm", "rb") as handle:
+                in_use = int(handle.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            cap = in_use + RENDER_MEMORY_HEADROOM
+            resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+            restore.append(lambda: resource.setrlimit(resource.RLIMIT_AS, (soft, hard)))
+        except (ImportError, OSError, ValueError):
+            pass
         yield
     finally:
-        _limit_depth -= 1
-        if limited:
-            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        _scope_depth -= 1
+        _timed = False
+        for undo in reversed(restore):
+            undo()
 
 
-_limit_depth = 0
+_scope_depth = 0
+_timed = False
+
+
+def _timed_render(render):
+    if not _timed:
+        return render()
+    signal.setitimer(signal.ITIMER_REAL, RENDER_SECONDS)
+    try:
+        return render()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def guarded_render(render, where: str, what: str) -> str:
@@ -115,17 +135,12 @@ def guarded_render(render, where: str, what: str) -> str:
     wall-clock limit is a SIGALRM timer, since a jinja loop can spin without calling back into
     sftc; signals only reach the main thread, so elsewhere only memory and output are bounded.
     """
-    timed = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGALRM, _on_alarm) if timed else None
     try:
-        with render_limits():
-            if timed:
-                signal.setitimer(signal.ITIMER_REAL, RENDER_SECONDS)
-            try:
-                text = render()
-            finally:
-                if timed:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
+        if _scope_depth:  # inside a pass's scope already: only the timer is per render
+            text = _timed_render(render)
+        else:
+            with render_limits():
+                text = _timed_render(render)
     except _RenderTimeout:
         raise TemplateRenderError(f"{where}: rendering {what} took more than {RENDER_SECONDS:g} s; refused "
                                   "(a loop in the template?)") from None
@@ -137,9 +152,6 @@ def guarded_render(render, where: str, what: str) -> str:
     except Exception as exc:  # jinja errors, SecurityError from the sandbox, or anything the template raised
         raise TemplateRenderError(f"{where}: rendering {what} failed: {exc.__class__.__name__}: "
                                   f"{str(exc)[:300]}") from None
-    finally:
-        if timed:
-            signal.signal(signal.SIGALRM, previous)
     if not isinstance(text, str):
         raise TemplateRenderError(f"{where}: rendering {what} gave a {type(text).__name__}, not text")
     if len(text) > MAX_RENDERED_CHARS:
