@@ -442,13 +442,12 @@ def cross_field_problems(spec: Spec) -> list[str]:
             "set packing.allow_mixing: true to acknowledge it, or use 'bfd' / 'bfd_split'"
         )
     if spec.parameterization.kind == "qlora":
-        try:
-            import importlib.util
+        from importlib import metadata
 
-            if importlib.util.find_spec("bitsandbytes") is None:
-                problems.append("parameterization.kind: qlora needs bitsandbytes; install sftc[qlora]")
-        except ValueError:
-            pass
+        try:  # the installed distribution, not find_spec: commands that never quantize hide the module (sftc/quiet.py)
+            metadata.version("bitsandbytes")
+        except metadata.PackageNotFoundError:
+            problems.append("parameterization.kind: qlora needs bitsandbytes; install sftc[qlora]")
         if spec.model.dtype == "float16" and spec.parameterization.quantization.compute_dtype == "float32":
             problems.append("parameterization.quantization.compute_dtype: float32 compute with float16 weights is unsupported")
     world = spec.distributed.nodes * spec.distributed.procs_per_node

@@ -51,10 +51,20 @@ def _input_problem(exc: Exception) -> str | None:
     return None
 
 
+# Commands that never load a quantized model: bitsandbytes stays out of them (sftc/quiet.py).
+_NO_QUANTIZATION = frozenset({"compile", "inspect", "schema", "diff", "textconv", "status", "runs", "report"})
+
+
 @click.group(cls=_Group)
 @click.version_option(package_name="sftc")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Supervised fine-tuning as a compiled, locked, reproducible run bundle."""
+    from sftc.quiet import hide_bitsandbytes, silence_inapplicable
+
+    silence_inapplicable()
+    if ctx.invoked_subcommand in _NO_QUANTIZATION:
+        hide_bitsandbytes()
 
 
 @main.command("compile")
