@@ -163,44 +163,49 @@ def optimizer_state_bytes(name: str, parameters: dict, param_bytes: int) -> int:
     raise ValueError(f"optimizer.name: {name!r}; allowed: {', '.join(OPTIMIZERS)}")
 
 
-def activation_bytes_per_token(parameters: dict, spec, act_bytes: int) -> dict:
+def activation_bytes_per_token(parameters: dict, spec, act_bytes: int, adapter_bytes: int, residual_bytes: int) -> dict:
     """What autograd saves per token: one decoder layer, and outside the layers.
 
     Counted from what a Llama-style decoder layer (RMSNorm, rotary attention, SwiGLU MLP) hands
-    to autograd in transformers' code, checked tensor by tensor against saved-tensor hooks in
-    benchmarks/bench_memory.py. Frozen base layers save no input (their weight needs no
-    gradient); LoRA saves its dropout's output and mask for each adapted module.
+    to autograd in transformers' and peft's code, checked against saved-tensor hooks in
+    benchmarks/bench_memory.py. `act_bytes`: projections' outputs; `residual_bytes`: the residual
+    stream and norms (float32 under QLoRA, where peft upcasts embeddings and norms);
+    `adapter_bytes`: LoRA weights, to whose dtype peft casts each adapter's input. Frozen base
+    layers save no input (their weight needs no gradient).
     """
     h, i, kv = parameters["hidden_size"], parameters["intermediate_size"], parameters["kv_dim"]
     b = act_bytes
     param = spec.parameterization
-    # RMSNorm upcasts to float32: the float32 input and its normalized copy for the rsqrt and pow
+    # RMSNorm upcasts to float32 and keeps that input for pow and rsqrt
     norm = 4 * h
     if param.kind == "full":
         # plus the normalized input of the weight's gradient and the scaled output the projections save
         norm_trained = norm + 2 * b * h
         layer = 2 * norm_trained + b * (3 * h + 2 * kv) + 4 * b * i
-        outside = norm_trained
-    else:
-        # q, k, v (rotated) and the attention output for sdpa's backward; gate, up, silu(gate) for the MLP
-        layer = 2 * norm + b * (2 * h + 2 * kv) + 3 * b * i
-        dropout = param.dropout > 0
-        for width, modules in _adapted_inputs(param.target_modules, h, i):
-            # adapters reading one input: a dropout output and bool mask each, or (no dropout) the input once
-            layer += modules * (b * width + width) if dropout else b * width
-            layer += modules * param.rank * b  # lora_A's output, saved for lora_B
-        outside = norm
-    return {"layer": int(layer), "outside": int(outside)}
+        return {"layer": int(layer), "outside": int(norm_trained)}
+    # q, k, v (rotated) and the attention output for sdpa's backward; gate, up, silu(gate) for the MLP
+    layer = 2 * norm + b * (2 * h + 2 * kv) + 3 * b * i
+    a = adapter_bytes
+    for width, modules, input_bytes in _adapted_inputs(param.target_modules, h, i, residual_bytes, b):
+        if param.dropout > 0:  # each adapter's own dropout output and its bool mask
+            layer += modules * (a * width + width)
+        elif a != input_bytes:  # each adapter's own copy of the input cast to its dtype
+            layer += modules * a * width
+        else:  # the shared input, once
+            layer += a * width
+        layer += modules * param.rank * a  # lora_A's output, saved for lora_B
+    return {"layer": int(layer), "outside": int(norm)}
 
 
-def _adapted_inputs(targets, h: int, i: int) -> list[tuple[int, int]]:
-    """(input width, adapted modules) per distinct input of a Llama-style layer's projections."""
-    groups = [(h, ["q_proj", "k_proj", "v_proj"]), (h, ["o_proj"]), (h, ["gate_proj", "up_proj"]), (i, ["down_proj"])]
+def _adapted_inputs(targets, h: int, i: int, residual_bytes: int, act_bytes: int) -> list[tuple[int, int, int]]:
+    """(input width, adapted modules, input dtype bytes) per distinct input of a Llama-style layer."""
+    groups = [(h, ["q_proj", "k_proj", "v_proj"], residual_bytes), (h, ["o_proj"], act_bytes),
+              (h, ["gate_proj", "up_proj"], residual_bytes), (i, ["down_proj"], act_bytes)]
     chosen = []
-    for width, names in groups:
+    for width, names, input_bytes in groups:
         modules = len(names) if targets == "all-linear" else sum(n in targets for n in names)
         if modules:
-            chosen.append((width, modules))
+            chosen.append((width, modules, input_bytes))
     return chosen
 
 
@@ -223,7 +228,8 @@ def estimate_memory(parameters: dict, spec, seq_length: int) -> dict:
         # (embeddings, lm_head, norms) to float32; the runtime restores adapters to compute dtype
         unquantized = (base - parameters["quantizable_linear"]) * 4
         trainable_bytes = compute_bytes
-        act_bytes = compute_bytes
+        # bitsandbytes returns each 4-bit layer's output in its input's dtype: the float32 stream
+        act_bytes = 4
     elif kind == "lora":
         unquantized = base * dtype_bytes
         trainable_bytes = 4  # peft keeps adapters in float32 (autocast_adapter_dtype) over a 16-bit base
@@ -239,14 +245,17 @@ def estimate_memory(parameters: dict, spec, seq_length: int) -> dict:
     optimizer = optimizer_state_bytes(spec.optimizer.name, parameters, trainable_bytes)
 
     tokens = spec.batch.per_device * seq_length
-    per_token = activation_bytes_per_token(parameters, spec, act_bytes)
+    residual_bytes = 4 if kind == "qlora" else act_bytes
+    per_token = activation_bytes_per_token(parameters, spec, act_bytes, trainable_bytes, residual_bytes)
     layers = parameters["num_layers"]
     checkpointing = spec.distributed.activation_checkpointing
     if checkpointing:
         # each layer keeps only its input; one layer's activations are rebuilt at a time in the backward
-        layer_activations = tokens * (layers * act_bytes * parameters["hidden_size"] + per_token["layer"])
+        layer_activations = tokens * layers * residual_bytes * parameters["hidden_size"]
+        recompute = tokens * per_token["layer"]
     else:
         layer_activations = tokens * layers * per_token["layer"]
+        recompute = 0
     attention = spec.model.attn_implementation
     scores = 0
     if attention == "eager":
@@ -255,7 +264,7 @@ def estimate_memory(parameters: dict, spec, seq_length: int) -> dict:
         scores = spec.batch.per_device * per_row * (1 if checkpointing else layers)
     # logits: the float32 log-softmax the loss saves, and the logits' gradient at the backward's start
     logits = tokens * parameters["vocab_size"] * 4 * 2
-    activations = layer_activations + scores + tokens * per_token["outside"] + logits
+    activations = layer_activations + recompute + scores + tokens * per_token["outside"] + logits
 
     strategy = spec.distributed.strategy
     shards = spec.distributed.nodes * spec.distributed.procs_per_node if strategy == "fsdp" else 1
@@ -274,6 +283,7 @@ def estimate_memory(parameters: dict, spec, seq_length: int) -> dict:
         "optimizer_bytes": int(optimizer // shards) if not offloaded else 0,
         "activations_bytes": int(activations),
         "activations_layers_bytes": int(layer_activations + scores + tokens * per_token["outside"]),
+        "activations_recompute_bytes": int(recompute),
         "activations_logits_bytes": int(logits),
         "fsdp_gathered_bytes": int(gathered),
         "cpu_offloaded_bytes": int((weights + gradients + optimizer) // shards) if offloaded else 0,

@@ -52,7 +52,11 @@ def test_activation_checkpointing_keeps_layer_inputs_and_one_layer(tiny_config):
     _, off = _estimate(tiny_config, {"kind": "full"})
     _, on = _estimate(tiny_config, {"kind": "full"}, distributed={"activation_checkpointing": True})
     per_layer = 4864
-    assert off["activations_layers_bytes"] - on["activations_layers_bytes"] == SEQ * (L * per_layer - (L * 4 * H + per_layer))
+    # stored for the backward: every layer's float32 input instead of every layer's activations
+    assert off["activations_layers_bytes"] - on["activations_layers_bytes"] == SEQ * (L * per_layer - L * 4 * H)
+    # rebuilt during the backward: one layer at a time
+    assert on["activations_recompute_bytes"] == SEQ * per_layer and off["activations_recompute_bytes"] == 0
+    assert off["activations_bytes"] - on["activations_bytes"] == SEQ * ((L - 1) * per_layer - L * 4 * H)
     for part in ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_logits_bytes"):
         assert on[part] == off[part]
     assert on["activation_checkpointing"] is True and off["activation_checkpointing"] is False
