@@ -17,6 +17,7 @@ and line:
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,10 @@ def read_text_file(path: str | os.PathLike, what: str = "spec file", error: type
     """(UTF-8 text, raw bytes) of a file a person wrote; the bytes are what a caller hashes."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block the read or never end
+            raise error(f"{path}: the {what} is not a regular file")
+        size = info.st_size
         if size > max_bytes:
             raise error(f"{path}: the {what} is {size} bytes; at most {max_bytes} are read (is it the right file?)")
         data = path.read_bytes()

@@ -90,3 +90,11 @@ def test_fuzzed_rules_files_end_in_rules_or_a_clear_error(text, cut, insert, fig
         except RulesError as exc:
             assert "fuzz.yaml" in str(exc)
         assert time.monotonic() - started < 5, "a rules file took more than 5 s to load or refuse"
+
+
+@pytest.mark.parametrize("loader", [load_spec, load_rules])
+def test_a_fifo_is_refused_instead_of_blocking_the_read(tmp_path, loader):
+    fifo = tmp_path / "spec.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(SftcError, match="not a regular file"):
+        loader(fifo)
