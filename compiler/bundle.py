@@ -286,6 +286,11 @@ def _build(inputs: Inputs, out_root: Path) -> tuple[Path, Lock]:
         rules_text, rules_bytes = read_text_file(inputs.rules_path, "rules file", RulesError)
         rules = load_rules_text(rules_text, _display(inputs.rules_path, inputs.root))
         rules_info = {"sha256": "sha256:" + sha256_bytes(rules_bytes), "metrics": list(rules.metric_names)}
+        from sftc.runtime.evaluate.rules import RESERVED_NAMES
+
+        undeclared = spec_mod.undeclared_select_metrics(spec, rules.metric_names, RESERVED_NAMES)
+        if undeclared:
+            raise spec_mod.SpecError(f"{src}: select names metrics no evaluation reports", [f"{src}: {p}" for p in undeclared])
 
     eval_prompts = []
     if template is not None:

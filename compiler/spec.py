@@ -476,6 +476,21 @@ def cross_field_problems(spec: Spec) -> list[str]:
     return problems
 
 
+def undeclared_select_metrics(spec: Spec, declared, written_by_runtime) -> list[str]:
+    """select keys no evaluation will ever report: every checkpoint would be ineligible, found only
+    after the whole run. Each entry: 'key.path: what is wrong'."""
+    known = set(declared) | set(written_by_runtime) | {"val_loss"}  # val_loss: the selector's alias of eval_loss
+    problems = []
+    for key, names in (("select.require", list(spec.select.require)),
+                       ("select.maximize", [spec.select.maximize] if spec.select.maximize else []),
+                       ("select.tie_break", [o.minimize or o.maximize for o in spec.select.tie_break])):
+        for name in names:
+            if name not in known:
+                problems.append(f"{key}: {name!r} is not a metric of the rules file nor of the runtime; "
+                                f"allowed: {', '.join(sorted(set(declared) | {'eval_loss'}))}")
+    return problems
+
+
 def _select_metrics(spec: Spec) -> list[str]:
     names = list(spec.select.require) + ([spec.select.maximize] if spec.select.maximize else [])
     names += [o.minimize or o.maximize for o in spec.select.tie_break]

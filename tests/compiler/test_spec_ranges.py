@@ -70,3 +70,31 @@ def test_lora_target_modules_the_model_lacks_are_a_spec_error(project):
     project.write_jsonl("data/rows.jsonl", ROWS)
     with pytest.raises(SpecError, match=r"parameterization.target_modules: \['nonexistent'\] cannot be adapted"):
         project.compile(base_spec(parameterization={"kind": "lora", "target_modules": ["nonexistent"]}))
+
+
+RULES = """version: 1
+parse: json
+checks:
+  - name: valid_json
+    kind: json_valid
+metrics:
+  format_pass_rate: [valid_json]
+"""
+
+
+@pytest.mark.parametrize("select,ok", [
+    ({"require": {"format_pass_rate": ">= 0.9"}, "maximize": "format_pass_rate"}, True),
+    ({"require": {"eval_loss": "<= 9"}, "tie_break": {"minimize": "val_loss"}}, True),
+    ({"maximize": "policy_pass_rate"}, False),  # a typo: every checkpoint would be ineligible after the run
+    ({"require": {"fromat_pass_rate": ">= 0.9"}}, False),
+])
+def test_select_may_only_name_metrics_an_evaluation_reports(project, select, ok):
+    project.write_jsonl("data/rows.jsonl", ROWS)
+    (project.root / "rules.yaml").write_text(RULES, encoding="utf-8")
+    spec = base_spec(eval={"rules": "rules.yaml"}, select=select, split={"eval_fraction": 0.3})
+    if ok:
+        project.compile(spec)
+        return
+    with pytest.raises(SpecError, match="is not a metric of the rules file") as err:
+        project.compile(spec)
+    assert "format_pass_rate" in str(err.value)  # what is allowed
