@@ -216,7 +216,7 @@ def read_metrics(run_dir) -> tuple[list[dict], list[dict]]:
 
 
 def _next_quarantine(run_dir: Path, kind: str) -> Path:
-    taken = [int(m.group(2)) for p in run_dir.glob(METRICS + ".*") if (m := _QUARANTINE.match(p.name))]
+    taken = [int(m.group(2)) for p in run_dir.glob(METRICS + ".*") if (m := _QUARANTINE.match(p.name)) and m.group(1) == kind]
     return run_dir / f"{METRICS}.{kind}-{max(taken, default=0) + 1}"
 
 
