@@ -5,9 +5,10 @@ Two synthetic mixes, generated deterministically (seeded) so every run measures 
                    copies (1-3 words changed) and 1% exact copies of an earlier prompt in another
                    thread: the order of the duplicate rates that dedup reports give for public SFT
                    mixes (an assumption, stated here, not measured on one)
-  duplicate_heavy  a pool of 38,280 distinct prompts (OrgAccess easy's row count) repeated with the row
-                   number appended, as in issue 17's independent check: every row is a near copy of
-                   rows/38,280 others, in threads of 4 rows
+  duplicate_heavy  a pool of distinct prompts repeated with the row number appended, as in issue 17's
+                   independent check (OrgAccess's 38,280 rows repeated): the pool is rows/4 prompts up
+                   to 38,280, so every row has at least 3 near copies and, past 153k rows, rows/38,280
+                   of them (the copies per prompt grow with the size, as in that check); threads of 4
 Words come from a fixed pseudo-vocabulary with Zipf frequencies; lengths are log-normal
 (prompts ~70 words, completions ~120). The real Qwen2.5 tokenizer ($SFTC_EXTERNAL) tokenizes them,
 max_length 1024, bfd packing at 1024, LoRA.
@@ -102,9 +103,9 @@ def write_rows(path: Path, variant: str, rows: int, seed: int = 0) -> dict:
     with open(tmp, "w") as handle:
         for i in range(rows):
             if variant == "duplicate_heavy":
-                if len(pool) < POOL:
+                if len(pool) < min(POOL, max(1, rows // 4)):
                     pool.append((writer.text(70), writer.text(120)))
-                prompt, completion = pool[i % POOL]
+                prompt, completion = pool[i % len(pool)]  # while the pool fills, i % len(pool) is the newest
                 prompt, thread = f"{prompt} {i}", i // 4
             else:
                 draw = rng.random()
@@ -122,7 +123,7 @@ def write_rows(path: Path, variant: str, rows: int, seed: int = 0) -> dict:
                 thread = i // 3 if i % 7 else i  # threads of 1-4 rows
             handle.write(json.dumps({"thread_id": f"t{thread}", "prompt": prompt, "completion": completion}) + "\n")
     tmp.rename(path)
-    return {"rows": rows, "near_copies_written": near if variant == "realistic" else rows - min(rows, POOL),
+    return {"rows": rows, "near_copies_written": near if variant == "realistic" else rows - len(pool),
             "exact_copies_written": exact, "bytes": path.stat().st_size}
 
 
@@ -188,6 +189,30 @@ print(json.dumps({"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "pea
 """
 
 
+SPLIT_CHILD = r"""
+import json, resource, sys, time
+from sftc.compiler.data import Example
+from sftc.compiler.spec import SplitSpec
+from sftc.compiler.split import split_examples
+examples = []
+with open(sys.argv[1]) as handle:
+    for i, line in enumerate(handle):
+        row = json.loads(line)
+        # the split reads the user turns only: the completion is left out to keep the input small
+        examples.append(Example("rows.jsonl", i, row["thread_id"], {},
+                                messages=[{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": ""}]))
+before = resource.getrusage(resource.RUSAGE_SELF)
+start, cpu = time.perf_counter(), time.process_time()
+result = split_examples(examples, SplitSpec())
+wall = time.perf_counter() - start
+after = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"wall_s": wall, "cpu_s": time.process_time() - cpu, "split_s": wall,
+                  "peak_rss_mb": after.ru_maxrss / 1024, "rss_before_split_mb": before.ru_maxrss / 1024,
+                  "bundle_bytes": 0, "search": getattr(result, "near_duplicate_search", None),
+                  "merged_clusters": len(result.record["merged_near_duplicates"])}))
+"""
+
+
 def snapshot(rev: str, overlays: list[str]) -> tuple[Path, dict]:
     """A commit as committed, importable as `sftc` from the cache (the package-dir mapping as symlinks).
 
@@ -219,7 +244,7 @@ def snapshot(rev: str, overlays: list[str]) -> tuple[Path, dict]:
                           "source": f"git archive of {rev} (--snapshot)"}
 
 
-def compile_child(project: Path, time_limit: float, pythonpath: Path | None) -> dict:
+def compile_child(project: Path, time_limit: float, pythonpath: Path | None, split_only: bool = False) -> dict:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
@@ -227,7 +252,9 @@ def compile_child(project: Path, time_limit: float, pythonpath: Path | None) -> 
     shutil.rmtree(out_dir, ignore_errors=True)
     start = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(project / "specs" / "scaling.yaml"), str(out_dir)],
+        argv = ([SPLIT_CHILD, str(project / "data" / "rows.jsonl")] if split_only
+                else [CHILD, str(project / "specs" / "scaling.yaml"), str(out_dir)])
+        proc = subprocess.run([sys.executable, "-c", *argv],
                               cwd=project, capture_output=True, text=True, env=env, timeout=time_limit)
     except subprocess.TimeoutExpired:
         return {"status": f"stopped after the {time_limit:.0f} s limit", "wall_s_at_least": round(time.perf_counter() - start, 1)}
@@ -299,7 +326,7 @@ def measure_size(variant: str, rows: int, measured: dict[int, dict], args, pytho
     project, shape = make_project(variant, rows)
     generated = time.perf_counter() - gen
     load_before = common.loadavg()
-    result = compile_child(project, args.time_limit, pythonpath)
+    result = compile_child(project, args.time_limit, pythonpath, getattr(args, "split_only", False))
     result.update(input=shape, data_generation_s=round(generated, 1), loadavg=[load_before, common.loadavg()])
     if result["status"] == "measured":
         result["per_row_ms"] = round(1000 * result["wall_s"] / rows, 4)
@@ -331,16 +358,22 @@ def main() -> dict:
     parser.add_argument("--overlay", action="append", default=[], metavar="PATH@REV",
                         help="with --snapshot: this file as it is at REV")
     parser.add_argument("--keep-data", action="store_true", help="keep the generated projects in the cache")
-    parser.add_argument("--out", default="scaling")
+    parser.add_argument("--split-only", action="store_true",
+                        help="only the split pass (near-duplicate search) on the same rows, default threshold 0.85: "
+                             "the part that grew faster than linear, at sizes the whole compile cannot reach")
+    parser.add_argument("--out", default=None, help="results/<out>.json (default scaling, or scaling_split)")
     args = parser.parse_args()
     args.max_rss_gb = args.max_rss_gb or 0.8 * common.machine().get("mem_total_gb", 8)
     sizes = sorted(int(s) for s in args.sizes.split(","))
+    out = args.out or ("scaling_split" if args.split_only else "scaling")
     pythonpath, code = snapshot(args.snapshot, args.overlay) if args.snapshot else (None, common.code_state())
     result = {
         "machine": common.machine(),
         "code": code,
         "args": {"sizes": sizes, "variants": args.variants.split(","), "time_limit_s": args.time_limit,
-                 "max_rss_gb": round(args.max_rss_gb, 1), "snapshot": args.snapshot},
+                 "max_rss_gb": round(args.max_rss_gb, 1), "snapshot": args.snapshot, "split_only": args.split_only},
+        "measures": ("split_examples alone (near-duplicate search + group split) on the rows' prompts, in a child"
+                     if args.split_only else "the whole cold compile (compile_spec, force=True), in a child"),
         "tokenizer": "qwen2.5-instruct ($SFTC_EXTERNAL)", "max_length": 1024, "seq_length": 1024,
         "parallel": "compile_spec has no parallel mode (no workers or num_proc setting): every compile is one "
                     "process; cores_used = CPU time / wall time of each child is the measured fact",
@@ -354,9 +387,9 @@ def main() -> dict:
             print(f"{variant} {rows}: {json.dumps(shown)}", flush=True)
             # written after every size: a run stopped half-way keeps what it measured
             result["variants"] = {v: summarize_variant(m) for v, m in measured.items()}
-            common.write_result(args.out, {**result, "complete": False})
+            common.write_result(out, {**result, "complete": False})
     result["complete"] = True
-    common.write_result(args.out, result)
+    common.write_result(out, result)
     return result
 
 
