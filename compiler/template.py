@@ -290,7 +290,9 @@ def local_dir(location: str, revision: str | None, key: str) -> Path:
 
         return Path(snapshot_download(location, revision=revision, local_files_only=True))
     except Exception:
+        fetch = f"hf download {location}" + (f" --revision {revision}" if revision else "")
         raise SpecError(
             f"{key}: {location!r} is neither a local directory nor a hub id in the local cache "
-            "(no download is attempted at compile time)"
+            f"(no download is attempted at compile or run time); fetch it once with `{fetch}`, "
+            "or point model.path (and model.tokenizer) at a local directory"
         ) from None

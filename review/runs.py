@@ -90,7 +90,7 @@ def format_runs(rows: list[dict]) -> str:
     table, unreadable = [], []
     for row in rows:
         if "error" in row:
-            unreadable.append(f"{row['run']}: unreadable ({row['error']})")
+            unreadable.append(f"{row['run']}: {row.get('status') or '-'}, bundle unreadable ({row['error']})")
             continue
         best = row.get("best_step")
         if best is None:

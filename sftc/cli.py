@@ -48,6 +48,19 @@ def _input_problem(exc: Exception) -> str | None:
         return f"template.chat: the chat template tried something the Jinja sandbox forbids: {exc}"
     if isinstance(exc, TemplateError):
         return f"template.chat: the chat template failed while rendering a row: {exc.__class__.__name__}: {exc}"
+    return _storage_problem(exc)
+
+
+def _storage_problem(exc: Exception) -> str | None:
+    """A full disk, a quota, a file-size limit or a read-only mount is the operator's to fix, in
+    any command that writes (run, export, compile, report): say where and what, not a traceback."""
+    import errno
+
+    storage = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG}
+    if isinstance(exc, OSError) and exc.errno in storage:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return (f"{where}{exc.strerror}: the disk is full, over a quota or size limit, or read-only; nothing "
+                "half-written was kept. Free space or make it writable, then run the command again")
     return None
 
 
@@ -113,7 +126,8 @@ def inspect(bundle: str, row: int, which: str, color: bool | None) -> None:
     click.echo(f"{loaded.bundle_id} {which} row {row}/{rows}: {hi - lo} tokens, {len(seg)} example(s) "
                f"{seg.tolist()}, {supervised} supervised")
     click.echo(f"position ids restart at 0 at each example: {position_ids(seg)[:48].tolist()}{' ...' if hi - lo > 48 else ''}")
-    click.echo(marked_row(tokenizer, ids, labels, seg, color=use_color))
+    # color= passed on: click strips ANSI codes from piped output unless told, so --color marked nothing when piped
+    click.echo(marked_row(tokenizer, ids, labels, seg, color=use_color), color=use_color)
 
 
 @main.command()
