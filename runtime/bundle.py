@@ -162,8 +162,8 @@ def read_verified(bundle_dir: Path, lock: Lock) -> dict[str, bytes]:
     for path in sorted(bundle_dir.rglob("*")):
         rel = path.relative_to(bundle_dir).as_posix()
         if rel not in listed and not path.is_dir():
-            problems.append(f"{path}: not listed in the lock: a file added after compile; it would never be read "
-                            "(the lock says which files the bundle has): remove it or recompile")
+            problems.append(f"{path}: not listed in the lock (added after compile); sftc never reads an unlisted "
+                            "file and refuses the bundle so it holds only what its lock says: remove the file or recompile")
     if problems:
         raise BundleError(f"{bundle_dir}: the bundle no longer matches its lock ({len(problems)} problem(s))", problems)
     return contents

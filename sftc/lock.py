@@ -350,7 +350,8 @@ def seal_problems(raw: dict) -> list[str]:
         if not problems:
             problems = ["seal.sha256: edited after compile (the fields match, the lock hash does not)"]
     name = raw.get("name")
-    if isinstance(name, str) and raw.get("bundle_id") != bundle_id_for(name, raw):
+    # only when the seal matches: otherwise the edited field is already named, and the id differs because of it
+    if not problems and isinstance(name, str) and raw.get("bundle_id") != bundle_id_for(name, raw):
         problems.append(
             f"bundle_id: {raw.get('bundle_id')!r} is not the hash of this lock's content "
             f"({bundle_id_for(name, raw)!r}): the content was changed and resealed"
