@@ -306,3 +306,24 @@ def test_stale_staging_of_dead_writers_is_removed_and_live_ones_are_kept(tmp_pat
     (root / f".checkpoint-6.pid{live}.abc.tmp").mkdir()
     assert ckpt.remove_leftovers(root) == sorted([f".checkpoint-4.pid{dead}.abc.tmp", f".trash-checkpoint-2.pid{dead}"])
     assert [p.name for p in root.iterdir()] == [f".checkpoint-6.pid{live}.abc.tmp"]
+
+
+def test_a_read_only_run_directory_is_a_clear_error_in_run_and_export(project, monkeypatch):
+    bundle = project.compile(schedule={"max_steps": 2}, checkpoint={"every_steps": 2, "keep_last": 1})
+    run_dir = project.run_dir(bundle)
+    run_bundle(bundle, run_dir=run_dir)
+    exported = _export_bytes(run_dir)
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    import sftc.runtime.export as export_module
+
+    monkeypatch.setattr(export_module, "staging_dir", read_only)
+    monkeypatch.setattr(rundir, "run_lock", read_only)
+    runner = CliRunner()
+    for args in (["export", str(run_dir)], ["run", str(bundle), "--run-dir", str(run_dir)]):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "Read-only file system" in result.output and "Traceback" not in result.output, result.output
+    assert _export_bytes(run_dir) == exported  # the previous export is untouched
