@@ -346,6 +346,39 @@ def summarize_variant(measured: dict[int, dict]) -> dict:
             "extrapolated": {str(n): fitted["predict"](n) for n in (10_000_000, 100_000_000)}}
 
 
+def table(result: dict) -> str:
+    """A result file as Markdown: one row per variant and size, measured or why not."""
+    lines = [f"{result.get('measures', 'the whole cold compile')}; code {result['code']['head']}"
+             + (f" + {', '.join(result['code'].get('overlays', []))}" if result["code"].get("overlays") else "")
+             + f", limit {result['args']['time_limit_s']:.0f} s per size", "",
+             "| mix | rows | wall s | CPU s | cores used | peak RSS MB | bundle MB | ms/row (CPU) | split s | merged clusters | checks | capped buckets |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for variant, v in result["variants"].items():
+        for rows, r in v["sizes"].items():
+            if r["status"] != "measured":
+                lines.append(f"| {variant} | {int(rows):,} | {r['status']} |||||||||")
+                continue
+            search = r.get("search") or {}
+            lines.append(f"| {variant} | {int(rows):,} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['cores_used']} | {r['peak_rss_mb']:,.0f} "
+                         f"| {r['bundle_bytes'] / 1e6:,.1f} | {r['cpu_per_row_ms']:.3f} | {r['split_s']:.1f} | {r['merged_clusters']} "
+                         f"| {search.get('comparisons', '-')} | {search.get('capped_buckets', '-')} |")
+    lines += ["", "| mix | fit (measured sizes) | wall s = c·n^k | CPU s = c·n^k | split s = c·n^k | RSS MB = a + b·n | at 10M: CPU s, RSS MB | at 100M: CPU s, RSS MB |",
+              "|---|---|---|---|---|---|---|---|"]
+    for variant, v in result["variants"].items():
+        f = v["fits"]
+
+        def show(key):
+            fit = f.get(key)
+            return "-" if not fit else (f"k = {fit['params'][1]}" if fit["form"] == "c*n^k" else f"b = {fit['params'][1] * 1024:.2f} KB/row")
+
+        ext = v["extrapolated"]
+        at = {n: f"{ext[n].get('cpu_s', '-'):,} / {ext[n].get('peak_rss_mb', '-'):,}" if ext[n] else "-" for n in ext}
+        sizes = ", ".join(f"{int(r):,}" for r, x in v["sizes"].items() if x["status"] == "measured")
+        lines.append(f"| {variant} | {sizes} | {show('wall_s')} | {show('cpu_s')} | {show('split_s')} | {show('peak_rss_mb')} "
+                     f"| {at.get('10000000', '-')} | {at.get('100000000', '-')} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> dict:
     parser = argparse.ArgumentParser()
     # 10k and 100k: a curve needs points before the sizes it predicts (and decides not to run)
@@ -362,7 +395,12 @@ def main() -> dict:
                         help="only the split pass (near-duplicate search) on the same rows, default threshold 0.85: "
                              "the part that grew faster than linear, at sizes the whole compile cannot reach")
     parser.add_argument("--out", default=None, help="results/<out>.json (default scaling, or scaling_split)")
+    parser.add_argument("--table", nargs="+", default=None, metavar="RESULT_JSON", help="print result files as Markdown and exit")
     args = parser.parse_args()
+    if args.table:
+        for path in args.table:
+            print(table(json.loads(Path(path).read_text())))
+        return {}
     args.max_rss_gb = args.max_rss_gb or 0.8 * common.machine().get("mem_total_gb", 8)
     sizes = sorted(int(s) for s in args.sizes.split(","))
     out = args.out or ("scaling_split" if args.split_only else "scaling")
