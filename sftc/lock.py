@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_serializer
 
 from sftc.compiler.spec import BatchSpec, Spec
 from sftc.errors import BundleError
@@ -279,6 +279,18 @@ class Lock(Record):
     eval_manifest: EvalManifest = Field(description="What the held-out evaluation uses.")
     files: dict[str, str] = Field(description="sha256 of every file of the bundle directory but this lock.")
     seal: Seal = Field(description="sha256 of everything above, and a short hash per field to name an edit.")
+
+    @field_validator("files")
+    @classmethod
+    def _inside_the_bundle(cls, files: dict[str, str]) -> dict[str, str]:
+        # a listed name is opened under the bundle directory: never an absolute path or a way out of it
+        for name in files:
+            parts = name.split("/")
+            if not name or name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts):
+                raise ValueError(f"file name {name!r} is not a plain path inside the bundle")
+            if name == LOCK_NAME:
+                raise ValueError(f"{LOCK_NAME} cannot list itself")
+        return files
 
     @property
     def batch(self) -> BatchSpec:

@@ -125,6 +125,7 @@ def test_a_reformatted_lock_is_refused(project):
     (lambda raw: {**raw, "format_version": 99}, "format_version 99 is not readable"),
     (lambda raw: {**raw, "format_version": "2"}, 'format_version "2" is not readable'),
     (lambda raw: [raw], "a lock is a JSON object, found list"),
+    (lambda raw: {**raw, "files": {**raw["files"], "../../outside": "0" * 64}}, "files: Value error, file name '../../outside'"),
 ])
 def test_a_damaged_lock_is_a_clear_error(project, damage, expected):
     bundle = project.compile()
