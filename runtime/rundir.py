@@ -362,6 +362,14 @@ def derive_best(run_dir, select_spec: dict, bundle_id: str | None = None, allow_
     return result
 
 
+def rederive_best(run_dir, allow_incomplete_history: bool = False) -> dict:
+    """best.json derived again from the run's records by its bundle's selection rule: what
+    `sftc export` exports from, so a best.json left stale or damaged by a kill is never shipped."""
+    lock = read_lock(run_dir)
+    return derive_best(run_dir, lock.spec.select.model_dump(mode="json"), lock.bundle_id,
+                       allow_incomplete_history=allow_incomplete_history)
+
+
 def read_best(run_dir) -> dict | None:
     """best.json, validated; None when no checkpoint was selected yet."""
     path = Path(run_dir) / BEST_JSON

@@ -191,9 +191,10 @@ def run(bundle: str, run_dir: str | None, fresh: bool, allow_drift: bool, allow_
 def export(run_dir: str, allow_ineligible: bool, allow_incomplete_history: bool) -> None:
     """Export the selected checkpoint of RUN_DIR to RUN_DIR/export/."""
     from sftc.runtime.export import export_run
-    from sftc.runtime.rundir import check_history
+    from sftc.runtime.rundir import rederive_best
 
-    check_history(run_dir, allow_incomplete_history)  # the selection in best.json is only as good as its history
+    # best.json is an output: select again from the records, so a stale or damaged one is never shipped
+    rederive_best(run_dir, allow_incomplete_history)
     click.echo(f"exported: {export_run(run_dir, allow_ineligible=allow_ineligible)}")
 
 

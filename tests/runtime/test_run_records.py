@@ -103,6 +103,11 @@ def test_kill_right_after_the_final_checkpoint_exports_what_the_uninterrupted_ru
     assert json.loads((run_dir / "best.json").read_text())["best_step"] != 6  # stale: the kill came first
     assert len(ckpt.checkpoint_dirs(run_dir / "checkpoints")) > 1  # rotation never ran
 
+    # `sftc export` alone selects from the records, not from the stale best.json
+    exported = CliRunner().invoke(main, ["export", str(run_dir)])
+    assert exported.exit_code == 0, exported.output
+    assert _export_bytes(run_dir) == reference["export"]
+
     resumed = run_in_subprocess(bundle, run_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
@@ -194,14 +199,15 @@ def test_a_flipped_first_byte_of_best_json_is_a_clear_error_and_run_rederives_it
     best.write_bytes(bytes(data))
 
     runner = CliRunner()
-    for args in (["status", str(run_dir)], ["export", str(run_dir)]):
+    result = runner.invoke(main, ["status", str(run_dir)])
+    assert result.exit_code == 2, result.output
+    assert str(best) in result.output and "sftc run" in result.output and "Traceback" not in result.output
+    # run and export derive best.json from the records again instead of trusting it
+    for args in (["run", str(bundle), "--run-dir", str(run_dir)], ["export", str(run_dir)]):
+        best.write_bytes(bytes(data))
         result = runner.invoke(main, args)
-        assert result.exit_code == 2, (args, result.output)
-        assert str(best) in result.output and "sftc run" in result.output, result.output
-        assert "Traceback" not in result.output
-    rerun = runner.invoke(main, ["run", str(bundle), "--run-dir", str(run_dir)])
-    assert rerun.exit_code == 0, rerun.output
-    assert json.loads(best.read_text())["best_step"] == good["best_step"]
+        assert result.exit_code == 0, (args, result.output)
+        assert json.loads(best.read_text())["best_step"] == good["best_step"]
 
     (run_dir / "run.json").write_text('{"status": 7}')
     with pytest.raises(RunError) as err:
