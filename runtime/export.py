@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +111,9 @@ def base_reference(bundle: Bundle, export_dir: Path) -> dict:
 
 
 def _copy(src: Path, dst: Path) -> None:
-    # bytes only: copy2 would also carry the checkpoint's timestamps, which an export does not need
-    dst.write_bytes(src.read_bytes())
+    # contents only, streamed (weight shards can be tens of GB); the checkpoint's timestamps and
+    # modes are not part of what is exported
+    shutil.copyfile(src, dst)
 
 
 def _copy_full(ckpt: Path, stage: Path) -> list[str]:
@@ -152,7 +154,8 @@ def _stop_ids(lock: Lock, existing: Any) -> list[int]:
 
 
 def _write_generation_config(model_dir: Path, lock: Lock, source_dir: Path | None) -> None:
-    """The turn terminator ends generation in the exported model as it did during held-out eval."""
+    """The turn terminator ends generation in the exported model as it did during held-out eval.
+    Starts from model_dir's own generation config, else source_dir's (the base's), else defaults."""
     from transformers import GenerationConfig
 
     config = None
@@ -299,8 +302,9 @@ def export_run(run_dir, allow_ineligible: bool = False) -> Path:
             copied = _copy_full(ckpt, stage)
         else:
             copied = _copy_adapter(ckpt, stage, base)
-        # an adapter export gets one too: peft ignores it, `sftc chat` and deployers read the stop ids from it
-        _write_generation_config(stage, lock, None)
+        # an adapter export gets one too, from the base's: peft ignores it, `sftc chat` and deployers
+        # read the stop ids from it
+        _write_generation_config(stage, lock, bundle.model_dir if param.kind != "full" else None)
         merged_dir = stage / "merged" if param.kind != "full" and getattr(param, "merge_on_export", False) else None
         merged_info = None
         if merged_dir is not None:
