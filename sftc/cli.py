@@ -15,6 +15,14 @@ from sftc.errors import SftcError
 
 
 class _Group(click.Group):
+    def resolve_command(self, ctx, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        # before the command imports anything: bitsandbytes stays out of commands that never quantize
+        from sftc.quiet import quiet_for_command
+
+        quiet_for_command(name, rest)
+        return name, command, rest
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -64,20 +72,10 @@ def _storage_problem(exc: Exception) -> str | None:
     return None
 
 
-# Commands that never load a quantized model: bitsandbytes stays out of them (sftc/quiet.py).
-_NO_QUANTIZATION = frozenset({"compile", "inspect", "schema", "diff", "textconv", "status", "runs", "report"})
-
-
 @click.group(cls=_Group)
 @click.version_option(package_name="sftc")
-@click.pass_context
-def main(ctx: click.Context) -> None:
+def main() -> None:
     """Supervised fine-tuning as a compiled, locked, reproducible run bundle."""
-    from sftc.quiet import hide_bitsandbytes, silence_inapplicable
-
-    silence_inapplicable()
-    if ctx.invoked_subcommand in _NO_QUANTIZATION:
-        hide_bitsandbytes()
 
 
 @main.command("compile")

@@ -68,3 +68,31 @@ def silence_inapplicable() -> None:
     # peft (get_peft_model) calls the deprecated name inside transformers; nothing in sftc or the
     # user's spec can change it, and it stops when peft moves to is_activation_checkpointing.
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+# Commands that never load a quantized model.
+NO_QUANTIZATION = frozenset({"compile", "inspect", "schema", "diff", "textconv", "status", "runs", "report"})
+
+
+def _bundle_kind(args: list[str]) -> str | None:
+    """The parameterization of the bundle among a command's arguments, or None if none is found."""
+    import json
+    from pathlib import Path
+
+    for arg in args:
+        lock = Path(arg) / "bundle.lock.json"
+        if not arg.startswith("-") and lock.is_file():
+            try:
+                return json.loads(lock.read_text(encoding="utf-8"))["spec"]["parameterization"]["kind"]
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+    return None
+
+
+def quiet_for_command(name: str | None, args: list[str]) -> None:
+    """Before a CLI command runs: the filters, and bitsandbytes hidden unless the command may
+    quantize (`run` of a bundle that is not qlora does not)."""
+    silence_inapplicable()
+    kind = _bundle_kind(args) if name == "run" else None
+    if name in NO_QUANTIZATION or kind in ("full", "lora"):
+        hide_bitsandbytes()

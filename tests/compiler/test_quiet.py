@@ -61,3 +61,19 @@ def test_allow_bitsandbytes_undoes_the_hiding_for_peft():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kind, hidden", [("lora", True), ("full", True), ("qlora", False)])
+def test_run_hides_bitsandbytes_unless_the_bundle_is_qlora(tmp_path, kind, hidden):
+    """`sftc run BUNDLE` reads the bundle's parameterization before anything is imported."""
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / "bundle.lock.json").write_text('{"spec": {"parameterization": {"kind": "%s"}}}' % kind)
+    code = (
+        "import sys\n"
+        "from sftc.quiet import quiet_for_command\n"
+        f"quiet_for_command('run', ['--run-dir', 'x', {str(bundle)!r}])\n"
+        "print('bitsandbytes' in sys.modules and sys.modules['bitsandbytes'] is None)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == str(hidden), done.stderr
