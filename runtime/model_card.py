@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from sftc.lock import Lock
 from sftc.runtime.rundir import DIAGNOSTICS
 
 TASK = "text-generation"
@@ -50,7 +51,7 @@ def front_matter(p: dict, library: str) -> str:
         model_name=p["name"],
         # Only a hub id: the Hub's spec links base_model to a model page, a local path means nothing there.
         base_model=base.get("hub_id") or base.get("declared_hub_id"),
-        datasets=p["data_manifest"].get("hub_ids") or None,
+        # no `datasets`: sftc's data are project files, not Hub datasets; the body lists the data manifest
         library_name=library,
         pipeline_tag=TASK,
         tags=["sftc", "sft" if p["objective"] == "sft" else str(p["objective"]), p["parameterization"]["kind"]]
@@ -110,7 +111,7 @@ def _prompting(p: dict) -> list[str]:
     return lines
 
 
-def _selection(p: dict, best: dict, lock: dict) -> list[str]:
+def _selection(p: dict, best: dict, lock: Lock) -> list[str]:
     lines = ["## Why this checkpoint", "", best.get("why", "-"), ""]
     rule = p["selection"]["rule"] or {}
     lines += [f"Rule: require {json.dumps(rule.get('require', {}))}, maximize `{rule.get('maximize')}`, "
@@ -123,8 +124,8 @@ def _selection(p: dict, best: dict, lock: dict) -> list[str]:
         for k, v in c.items():
             if k not in DIAGNOSTICS and k not in names and _number(v):
                 names.append(k)
-    names = [n for n in names if n in ("eval_loss", "val_loss") or n in (lock.get("eval_manifest") or {}).get(
-        "metrics", []) or n in rule.get("require", {}) or n == rule.get("maximize")] or names
+    names = [n for n in names if n in ("eval_loss", "val_loss") or n in lock.eval_manifest.metrics
+             or n in rule.get("require", {}) or n == rule.get("maximize")] or names
     lines += ["| step | eligible | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for c in cands:
         mark = " (exported)" if c.get("step") == p["step"] else ""
@@ -164,7 +165,7 @@ def _provenance_lines(p: dict) -> list[str]:
     return lines
 
 
-def model_card(p: dict, lock: dict, best: dict, merged_card: bool = False) -> str:
+def model_card(p: dict, lock: Lock, best: dict, merged_card: bool = False) -> str:
     """README.md of the export (or of `merged/` when `merged_card`)."""
     kind = p["parameterization"]["kind"]
     library = "peft" if kind in ("lora", "qlora") and not merged_card else "transformers"
