@@ -212,3 +212,32 @@ def test_a_bundle_copied_alone_to_another_directory_trains(project, tmp_path):
                           env=launch_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+
+
+def test_when_node_0_goes_the_other_node_stops_too(project, tmp_path):
+    # node 0 hosts the rendezvous store and rank 0; its launcher is killed like a lost host
+    bundle = project.compile(batch={"per_device": 2, "grad_accum": 1, "world_size": 2},
+                             distributed={"strategy": "ddp", "nodes": 2, "procs_per_node": 1},
+                             schedule={"max_steps": 40}, checkpoint={"every_steps": 2, "keep_last": 2})
+    run_dir = project.root / "runs" / "lost-node"
+    endpoint = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
+    nodes = [start_node(bundle, run_dir, logs[n], NODE_RANK=str(n), **endpoint) for n in (0, 1)]
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "checkpoints" / "checkpoint-2" / "checkpoint.json").exists():
+            assert all(n.poll() is None for n in nodes), [log.read_text()[-3000:] for log in logs]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        survivors = _children(nodes[1].pid)
+        os.killpg(nodes[0].pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        nodes[1].wait(timeout=120)  # its worker fails in the next collective; its agent then stops
+        stopped_after = time.monotonic() - killed_at
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                os.killpg(n.pid, signal.SIGKILL)
+    print(f"\nnode 1 stopped {stopped_after:.2f} s after node 0 was killed")
+    assert nodes[1].returncode != 0 and not any(_alive(w) for w in survivors)
+    assert json.loads((run_dir / "run.json").read_text())["status"] != "finished"
