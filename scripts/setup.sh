@@ -19,7 +19,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 if ! .venv/bin/python -c "import sftc, trl, peft, dvc" 2>/dev/null || [ pyproject.toml -nt .venv/.sftc-installed ]; then
-  "${PIP[@]}" -c constraints.txt -e ".[qlora,dvc,test]"
+  "${PIP[@]}" -c constraints.txt -e ".[qlora,dvc,test,tracking]"
   touch .venv/.sftc-installed
 fi
 .venv/bin/python -c "import torch, transformers, trl; print(f'sftc env ready: torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}')"
