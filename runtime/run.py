@@ -64,6 +64,8 @@ def run_bundle(bundle_dir, run_dir=None, fresh: bool = False, allow_drift: bool 
     """Train on the bundle; resume from the newest valid checkpoint unless fresh. Returns the run dir."""
     from sftc.runtime import distributed as dist_
 
+    if dist_.env_ranks()[0] > 1:  # a torchrun worker: die with the agent even while verifying (minutes)
+        dist_.die_with_launcher()
     bundle = load_bundle(bundle_dir)
     report = verify_bundle(bundle, allow_drift=allow_drift)
     run_dir = Path(run_dir) if run_dir is not None else bundle.project_root / "runs" / bundle.bundle_id

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,16 @@ def test_sharded_strategy_refusals_before_any_model_is_loaded(project):
             check_strategy(spec(strategy="fsdp", mixed_precision="fp16"), world_size=2)
     check_strategy(spec(strategy="fsdp"), world_size=2)  # allowed
     check_strategy(spec(strategy="fsdp", cpu_offload=True), world_size=1)  # one process: nothing to offload
+
+
+def test_a_worker_whose_launcher_is_gone_before_it_arms_refuses_to_train(tmp_path):
+    # the launcher exported its pid; this process's parent is another one (the launcher died and the
+    # worker was re-parented before prctl ran): stop instead of training alone
+    code = "from sftc.runtime.distributed import die_with_launcher; print(die_with_launcher())"
+    env = {k: v for k, v in os.environ.items() if k != "SFTC_LAUNCHER_PID"}
+    gone = subprocess.run([sys.executable, "-c", code], env={**env, "SFTC_LAUNCHER_PID": "999999999"},
+                          capture_output=True, text=True)
+    assert gone.returncode != 0 and "launcher (pid 999999999) exited before training started" in gone.stderr
+    alive = subprocess.run([sys.executable, "-c", code], env={**env, "SFTC_LAUNCHER_PID": str(os.getpid())},
+                           capture_output=True, text=True)
+    assert alive.returncode == 0 and "'parent_death_signal': 'SIGKILL'" in alive.stdout, alive.stderr
