@@ -173,7 +173,7 @@ def verify_bundle(bundle_dir: str | os.PathLike | Bundle, allow_drift: bool = Fa
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     layout = derive_layout(bundle.lock.batch, world_size)
-    # the engine must exist before a model is loaded (deepspeed for zero2/zero3, CUDA for offload)
+    # refusals that need no process group, before a model is loaded (ZeRO bundles, CUDA-only options)
     from sftc.runtime.distributed import check_strategy
 
     check_strategy(bundle.spec, world_size)
