@@ -241,3 +241,33 @@ def test_when_node_0_goes_the_other_node_stops_too(project, tmp_path):
     print(f"\nnode 1 stopped {stopped_after:.2f} s after node 0 was killed")
     assert nodes[1].returncode != 0 and not any(_alive(w) for w in survivors)
     assert json.loads((run_dir / "run.json").read_text())["status"] != "finished"
+
+
+def test_a_rendezvous_that_numbers_nodes_by_arrival_is_refused(project, tmp_path):
+    # what launch.sh used to run: torchrun's c10d rendezvous, which ignores --node-rank. Node 1
+    # arrives first and would become node 0 (global rank 0); every worker compares the node rank
+    # it was given with the one its launcher asked for (SFTC_NODE_RANK) and refuses.
+    bundle = project.compile(batch={"per_device": 2, "grad_accum": 1, "world_size": 2},
+                             distributed={"strategy": "ddp", "nodes": 2, "procs_per_node": 1})
+    endpoint = f"127.0.0.1:{free_port()}"
+    logs, nodes = [], []
+    for node in (1, 0):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+               f"--node-rank={node}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=arrival",
+               "--max-restarts=0", "-m", "sftc.cli", "run", str(bundle), "--run-dir", str(tmp_path / "run")]
+        logs.append(tmp_path / f"node{node}.log")
+        nodes.append(subprocess.Popen(cmd, cwd=REPO, env=launch_env(SFTC_NODE_RANK=str(node)), stdout=logs[-1].open("w"),
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+        time.sleep(4)
+    try:
+        for proc in nodes:
+            proc.wait(timeout=300)
+    finally:
+        for proc in nodes:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = logs[0].read_text() + logs[1].read_text()
+    assert all(proc.returncode != 0 for proc in nodes), text[-4000:]
+    assert "node rank 1 was asked for (NODE_RANK / SLURM_NODEID / JOB_COMPLETION_INDEX) but the rendezvous made it " \
+           "node 0 (global rank 0)" in text, text[-4000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
