@@ -62,6 +62,7 @@ def test_launch_sh_for_two_nodes_uses_static_ranks_from_the_scheduler(project, t
     assert "--node-rank=1" in slurm and "--master-addr=node17" in slurm and "--master-port=29500" in slurm
     explicit = launched({"MASTER_ADDR": "10.0.0.5", "NODE_RANK": "0", "SLURM_NODEID": "1"})
     assert "--node-rank=0" in explicit  # NODE_RANK wins over the scheduler's variables
+    assert "--node-rank=1" in launched({"MASTER_ADDR": "10.0.0.5", "NODE_RANK": "01"})  # not octal
     # under SLURM without MASTER_ADDR: the first host of the job (a long list must not end the script by SIGPIPE)
     (python.parent / "scontrol").write_text('#!/usr/bin/env bash\n[[ "$1 $2" == "show hostnames" ]] && '
                                             'for ((i = 0; i < 20000; i++)); do printf "gpu%05d\\n" $i; done\n')
