@@ -305,7 +305,10 @@ def validate_row(row: Any, data_spec, fmt: str, names=None) -> tuple[Example | N
     missing = sorted(k for k in [names.group, *needed] if k not in row or row[k] is None)
     if missing:
         # the fields the row does have: a wrong field name in the spec is then one look away
-        present = ", ".join(sorted(map(str, row))[:20]) or "none"
+        keys = sorted(map(str, row))
+        present = ", ".join(k if len(k) <= 40 else k[:37] + "..." for k in keys[:20]) or "none"
+        if len(keys) > 20:
+            present += f", ... ({len(keys)} fields)"
         return None, ("missing_field", f"missing {missing}; the row has: {present}"), ""
     group, problem = _group_key(row, names.group)
     if problem:
