@@ -180,11 +180,15 @@ def timed(examples, spec):
 split_module.split_examples = timed  # compile_spec imports it at call time
 from sftc.compiler import compile_spec
 bundle, lock, reused = compile_spec(sys.argv[1], bundles_dir=sys.argv[2], force=True)
+def field(record, *path):  # a Lock (format 2) or the lock dict of older commits (--snapshot)
+    for key in path:
+        record = record[key] if isinstance(record, dict) else getattr(record, key)
+    return record.model_dump() if hasattr(record, "model_dump") else record
 wall = time.perf_counter() - t0
 usage = resource.getrusage(resource.RUSAGE_SELF)
 size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
 print(json.dumps({"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024,
-                  "bundle_bytes": size, "packed_rows": lock.packing.rows, "rejected": lock.data_manifest.rejected,
+                  "bundle_bytes": size, "packed_rows": field(lock, "packing", "rows"), "rejected": field(lock, "data_manifest", "rejected"),
                   **seen}))
 """
 
