@@ -271,9 +271,10 @@ def checkpoint_dirs(run_dir) -> list[tuple[int, Path]]:
 def checkpoint_problems(ckpt_dir, bundle_id: str | None = None, verify_hashes: bool = True) -> list[str]:
     """Why a checkpoint directory is not a complete checkpoint of this bundle ([] when it is):
     runtime/checkpoint.py's validate, the one validator, plus the bundle it belongs to."""
-    manifest, why = ckpt.validate(Path(ckpt_dir), verify_hashes=verify_hashes)
+    ckpt_dir = Path(ckpt_dir)
+    manifest, why = ckpt.validate(ckpt_dir, verify_hashes=verify_hashes)
     if manifest is None:
-        return [why]
+        return [why.replace(str(ckpt_dir.parent) + os.sep, "")]  # named from the checkpoints/ folder
     if bundle_id is not None and manifest.get("bundle_id") != bundle_id:
         return [f"{ckpt_dir}: written by bundle {manifest.get('bundle_id')!r}, not {bundle_id!r}"]
     return []

@@ -12,6 +12,7 @@ from sftc.review.report import render_report
 from sftc.review.runs import format_runs, list_runs
 from sftc.runtime.select import select_best
 from sftc.review.status import status
+from sftc.runtime.checkpoint import SEAL, seal
 from tests.lock_factory import sample_lock, write_lock
 
 RULE = {"require": {"format_pass_rate": ">= 0.98"}, "maximize": "policy_pass_rate",
@@ -56,9 +57,9 @@ def make_run(root: Path) -> Path:
         ckpt = run / "checkpoints" / f"checkpoint-{step}"
         ckpt.mkdir(parents=True)
         (ckpt / "adapter_model.safetensors").write_bytes(b"weights %d" % step)
-        (ckpt / "checkpoint.json").write_text(pretty_json({
-            "bundle_id": BUNDLE_ID, "global_step": step,
-            "files": {"adapter_model.safetensors": sha256_file(ckpt / "adapter_model.safetensors")}}))
+        manifest = {"bundle_id": BUNDLE_ID, "global_step": step,
+                    "files": {"adapter_model.safetensors": sha256_file(ckpt / "adapter_model.safetensors")}}
+        (ckpt / "checkpoint.json").write_text(pretty_json({**manifest, SEAL: seal(manifest)}))  # as the runtime seals it
     return run
 
 
