@@ -9,6 +9,10 @@ Two synthetic mixes, generated deterministically (seeded) so every run measures 
                    independent check (OrgAccess's 38,280 rows repeated): the pool is rows/4 prompts up
                    to 38,280, so every row has at least 3 near copies and, past 153k rows, rows/38,280
                    of them (the copies per prompt grow with the size, as in that check); threads of 4
+  orgaccess_repeated  issue 17's check itself: OrgAccess easy ($SFTC_EXTERNAL) repeated with the row
+                   number appended to the request, grouped by user_role (247 groups): rows sharing a
+                   permissions list fill LSH buckets of hundreds of rows, and they grow with the copies
+                   (`--variants orgaccess_repeated`; not in the default set)
 Words come from a fixed pseudo-vocabulary with Zipf frequencies; lengths are log-normal
 (prompts ~70 words, completions ~120). The real Qwen2.5 tokenizer ($SFTC_EXTERNAL) tokenizes them,
 max_length 1024, bfd packing at 1024, LoRA.
@@ -92,8 +96,28 @@ def near_copy(rng, text: str) -> str:
     return " ".join(words)
 
 
+def write_orgaccess_repeated(path: Path, rows: int) -> dict:
+    import pyarrow.parquet as pq
+
+    base = pq.read_table(common.EXTERNAL / "datasets/orgaccess/easy-00000-of-00001.parquet").to_pylist()
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        for i in range(rows):
+            row = base[i % len(base)]
+            # the same prompt and completion bench_compile.py builds, the row number after the request
+            handle.write(json.dumps({
+                "thread_id": row["user_role"],
+                "prompt": f"Role: {row['user_role']}\nPermissions: {row['permissions']}\nRequest: {row['query']} {i}",
+                "completion": f"{row['expected_response']}: {row['rationale']}"}) + "\n")
+    tmp.rename(path)
+    return {"rows": rows, "near_copies_written": max(0, rows - len(base)), "exact_copies_written": 0,
+            "bytes": path.stat().st_size, "source": "$SFTC_EXTERNAL/datasets/orgaccess/easy-00000-of-00001.parquet"}
+
+
 def write_rows(path: Path, variant: str, rows: int, seed: int = 0) -> dict:
     """The mix as JSONL (prompt, completion, thread_id); returns its measured shape."""
+    if variant == "orgaccess_repeated":
+        return write_orgaccess_repeated(path, rows)
     writer = Writer(seed)
     rng = writer.rng
     near = exact = 0
