@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import EXTERNAL, REPO, code_state, write_result  # noqa: E402
+from common import EXTERNAL, REPO, RESULTS, code_state, write_result  # noqa: E402
 
 DOCS = REPO / "docs" / "memory.md"
 GB = 1e9  # the QLoRA paper's GB are decimal
@@ -290,13 +290,7 @@ def _ratios(estimate: dict, measured: dict) -> dict:
     }
 
 
-def gpu_rows(config_dir: Path, device: str = "cuda") -> list[dict]:
-    """torch.cuda.max_memory_allocated of a steady-state step beside the estimate's total, for
-    full / LoRA / QLoRA of a real published config (random weights), checkpointing off and on."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    setups = {
+GPU_SETUPS = {
         "full bf16, adamw_torch": {"parameterization": {"kind": "full"}, "model": {"dtype": "bfloat16"}},
         "lora r=16 all-linear bf16, adamw_torch": {"parameterization": {"kind": "lora", "rank": 16, "dropout": 0.05},
                                                    "model": {"dtype": "bfloat16"}},
@@ -305,16 +299,28 @@ def gpu_rows(config_dir: Path, device: str = "cuda") -> list[dict]:
                                  "quantization": {"compute_dtype": "bfloat16"}},
             "model": {"dtype": "bfloat16"}, "optimizer": {"name": "paged_adamw_32bit"}},
     }
+
+
+def gpu_spec(label: str, checkpointing: bool):
+    return make_spec({**GPU_SETUPS[label], "distributed": {"activation_checkpointing": checkpointing}},
+                     seq_length=512, per_device=4)
+
+
+def gpu_rows(config_dir: Path, device: str = "cuda") -> list[dict]:
+    """torch.cuda.max_memory_allocated of a steady-state step beside the estimate's total, for
+    full / LoRA / QLoRA of a real published config (random weights), checkpointing off and on."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         config = AutoConfig.from_pretrained(str(config_dir))
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(model_dir)
-        for label, overrides in setups.items():
+        for label, overrides in GPU_SETUPS.items():
             for checkpointing in (False, True):
-                spec = make_spec({**overrides, "distributed": {"activation_checkpointing": checkpointing}},
-                                 seq_length=512, per_device=4)
+                spec = gpu_spec(label, checkpointing)
                 estimate = estimate_for(config, spec)["memory"]
                 measured = measure_step(model_dir, spec, device)
                 torch.cuda.empty_cache()
@@ -334,7 +340,7 @@ def _mb(n) -> str:
     return f"{n / 1e6:,.1f}" if isinstance(n, (int, float)) else "-"
 
 
-def docs_tables(result: dict) -> dict[str, str]:
+def docs_tables(result: dict, gpu: dict | None = None) -> dict[str, str]:
     pub = ["| setup | published | sftc estimate | estimate / published | source |", "|---|---|---|---|---|"]
     for row in result["published"]:
         if "skipped" in row:
@@ -364,7 +370,33 @@ def docs_tables(result: dict) -> dict[str, str]:
             f"{_mb(m['activations_logits_saved_bytes'])} | |",
             f"| | | RSS delta of the step (coarse) | | {_mb(m['rss_delta_bytes'])} | |",
         ]
-    return {"published": "\n".join(pub), "measured": "\n".join(meas)}
+    blocks = {"published": "\n".join(pub), "measured": "\n".join(meas)}
+    if gpu:
+        blocks["gpu"] = gpu_table(gpu)
+    return blocks
+
+
+def gpu_table(gpu: dict) -> str:
+    """The H200 rows: measured bytes from the results file, the estimate from the current code."""
+    from transformers import AutoConfig
+
+    config_dir = EXTERNAL / "model-configs" / "qwen2.5_0.5b_instruct"
+    config = AutoConfig.from_pretrained(str(config_dir))
+    lines = [f"{gpu.get('gpu_device', 'GPU')}, {gpu['rows'][0]['config']} config with random weights, 4 x 512 tokens "
+             "(estimates from the current code, measurements from the results file):", "",
+             "| setup | checkpointing | weights / grads / optimizer MB, measured (estimate) | stored activations MB, "
+             "measured (estimate) | max_memory_allocated MB | sftc estimate MB | estimate / measured |",
+             "|---|---|---|---|---|---|---|"]
+    for row in gpu["rows"]:
+        e = estimate_for(config, gpu_spec(row["setup"], row["activation_checkpointing"]))["memory"]
+        m = row["measured"]
+        state = " / ".join(f"{_mb(m[k])} ({_mb(e[k])})" for k in ("weights_bytes", "gradients_bytes", "optimizer_bytes"))
+        lines.append(
+            f"| {row['setup']} | {'on' if row['activation_checkpointing'] else 'off'} | {state} | "
+            f"{_mb(m['activations_saved_bytes'])} ({_mb(e['activations_layers_bytes'])}) | "
+            f"{_mb(m['cuda_max_allocated_bytes'])} | {_mb(e['total_bytes'])} | "
+            f"{e['total_bytes'] / m['cuda_max_allocated_bytes']:.3f} |")
+    return "\n".join(lines)
 
 
 def rewrite_marked(path: Path, blocks: dict[str, str]) -> None:
@@ -399,7 +431,12 @@ def main() -> None:
     print(docs_tables(result)["measured"])
     print(f"wrote {path.relative_to(REPO)}")
     if args.docs:
-        rewrite_marked(DOCS, docs_tables(result))
+        gpu_file = RESULTS / "memory-h200.json"
+        gpu = None
+        if gpu_file.exists():
+            data = json.loads(gpu_file.read_text())
+            gpu = {"rows": data["gpu"], "gpu_device": data.get("gpu_device"), "code": data["code"]}
+        rewrite_marked(DOCS, docs_tables(result, gpu))
 
 
 if __name__ == "__main__":

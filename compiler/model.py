@@ -258,12 +258,22 @@ def estimate_memory(parameters: dict, spec, seq_length: int) -> dict:
         recompute = 0
     attention = spec.model.attn_implementation
     scores = 0
-    if attention == "eager":
-        # eager attention keeps softmax(QK^T) per head: seq^2 per row (float32 softmax, cast back)
+    # QLoRA with 16-bit compute over peft's float32 stream hands sdpa float32 q/k/v, and on CUDA
+    # sdpa then takes its math path, which keeps softmax(QK^T) like eager does (measured on an
+    # H200: benchmarks/results/memory-h200.json)
+    fp32_sdpa = kind == "qlora" and attention == "sdpa" and param.quantization.compute_dtype != "float32"
+    if attention == "eager" or fp32_sdpa:
+        # softmax(QK^T) per head: seq^2 per row (float32 softmax, cast back for a 16-bit eager model)
         per_row = parameters["num_attention_heads"] * seq_length * seq_length * (4 + (act_bytes if act_bytes != 4 else 0))
-        scores = spec.batch.per_device * per_row * (1 if checkpointing else layers)
-    # logits: the float32 log-softmax the loss saves, and the logits' gradient at the backward's start
-    logits = tokens * parameters["vocab_size"] * 4 * 2
+        if checkpointing:  # rebuilt with its layer in the backward
+            recompute += spec.batch.per_device * per_row
+        else:
+            scores = spec.batch.per_device * per_row * layers
+    # logits: the head's output (float32 under QLoRA, whose lm_head peft upcasts), which the model
+    # output keeps alive, the float32 log-softmax the loss saves, and the float32 gradient the
+    # backward starts from (checked against max_memory_allocated: docs/memory.md)
+    logit_bytes = 4 if kind == "qlora" else act_bytes
+    logits = tokens * parameters["vocab_size"] * (logit_bytes + 4 + 4)
     activations = layer_activations + recompute + scores + tokens * per_token["outside"] + logits
 
     strategy = spec.distributed.strategy
