@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import EXTERNAL, REPO, RESULTS, code_state, write_result  # noqa: E402
+from common import EXTERNAL, REPO, RESULTS, code_state, shown_path, write_result  # noqa: E402
 
 DOCS = REPO / "docs" / "memory.md"
 GB = 1e9  # the QLoRA paper's GB are decimal
@@ -426,6 +426,8 @@ def main() -> None:
     if args.gpu_config:
         result["gpu"] = gpu_rows(args.gpu_config, args.device)
         result["gpu_device"] = torch.cuda.get_device_name()
+    if args.gpu_config:  # argv as an artifact may hold it: relative, never this machine's path
+        result["argv"] = [shown_path(Path(a)) if Path(a).exists() else a for a in sys.argv[1:]]
     path = write_result(args.out, result)
     print(json.dumps(result["published"], indent=1))
     print(docs_tables(result)["measured"])
