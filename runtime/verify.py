@@ -94,19 +94,32 @@ def _check_template(bundle: Bundle, problems: list[str]) -> None:
         )
 
 
-def _check_data(bundle: Bundle, problems: list[str]) -> int:
+def _check_data(bundle: Bundle, problems: list[str]) -> dict:
+    """Raw-data drift, checked once and only where the data is.
+
+    The bundle's token files are what trains (sealed above); the raw files matter only as "would a
+    recompile still give these tokens". So only global rank 0 re-hashes them, and a node that holds
+    just the bundle (and the base model) is not refused for lacking data it never reads: the report
+    says the data were not checked there.
+    """
     from sftc.compiler.data import dataset_sha256
 
     files = bundle.lock.data_manifest.files
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {"checked": 0, "absent": [], "not_checked": "not rank 0: raw data are checked once, by rank 0"}
+    checked, absent = 0, []
     for entry in files:
         path = bundle.resolve(entry.path)
         if not path.exists():
-            problems.append(f"{path}: input data file is gone (lock data_manifest.files)")
-        elif path.is_file() and sha256_file(path) != entry.sha256.removeprefix("sha256:"):
+            absent.append(entry.path)
+            continue
+        checked += 1
+        if path.is_file() and sha256_file(path) != entry.sha256.removeprefix("sha256:"):
             problems.append(f"{path}: input data changed since compile; recompile the bundle so its tokens match")
         elif path.is_dir() and dataset_sha256(path) != entry.sha256.removeprefix("sha256:"):  # a save_to_disk dataset
             problems.append(f"{path}: input dataset changed since compile; recompile the bundle so its tokens match")
-    return len(files)
+    return {"checked": checked, "absent": absent,
+            "not_checked": "the raw data are not on this machine: the sealed token files are what trains" if absent else None}
 
 
 def library_drift(lock: Lock) -> tuple[dict, dict]:
@@ -181,7 +194,8 @@ def verify_bundle(bundle_dir: str | os.PathLike | Bundle, allow_drift: bool = Fa
         "bundle_id": bundle.bundle_id,
         "bundle_files_checked": len(bundle.lock.files),
         "model_files_checked": n_model,
-        "data_files_checked": n_data,
+        "data_files_checked": n_data["checked"],
+        "data_files": n_data,
         "tokenizer_version": bundle.lock.tokenizer_version,
         "template_version": bundle.lock.template_version,
         "library_drift": {"token_stream": token_changes, "other": other_changes, "drift_allowed": bool(allow_drift)},

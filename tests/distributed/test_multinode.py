@@ -195,8 +195,6 @@ def test_a_world_size_the_bundle_cannot_keep_is_refused_once_and_ends_torchruns_
     assert not (project.root / "runs" / "three" / "checkpoints").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 18, owned by runtime/verify.py: every rank still re-hashes the raw "
-                   "data files at their compile-time paths ('input data file is gone')")
 def test_a_bundle_copied_alone_to_another_directory_trains(project, tmp_path):
     # what a node receives: the bundle directory and the base model (checked by hash), nothing else
     # of the project (no raw data, spec, template)
@@ -211,7 +209,8 @@ def test_a_bundle_copied_alone_to_another_directory_trains(project, tmp_path):
     proc = subprocess.run(["bash", str(node / "launch.sh"), "--run-dir", str(run_dir)], cwd=tmp_path,
                           env=launch_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "finished"
 
 
 def test_when_node_0_goes_the_other_node_stops_too(project, tmp_path):
