@@ -70,6 +70,8 @@ def load_model(bundle: Bundle):
         raise RunError(f"cannot load model {bundle.model_path} as locked ({shown}): {exc}") from None
     # Training never uses the KV cache, and a cache left on makes packed examples read each other.
     model.config.use_cache = False
+    if param.kind == "qlora":
+        keep_4bit_training_layout(model)
     if param.kind in ("lora", "qlora"):
         from peft import get_peft_model
 
@@ -80,6 +82,23 @@ def load_model(bundle: Bundle):
         set_seed(spec.seed)  # the adapters' initial weights are random
         model = get_peft_model(model, lora_config(param))
     return model
+
+
+def keep_4bit_training_layout(model) -> None:
+    """Keep every 4-bit layer in the layout whose matmul has a backward.
+
+    bitsandbytes, on a CPU with AVX512-BF16, repacks a Linear4bit's weights into an inference-only
+    layout the first time the layer runs in eval mode without grad, which the contamination probe
+    and every checkpoint evaluation do. Training then goes through bitsandbytes::gemv_4bit, which
+    has no autograd kernel: torch warns that the backward "may be silently incorrect", and it is:
+    the gradient through the frozen base is dropped, so adapters below the last layer get wrong
+    gradients (up to 88% relative error measured on a 2-layer model; tests/runtime/test_qlora_layout.py).
+    With that path off, evaluation on such CPUs is slower and gradients are exact."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def restore_adapter_dtype(model, spec) -> None:
