@@ -265,8 +265,10 @@ def _remove(path: Path) -> None:
 
 
 def rotate(root: Path, keep_last: int, best_step: int | None) -> list[int]:
-    """Delete valid-looking checkpoints beyond the newest `keep_last`, never the best. Returns deleted steps."""
-    complete = [(s, p) for s, p in checkpoint_dirs(root) if (p / MANIFEST).is_file()]
+    """Delete complete checkpoints beyond the newest `keep_last`, never the best. Returns deleted steps.
+    A damaged one (its seal broken) does not count towards keep_last: it could never be resumed from,
+    and a later save of that step replaces it."""
+    complete = [(s, p) for s, p in checkpoint_dirs(root) if validate(p, verify_hashes=False)[0] is not None]
     keep = {s for s, _ in complete[-keep_last:]}
     if best_step is not None:
         keep.add(best_step)
@@ -361,6 +363,7 @@ def save_checkpoint(trainer, model) -> Path:
         else:
             trainer.save_model(out, _internal_call=True)
             trainer._save_optimizer_and_scheduler(out)
+        _sort_adapter_sets(staging)
         trainer._save_scaler(out)
         rng_files = [f"rng_state_{r}.pth" for r in range(d.world_size)] if d.active else ["rng_state.pth"]
         for name, state in zip(rng_files, rng):
@@ -391,6 +394,20 @@ def save_checkpoint(trainer, model) -> Path:
     path = dist_.broadcast_object(d, str(path) if path is not None else None)
     run.last_checkpoint = Path(path)
     return run.last_checkpoint
+
+
+def _sort_adapter_sets(staging: Path) -> None:
+    """peft keeps target_modules as a set and writes it in hash order, which differs per process
+    (PYTHONHASHSEED): the same adapter would get different checkpoint and export bytes after a
+    resume. Written sorted, in peft's own format, it is the same bytes in every process."""
+    path = staging / "adapter_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(config.get(key), list) and all(isinstance(v, str) for v in config[key]):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def record_evaluation(run, trainer, step: int, metrics: dict, sampler: dict, **extra) -> dict:

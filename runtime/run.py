@@ -88,9 +88,9 @@ def run_bundle(bundle_dir, run_dir=None, fresh: bool = False, allow_drift: bool 
             out = _run_locked(bundle, run_dir, report, stop_after_steps, d, allow_incomplete_history)
         clean = True
         return out
-    except RunInterrupted as exc:
-        raise RunError(f"interrupted by {exc.signal_name} before training started; nothing in {run_dir} "
-                       "changed") from None
+    except RunInterrupted as exc:  # outside training (verify, loading, export): nothing half-done is kept
+        raise RunError(f"interrupted by {exc.signal_name}; {run_dir} keeps every complete checkpoint. "
+                       f"Run `sftc run {bundle_dir}` again to continue") from None
     finally:
         dist_.shutdown(d, clean)
 

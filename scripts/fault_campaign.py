@@ -19,13 +19,17 @@ What it does:
                                started training (run.json rewritten)
        kill_after_checkpoint   SIGKILL right after checkpoint-<k> is renamed into place
                                (SFTC_FAULT_KILL_AFTER_CHECKPOINT=<k>)
+       kill_after_final_checkpoint  the same right after the last checkpoint, before best.json,
+                               rotation and export: the next session trains nothing and must still
+                               select, rotate and export exactly what the reference did
      after each fault the same command is started again (it resumes), until the run finishes;
   4. checks, for every session, that it resumed from the newest checkpoint that was valid when it
      started (never from a half-written or corrupted one: `runtime.checkpoint.validate` is run on
      the directory before the session), that no half-written checkpoint ever sits under its final
      name, that no staging dir survives a finished run, that no session printed a traceback, and
-     at the end that the final checkpoint's tensors, every logged loss and the selected best equal
-     the reference exactly (CPU, one thread).
+     at the end that the final checkpoint's tensors, every logged loss, the selected best, the
+     checkpoints rotation kept and the exported weights equal the reference exactly (CPU, one
+     thread), and that no staging dir of a checkpoint, an export or a compile is left.
 
 A fault counts as injected when it happened (a kill that came after the process had already
 finished does not count), and as survived when its trial finished bit-identical to the reference
@@ -53,7 +57,10 @@ if str(REPO) not in sys.path:
 
 from sftc.runtime import checkpoint as ckpt  # noqa: E402  (light: numpy and sftc.io only)
 
-KINDS = ("kill_during_checkpoint", "corrupt_checkpoint", "kill_random", "kill_after_checkpoint")
+KINDS = ("kill_during_checkpoint", "corrupt_checkpoint", "kill_random", "kill_after_checkpoint",
+         "kill_after_final_checkpoint")
+# Files of an export that name the run (its directory) rather than carry what it selected.
+NAMING_THE_RUN = ("provenance.json", "README.md")
 SIZES = {
     # ~5 sessions of ~10-15 s each on a shared 2-core CPU box: the CI test's budget
     "small": {"rows": 32, "max_steps": 8, "every_steps": 2, "keep_last": 2},
@@ -202,6 +209,25 @@ def newest_valid(ck_root: Path) -> tuple[int | None, dict[str, str]]:
     return best, invalid
 
 
+def export_files(run_dir: Path) -> dict[str, str]:
+    from sftc.io import sha256_file
+
+    export = run_dir / "export"
+    return {str(p.relative_to(export)): sha256_file(p) for p in sorted(export.rglob("*"))
+            if p.is_file() and p.name not in NAMING_THE_RUN}
+
+
+def kept_checkpoints(run_dir: Path) -> list[int]:
+    return [step for step, _ in ckpt.checkpoint_dirs(run_dir / "checkpoints")]
+
+
+def staging_leaks(run_dir: Path) -> list[str]:
+    """Staging of an export in the run directory, or of a compile in bundles/, left by a kill."""
+    bundles = run_dir.parent.parent / "bundles"
+    return sorted(p.name for d in (run_dir, bundles) if d.is_dir() for p in d.iterdir()
+                  if p.is_dir() and p.name.startswith(".") and p.name.endswith((".tmp", ".old")))
+
+
 def leftovers(ck_root: Path) -> list[str]:
     if not ck_root.is_dir():
         return []
@@ -254,8 +280,15 @@ def compare(reference: Path, run_dir: Path, steps: int) -> list[str]:
     got_best = json.loads((run_dir / "best.json").read_text()).get("best_step")
     if ref_best != got_best:
         problems.append(f"selected best differs: {got_best} vs reference {ref_best}")
+    if kept_checkpoints(run_dir) != kept_checkpoints(reference):
+        problems.append(f"rotation kept {kept_checkpoints(run_dir)}, the reference {kept_checkpoints(reference)}")
+    if export_files(run_dir) != export_files(reference):
+        differ = sorted(set(export_files(run_dir).items()) ^ set(export_files(reference).items()))
+        problems.append(f"exported files differ from the reference's: {[name for name, _ in differ][:4]}")
     if leftovers(run_dir / "checkpoints"):
         problems.append(f"staging/trash dirs left behind: {leftovers(run_dir / 'checkpoints')}")
+    if staging_leaks(run_dir):
+        problems.append(f"export/compile staging left behind: {staging_leaks(run_dir)}")
     return problems
 
 
@@ -324,6 +357,8 @@ def campaign(faults: int, seed: int, size_name: str, work: Path, log=print) -> d
             if want_fault:
                 kind = KINDS[kind_at % len(KINDS)]
                 ahead = [s for s in ck_steps if s > (resume_step or 0)]
+                if kind == "kill_after_final_checkpoint" and ck_steps[-1] not in ahead:
+                    kind = "corrupt_checkpoint"
                 if kind == "corrupt_checkpoint" and resume_step is None:
                     kind = "kill_after_checkpoint"  # nothing on disk to rot yet: make something first
                 if kind in ("kill_during_checkpoint", "kill_after_checkpoint") and not ahead:
@@ -339,8 +374,8 @@ def campaign(faults: int, seed: int, size_name: str, work: Path, log=print) -> d
                     target, phase = rng.choice(ahead), rng.choice(ckpt.KILL_PHASES)
                     env = {ckpt.KILL_DURING_ENV: f"{target}:{phase}"}
                     fault = {"kind": kind, "step": target, "phase": phase}
-                elif kind == "kill_after_checkpoint":
-                    target = rng.choice(ahead)
+                elif kind in ("kill_after_checkpoint", "kill_after_final_checkpoint"):
+                    target = ck_steps[-1] if kind == "kill_after_final_checkpoint" else rng.choice(ahead)
                     env = {ckpt.KILL_AFTER_ENV: str(target)}
                     fault = {"kind": kind, "step": target}
                 else:
