@@ -94,98 +94,30 @@ def base_scores(bundle_dir: Path) -> dict:
 
 
 def compare() -> None:
-    from sftc.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+    """Behaviour, training memory (estimated and measured) and the 4-bit base's held-out loss per
+    run (demo/comparison.py); timings apart, in reports/timings.json."""
+    from demo.comparison import comparison_row, quantized_base_loss, write_comparison
+    from sftc.lock import load_lock
+    from sftc.runtime.bundle import load_bundle
 
-    table = []
-    baseline = None
+    rows, timings, baseline, quantized = [], {}, None, None
     for name in SFT_RUNS:
         run_dir = REPO / "runs" / name
         record = json.loads((run_dir / "run.json").read_text())
         bundle_dir = Path(record["bundle_dir"])
         if not bundle_dir.is_absolute():
             bundle_dir = REPO / bundle_dir
-        lock = json.loads((bundle_dir / "bundle.lock.json").read_text())
+        lock = load_lock(bundle_dir)
         best = json.loads((run_dir / "best.json").read_text())
-        resources = json.loads((run_dir / "resources.json").read_text())
-        step = best.get("best_step")
-        chosen = next((c for c in best.get("candidates", []) if c.get("step") == step), {})
+        timings[name] = json.loads((run_dir / "resources.json").read_text())
         if baseline is None:
             baseline = base_scores(bundle_dir)
-        table.append({
-            "run": name,
-            "parameterization": lock["spec"]["parameterization"]["kind"],
-            "trainable_parameters": lock["parameters"]["trainable"],
-            "total_parameters": lock["parameters"]["total"],
-            "best_step": step,
-            "format_pass_rate": chosen.get("format_pass_rate"),
-            "policy_pass_rate": chosen.get("policy_pass_rate"),
-            "eval_loss": chosen.get("eval_loss"),
-            "peak_rss_mb": resources["peak_rss_mb"],
-            "memory_estimate_gib": lock["memory_estimate"]["total_gib"],
-            "wall_s": resources["wall_s"],
-            "tokens": lock["budget"]["total_tokens"],
-            "supervised_tokens": lock["budget"]["supervised_tokens"],
-            "bundle_id": lock["bundle_id"],
-        })
-    result = {"base_model": baseline, "runs": table, "eval_prompts": baseline.get("n_prompts")}
-    reports = REPO / "reports"
-    atomic_write_json(reports / "comparison.json", result)
-    lines = [
-        "# Access-policy assistant: held-out behaviour by parameterization",
-        "",
-        f"Held-out threads never seen in training; {baseline.get('n_prompts')} prompts, greedy decoding, "
-        "scored by evals/access_policy.yaml. Best checkpoint chosen by the spec's rule (format >= 0.95, "
-        "then policy pass rate, then eval loss). Estimated memory is the compiler's per-device estimate "
-        "(weights, gradients, optimizer, activations); peak RSS is the training process on CPU, "
-        "dominated here by the ~1 GB of Python libraries, so at this model size it does not separate the methods.",
-        "",
-        "| run | trainable params | best step | format pass | policy pass | eval loss | est. train memory MiB | peak RSS MB | wall s | tokens | supervised |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| base model (after CPT) | - | - | {baseline['format_pass_rate']:.3f} | {baseline['policy_pass_rate']:.3f} | - | - | - | - | - | - |",
-    ]
-    for row in table:
-        fmt = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
-        lines.append(
-            f"| {row['run']} | {row['trainable_parameters']:,} | {row['best_step']} | {fmt(row['format_pass_rate'])} | "
-            f"{fmt(row['policy_pass_rate'])} | {fmt(row['eval_loss'])} | {row['memory_estimate_gib'] * 1024:.0f} | "
-            f"{row['peak_rss_mb']} | {row['wall_s']} | "
-            f"{row['tokens']:,} | {row['supervised_tokens']:,} |"
-        )
-    atomic_write_text(reports / "comparison.md", "\n".join(lines) + "\n")
-    atomic_write_bytes(reports / "comparison.png", _plot(baseline, table))
-
-
-def _plot(baseline: dict, table: list[dict]) -> bytes:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = ["base"] + [row["parameterization"] for row in table]
-    fmt = [baseline["format_pass_rate"]] + [row["format_pass_rate"] or 0 for row in table]
-    pol = [baseline["policy_pass_rate"]] + [row["policy_pass_rate"] or 0 for row in table]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    x = range(len(names))
-    left.bar([i - 0.2 for i in x], fmt, width=0.4, label="format pass rate")
-    left.bar([i + 0.2 for i in x], pol, width=0.4, label="policy pass rate")
-    left.set_xticks(list(x), names)
-    left.set_ylim(0, 1.05)
-    left.set_title("Held-out behaviour (best checkpoint)")
-    left.legend(loc="lower right")
-    for row in table:
-        right.scatter(row["peak_rss_mb"], row["policy_pass_rate"] or 0, s=60)
-        right.annotate(f"{row['parameterization']} ({row['trainable_parameters']:,} trainable)",
-                       (row["peak_rss_mb"], row["policy_pass_rate"] or 0), textcoords="offset points", xytext=(5, 5))
-    right.set_xlabel("peak RSS of training (MB)")
-    right.set_ylabel("policy pass rate")
-    right.set_title("Behaviour under a memory budget")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
-    plt.close(fig)
-    return buffer.getvalue()
+        model_dir = REPO / "models/access-base"
+        rows.append(comparison_row(name, lock, best, lock.spec, model_dir, run_dir))
+        if lock.spec.parameterization.kind == "qlora" and quantized is None:
+            quantized = quantized_base_loss(model_dir, load_bundle(bundle_dir).eval, lock.spec.parameterization.quantization)
+    result = {"base_model": baseline, "runs": rows, "eval_prompts": baseline.get("n_prompts"), "quantized_base": quantized}
+    write_comparison(result, timings)
 
 
 def main() -> None:
