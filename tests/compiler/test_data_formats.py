@@ -252,3 +252,16 @@ def test_data_files_specs_keep_their_lock_shape(project):
     assert "sources" not in lock["spec"]["data"] and "sources" not in lock["data_manifest"]
     assert set(lock["spec"]["data"]["fields"]) == {"prompt", "completion", "messages", "text", "group"}
     assert set(lock["data_manifest"]["files"][0]) == {"path", "sha256", "rows_read", "accepted", "rejected"}
+
+
+def test_the_json_schema_accepts_the_new_data_sections():
+    """`sftc schema` is what editors check specs against: it must take what sftc takes."""
+    import jsonschema
+
+    from sftc.compiler.spec import json_schema, parse_spec
+
+    for spec in (_mixture("data/ds", "data/oasst.jsonl"),
+                 _spec({"files": ["a.json"], "format": "conversational", "fields": SHAREGPT_FIELDS}),
+                 _spec({"files": ["a.jsonl"], "format": "prompt_completion", "fields": OASST_FIELDS})):
+        parse_spec(spec)
+        assert list(jsonschema.Draft202012Validator(json_schema()).iter_errors(spec)) == []
