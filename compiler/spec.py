@@ -450,6 +450,14 @@ def cross_field_problems(spec: Spec) -> list[str]:
             problems.append("parameterization.kind: qlora needs bitsandbytes; install sftc[qlora]")
         if spec.model.dtype == "float16" and spec.parameterization.quantization.compute_dtype == "float32":
             problems.append("parameterization.quantization.compute_dtype: float32 compute with float16 weights is unsupported")
+    if spec.optimizer.name in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
+        from importlib import metadata
+
+        try:  # as for qlora: the installed distribution
+            metadata.version("bitsandbytes")
+        except metadata.PackageNotFoundError:
+            problems.append(f"optimizer.name: {spec.optimizer.name!r} is a bitsandbytes optimizer; install sftc[qlora], "
+                            "or use adamw_torch, adamw_torch_fused or adafactor")
     world = spec.distributed.nodes * spec.distributed.procs_per_node
     dist = spec.distributed
     if dist.strategy in ZERO_STRATEGIES:

@@ -150,3 +150,22 @@ def test_fsdp_divides_model_state_not_activations(tiny_config):
         assert four[part] == one[part] // 4
     assert four["activations_bytes"] == one["activations_bytes"]
     assert four["fsdp_gathered_bytes"] == 2 * 4 * FULL_PARAMS // L
+
+
+def test_bitsandbytes_optimizer_without_bitsandbytes_is_a_spec_error(monkeypatch):
+    from importlib import metadata
+
+    from sftc.errors import SpecError
+
+    real = metadata.version
+
+    def version(name):
+        if name == "bitsandbytes":
+            raise metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+    with pytest.raises(SpecError) as caught:
+        parse_spec(base_spec(optimizer={"name": "paged_adamw_8bit", "lr": 1e-4}))
+    assert "optimizer.name: 'paged_adamw_8bit' is a bitsandbytes optimizer" in str(caught.value)
+    parse_spec(base_spec(optimizer={"name": "adafactor", "lr": 1e-4}))  # needs nothing extra
