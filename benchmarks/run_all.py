@@ -192,7 +192,8 @@ def markdown(latest: dict) -> str:
     lines = [
         "# sftc benchmarks — latest run",
         "",
-        f"Measured {latest['measured_at']} on {m.get('cpu_count')} CPU cores ({m.get('cpu_model', m.get('processor'))}), "
+        # when the summary was written, not when its rows were measured: each row names its own commit
+        f"Summary written {latest['measured_at']} on {m.get('cpu_count')} CPU cores ({m.get('cpu_model', m.get('processor'))}), "
         f"{m.get('mem_total_gb', '?')} GB RAM, {m.get('platform')}, Python {m.get('python')}, torch {m.get('torch')}; "
         f"GPU: {latest['gpu']}. The machine was shared with other jobs (load averages in latest.json): "
         "ratios are measured inside one run with the setups interleaved; absolute numbers are for this machine only.",
