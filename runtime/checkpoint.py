@@ -385,6 +385,7 @@ def save_checkpoint(trainer, model) -> Path:
     if d.is_main:
         try:
             path = write_checkpoint(root, step, fill)
+            run.last_checkpoint = path
             settle(run, step)
         except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
             if not d.active:

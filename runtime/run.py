@@ -274,10 +274,13 @@ def _record(d, run_dir: Path, record: dict, failing: bool = False) -> None:
 
 
 def _kept(run_dir: Path, run) -> str:
-    last = run.last_checkpoint
-    if last is None:
+    """What the next run resumes from, asked of the disk: a signal can land between a checkpoint's
+    rename and the moment the run notes it."""
+    complete = [path for _, path in reversed(ckpt.checkpoint_dirs(run_dir / "checkpoints"))
+                if ckpt.validate(path, verify_hashes=False)[0] is not None]
+    if not complete:
         return "no checkpoint was written yet, so the next run starts from the beginning"
-    return f"kept {Path(last).name} (the last complete checkpoint), which the next run resumes from"
+    return f"kept {complete[0].name} (the last complete checkpoint), which the next run resumes from"
 
 
 def _ended_badly(d, run_dir: Path, record: dict, run, trainer, exc: BaseException) -> BaseException:
