@@ -89,6 +89,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 _OWNER = re.compile(r"\.pid(\d+)(?:[.-]|$)")
+# staging_dir's names: `.<final>.pid<N>.<mkdtemp's 8 characters>.tmp|.old`, or without the pid
+# (older sftc); nothing else in the directory is touched
+_STAGING = re.compile(r"^\..+?\.(?:pid\d+\.)?[A-Za-z0-9_]{8}\.(?:tmp|old)$")
 
 
 def owner_alive(name: str) -> bool:
@@ -117,8 +120,7 @@ def remove_stale_staging(parent: str | os.PathLike) -> list[str]:
     if not parent.is_dir():
         return removed
     for child in parent.iterdir():
-        if (child.name.startswith(".") and child.name.endswith((".tmp", ".old")) and child.is_dir()
-                and not owner_alive(child.name)):
+        if _STAGING.match(child.name) and child.is_dir() and not owner_alive(child.name):
             shutil.rmtree(child, ignore_errors=True)
             removed.append(child.name)
     return sorted(removed)

@@ -297,21 +297,23 @@ def test_stale_staging_of_dead_writers_is_removed_and_live_ones_are_kept(tmp_pat
     bundles = tmp_path / "bundles"
     bundles.mkdir()
     dead, live = _dead_pid(), os.getppid()
-    for name in (f".demo-0123.pid{dead}.x1.tmp", f".demo-0123.pid{dead}.x2.old", ".demo-0123.legacy.tmp",
-                 f".demo-0123.pid{live}.x3.tmp"):
+    for name in (f".demo-0123.pid{dead}.x1abcdef.tmp", f".demo-0123.pid{dead}.x2abcdef.old", ".demo-0123.legacy_8.tmp",
+                 f".demo-0123.pid{live}.x3abcdef.tmp"):
         (bundles / name).mkdir()
         (bundles / name / "train.safetensors").write_bytes(b"x" * 64)
     (bundles / "demo-0123").mkdir()
-    assert remove_stale_staging(bundles) == sorted([f".demo-0123.pid{dead}.x1.tmp", f".demo-0123.pid{dead}.x2.old",
-                                                    ".demo-0123.legacy.tmp"])
-    assert sorted(p.name for p in bundles.iterdir()) == sorted(["demo-0123", f".demo-0123.pid{live}.x3.tmp"])
+    (bundles / ".not-staging.tmp").mkdir()  # not a name staging_dir gives: never touched
+    assert remove_stale_staging(bundles) == sorted([f".demo-0123.pid{dead}.x1abcdef.tmp", f".demo-0123.pid{dead}.x2abcdef.old",
+                                                    ".demo-0123.legacy_8.tmp"])
+    assert sorted(p.name for p in bundles.iterdir()) == sorted(["demo-0123", ".not-staging.tmp",
+                                                                f".demo-0123.pid{live}.x3abcdef.tmp"])
 
     # the next staging_dir in that directory (a compile, an export) cleans up after a killed one
-    (bundles / f".other.pid{dead}.y.tmp").mkdir()
+    (bundles / f".other.pid{dead}.yabcdefg.tmp").mkdir()
     with staging_dir(bundles / "demo-4567") as stage:
         assert f".pid{os.getpid()}." in stage.name
         (stage / "f").write_text("x")
-    assert not (bundles / f".other.pid{dead}.y.tmp").exists() and (bundles / "demo-4567" / "f").is_file()
+    assert not (bundles / f".other.pid{dead}.yabcdefg.tmp").exists() and (bundles / "demo-4567" / "f").is_file()
 
     root = tmp_path / "run" / "checkpoints"
     root.mkdir(parents=True)
