@@ -381,6 +381,20 @@ class DistributedSpec(Strict):
     )
 
 
+class TrackingSpec(Strict):
+    """Where a run is watched. Not part of the bundle: trackers observe a run and never change its
+    tokens, so canonical_spec leaves this section out of the lock and the bundle hash, and `sftc run`
+    reads it from the spec file at run time (or from `--report-to`)."""
+
+    report_to: list[Literal["tensorboard", "trackio", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Trackers, through Hugging Face's report_to (none by default).")
+    project: str | None = Field(None, max_length=200, description="Tracker project (W&B / trackio / MLflow experiment).")
+    run_name: str | None = Field(None, max_length=200, description="Tracker run name; default: the run directory's name.")
+    progress_every_steps: int | None = Field(
+        None, ge=1, le=1_000_000, description="When output is not a terminal, one progress line every N steps "
+        "(default: about 20 lines per run).")
+
+
 class Spec(Strict):
     """A supervised fine-tuning run, declared. `sftc compile` turns it into a locked bundle."""
 
@@ -404,6 +418,8 @@ class Spec(Strict):
     select: SelectSpec = Field(default_factory=SelectSpec)
     verify: VerifySpec = Field(default_factory=VerifySpec)
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec,
+                                   description="Trackers and progress lines; not hashed (see TrackingSpec).")
     allow_external_paths: bool = Field(False, description="Let paths point outside the project (absolute or '..').")
 
     @property
@@ -569,8 +585,9 @@ def load_spec(path: str | os.PathLike) -> Spec:
 
 
 def canonical_spec(spec: Spec) -> dict:
-    """The spec with every default filled in: what the lock records and the bundle hash covers."""
-    return spec.model_dump(mode="json")
+    """The spec with every default filled in: what the lock records and the bundle hash covers.
+    `tracking` is left out: it watches the run and never changes its tokens (TrackingSpec)."""
+    return spec.model_dump(mode="json", exclude={"tracking"})
 
 
 def json_schema() -> dict:
