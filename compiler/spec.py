@@ -418,7 +418,8 @@ class Spec(Strict):
     select: SelectSpec = Field(default_factory=SelectSpec)
     verify: VerifySpec = Field(default_factory=VerifySpec)
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
-    tracking: TrackingSpec = Field(default_factory=TrackingSpec,
+    # exclude=True: never serialized, so neither the lock nor the bundle hash ever holds it
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, exclude=True,
                                    description="Trackers and progress lines; not hashed (see TrackingSpec).")
     allow_external_paths: bool = Field(False, description="Let paths point outside the project (absolute or '..').")
 

@@ -415,9 +415,15 @@ def record_evaluation(run, trainer, step: int, metrics: dict, sampler: dict, **e
     """Log a checkpoint's eval, select with it, and return its checkpoint.json content."""
     from sftc.runtime import rundir
 
+    from sftc.runtime import tracking
+
     run.append_metrics({"kind": "eval", "step": step, **metrics})
     selection = rundir.derive_best(run.run_dir, run.select_spec, run.bundle.bundle_id,
                                    allow_incomplete_history=run.allow_incomplete_history, write=False)
+    mine = next((c for c in selection.get("candidates", []) if c["step"] == step), {})
+    run.progress.evaluation({"step": step, **metrics}, mine.get("eligible"), "; ".join(mine.get("failed") or []))
+    if run.dist.is_main:
+        tracking.log_metrics(trainer, metrics)
     return {
         **identity(run.bundle.lock),
         "global_step": step,
@@ -455,4 +461,8 @@ def settle(run, step: int | None = None) -> dict:
         run.append_metrics({"kind": "rotate", "step": step if step is not None else run.start_step,
                             "deleted": deleted, "best_step": selection.get("best_step")})
     run.selection = selection
+    if run.dist.is_main:
+        from sftc.runtime import tracking
+
+        tracking.log_selection(run.trainer, selection)
     return selection

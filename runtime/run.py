@@ -60,8 +60,10 @@ def _signals_as_interrupts():
 
 
 def run_bundle(bundle_dir, run_dir=None, fresh: bool = False, allow_drift: bool = False,
-               stop_after_steps: int | None = None, allow_incomplete_history: bool = False) -> Path:
-    """Train on the bundle; resume from the newest valid checkpoint unless fresh. Returns the run dir."""
+               stop_after_steps: int | None = None, allow_incomplete_history: bool = False,
+               report_to: list[str] | None = None, project: str | None = None, run_name: str | None = None) -> Path:
+    """Train on the bundle; resume from the newest valid checkpoint unless fresh. Returns the run dir.
+    report_to / project / run_name override the spec file's `tracking:` (runtime/tracking.py)."""
     from sftc.runtime import distributed as dist_
 
     if dist_.env_ranks()[0] > 1:  # a torchrun worker: die with the agent even while verifying (minutes)
@@ -85,7 +87,11 @@ def run_bundle(bundle_dir, run_dir=None, fresh: bool = False, allow_drift: bool 
                     error = RunError(f"{run_dir}: cannot use the run directory ({exc.strerror or exc}); "
                                      "give `sftc run` a writable directory with free space (--run-dir)")
             dist_.first_error(d, error)
-            out = _run_locked(bundle, run_dir, report, stop_after_steps, d, allow_incomplete_history)
+            from sftc.runtime import tracking
+
+            watch = tracking.settings(bundle.resolve(bundle.lock.spec_source), report_to, project, run_name,
+                                      warn=lambda text: print(text, file=sys.stderr) if d.is_main else None)
+            out = _run_locked(bundle, run_dir, report, stop_after_steps, d, allow_incomplete_history, watch)
         clean = True
         return out
     except RunInterrupted as exc:  # outside training (verify, loading, export): nothing half-done is kept
@@ -110,12 +116,14 @@ def _project_relative(path: Path, run_dir: Path) -> str:
 
 
 def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: int | None, dist=None,
-                allow_incomplete_history: bool = False) -> Path:
+                allow_incomplete_history: bool = False, watch=None) -> Path:
     import transformers
     from transformers import PrinterCallback, set_seed
 
     from sftc.runtime import distributed as dist_
+    from sftc.runtime import tracking
     from sftc.runtime.probe import run_probe
+    from sftc.runtime.progress import Progress
     from sftc.runtime.trainer import RunState, keep_fsdp_unwrapped, make_trainer_class, training_args
 
     spec = bundle.spec
@@ -175,13 +183,15 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
                    stop_after_steps=stop_after_steps, dist=d, start_step=start_step,
                    allow_incomplete_history=allow_incomplete_history)
     run.last_checkpoint = resume
+    if d.is_main:
+        run.progress = Progress(max_steps, start_step, every=getattr(watch, "progress_every_steps", None))
     if d.is_main and resume is not None:
         # the selection and rotation a kill right after the last checkpoint's rename never did
         ckpt.settle(run)
     BundleTrainer, RunCallback = make_trainer_class()
     trainer = BundleTrainer(
         model=model,
-        args=training_args(bundle, run_dir, layout, model, dist=d),
+        args=training_args(bundle, run_dir, layout, model, dist=d, tracking=watch),
         train_dataset=bundle.train_dataset(),
         processing_class=tokenizer,
         data_collator=RowCollator(pad_id, execution_layout),
@@ -224,6 +234,13 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
             sessions = rundir.read_run_json(run_dir).get("sessions", [])
     record["sessions"] = sessions + [{"started_at": record["started_at"], "resumed_step": start_step}]
     _record(d, run_dir, record)
+    if d.is_main:
+        tracking.log_config(trainer, {
+            "bundle_id": bundle.bundle_id, "objective": spec.objective, "parameterization": spec.parameterization.kind,
+            "optimizer_steps": max_steps, "examples_per_update": bundle.lock.batch.examples_per_update,
+            "supervised_tokens": bundle.lock.budget.supervised_tokens, "world_size": layout["world_size"],
+            "execution_layout": execution_layout, "resumed_step": start_step})
+    run.progress.start(record["resumed_from"])
 
     # --- training; every way it can end is recorded ---
     with warnings.catch_warnings():
@@ -259,7 +276,19 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
     _record(d, run_dir, record)
     if d.is_main:
         _export(run_dir, record, allow_incomplete_history)
+        run.progress.finish(_summary(run_dir, record))
     return run_dir
+
+
+def _summary(run_dir: Path, record: dict) -> str:
+    """The last line of a run: steps, the selection and what was exported."""
+    best = rundir.read_best(run_dir) or {}
+    chosen = (f"selected step {best['best_step']}" if best.get("best_step") is not None
+              else "no checkpoint met the selection constraints")
+    export = record.get("export") or {}
+    where = f"exported to {export['path']}" if export.get("exported") else "nothing exported"
+    return f"run finished: {record.get('final_step')} steps, {chosen}, {where}"
+
 
 
 def _record(d, run_dir: Path, record: dict, failing: bool = False) -> None:
@@ -322,8 +351,9 @@ def _export(run_dir: Path, record: dict, allow_incomplete_history: bool = False)
     if best.get("best_step") is None and not (best.get("rule") or {}).get("export_if_none_eligible"):
         record["export"] = {"exported": False, "why": best.get("why", "no checkpoint was evaluated")}
         rundir.write_run_json(run_dir, record)
-        print(f"sftc: no checkpoint met the selection constraints; nothing exported ({record['export']['why']})",
-              file=sys.stderr)
+        print(f"sftc: no checkpoint met the selection constraints; nothing exported ({record['export']['why']}). "
+              f"To export the best ineligible one anyway: sftc export {_project_relative(run_dir, run_dir)} "
+              "--allow-ineligible", file=sys.stderr)
         return
     try:
         path = export_run(run_dir, allow_ineligible=best.get("best_step") is None)
@@ -335,3 +365,4 @@ def _export(run_dir: Path, record: dict, allow_incomplete_history: bool = False)
                        f"`sftc export {run_dir}`") from None
     record["export"] = {"exported": True, "path": _project_relative(path, run_dir)}
     rundir.write_run_json(run_dir, record)
+    print(f"sftc: exported step {best.get('export_step', best.get('best_step'))} to {record['export']['path']}", file=sys.stderr)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -52,8 +51,11 @@ class RunState:
                  allow_incomplete_history: bool = False):
         from sftc.runtime.distributed import Dist
 
+        from sftc.runtime.progress import Progress
+
         self.dist = dist if dist is not None else Dist()
         self.trainer = None
+        self.progress = Progress.silent()  # run.py gives rank 0 a real one
         self.bundle = bundle
         self.run_dir = run_dir
         self.plan = plan
@@ -132,6 +134,8 @@ class RunState:
     def append_metrics(self, record: dict) -> None:
         if self.dist.is_main:  # one writer: rank 0
             rundir.append_metrics(self.run_dir, record)
+            if record.get("kind") == "train":
+                self.progress.train(record)
 
 
 def make_trainer_class():
@@ -237,7 +241,7 @@ def make_trainer_class():
     return BundleTrainer, RunCallback
 
 
-def training_args(bundle: Bundle, run_dir: Path, layout: dict, model, dist=None):
+def training_args(bundle: Bundle, run_dir: Path, layout: dict, model, dist=None, tracking=None):
     import torch
     from trl import SFTConfig
 
@@ -260,6 +264,11 @@ def training_args(bundle: Bundle, run_dir: Path, layout: dict, model, dist=None)
             # compares every micro-batch with it. No dispatching, no splitting of batches.
             "accelerator_config": {"split_batches": False, "dispatch_batches": False, "even_batches": True},
         }
+    from sftc.runtime import tracking as tracking_
+
+    names = tracking_.check_available(list(tracking.report_to)) if tracking is not None else []
+    tracker_kwargs = tracking_.training_kwargs(names, run_dir, getattr(tracking, "project", None),
+                                               getattr(tracking, "run_name", None))
     return SFTConfig(
         **extra,
         # the loss of an update is the sum over every rank's supervised tokens / their global count
@@ -270,7 +279,7 @@ def training_args(bundle: Bundle, run_dir: Path, layout: dict, model, dist=None)
         max_steps=max_steps,
         per_device_train_batch_size=layout["per_device"],
         gradient_accumulation_steps=layout["grad_accum"],
-        optim="adamw_torch",
+        optim=spec.optimizer.name,  # estimated per optimizer at compile (compiler/model.py)
         learning_rate=opt.lr,
         weight_decay=opt.weight_decay,
         adam_beta1=opt.betas[0],
@@ -293,14 +302,14 @@ def training_args(bundle: Bundle, run_dir: Path, layout: dict, model, dist=None)
         save_steps=spec.checkpoint.every_steps,
         save_total_limit=None,  # rotation is ours: it must never delete the selected best
         eval_strategy="no",
-        report_to="none",
+        **tracker_kwargs,
         dataloader_num_workers=0,
         dataloader_drop_last=False,
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         packing=False,
         padding_free=False,
-        disable_tqdm=not sys.stderr.isatty(),
+        disable_tqdm=True,  # runtime/progress.py is the one display (a bar on a terminal, lines when piped)
         ddp_find_unused_parameters=False,
     )
 

@@ -160,7 +160,13 @@ def verify(bundle: str, allow_drift: bool) -> None:
 @click.option("--allow-drift", is_flag=True, help="Train despite library drift since compile, and record it.")
 @click.option("--allow-incomplete-history", is_flag=True,
               help="Select a checkpoint even though metrics.jsonl lines holding evaluations are damaged (quarantined).")
-def run(bundle: str, run_dir: str | None, fresh: bool, allow_drift: bool, allow_incomplete_history: bool) -> None:
+@click.option("--report-to", default=None, metavar="LIST",
+              help="Trackers, comma-separated (tensorboard, trackio, wandb, mlflow; 'none' for none). "
+                   "Default: the spec file's tracking.report_to. Trackers are not part of the bundle.")
+@click.option("--project", "tracker_project", default=None, help="Tracker project (default: tracking.project).")
+@click.option("--run-name", default=None, help="Tracker run name (default: tracking.run_name, else the run directory).")
+def run(bundle: str, run_dir: str | None, fresh: bool, allow_drift: bool, allow_incomplete_history: bool,
+        report_to: str | None, tracker_project: str | None, run_name: str | None) -> None:
     """Verify BUNDLE, then train it, resuming from the newest valid checkpoint."""
     import pickle
 
@@ -168,8 +174,15 @@ def run(bundle: str, run_dir: str | None, fresh: bool, allow_drift: bool, allow_
     from sftc.errors import RunError
 
     try:
+        trackers = None
+        if report_to is not None:
+            trackers = [n.strip() for n in report_to.split(",") if n.strip() and n.strip() != "none"]
+            unknown = sorted(set(trackers) - {"tensorboard", "trackio", "wandb", "mlflow"})
+            if unknown:
+                raise RunError(f"--report-to: unknown tracker(s) {unknown}; allowed: tensorboard, trackio, wandb, mlflow, none")
         out = run_bundle(bundle, run_dir=run_dir, fresh=fresh, allow_drift=allow_drift,
-                         allow_incomplete_history=allow_incomplete_history)
+                         allow_incomplete_history=allow_incomplete_history, report_to=trackers,
+                         project=tracker_project, run_name=run_name)
     except pickle.UnpicklingError as exc:
         # HF Trainer reads optimizer/scheduler/RNG state with torch.load(weights_only=True); a file
         # that holds anything but tensors and plain containers (a planted payload, say) ends here.
