@@ -78,18 +78,17 @@ def base_scores(bundle_dir: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sftc.runtime.evaluate import behaviour_metrics, load_rules
+    from sftc.runtime.bundle import load_bundle
+    from sftc.runtime.evaluate import behaviour_metrics
 
-    lock = json.loads((bundle_dir / "bundle.lock.json").read_text())
-    prompts = [json.loads(line) for line in (bundle_dir / "eval_prompts.jsonl").read_text().splitlines() if line]
-    cap = lock["spec"]["eval"]["max_prompts"]
-    prompts = prompts[:cap] if cap else prompts
+    bundle = load_bundle(bundle_dir)  # the sealed lock and the verified prompts and rules
+    ev = bundle.spec.eval
+    prompts = bundle.eval_prompts()
+    prompts = prompts[:ev.max_prompts] if ev.max_prompts else prompts
     tokenizer = AutoTokenizer.from_pretrained(REPO / "models/access-base")
     model = AutoModelForCausalLM.from_pretrained(REPO / "models/access-base", dtype=torch.float32)
-    ev = lock["spec"]["eval"]
-    stop = [lock["template"]["terminator_id"], tokenizer.eos_token_id]
-    metrics = behaviour_metrics(model, tokenizer, prompts, load_rules(bundle_dir / "rules.yaml"),
-                                ev["max_new_tokens"], ev["batch_size"], eos_token_ids=stop)
+    stop = [bundle.lock.template.terminator_id, tokenizer.eos_token_id]
+    metrics = behaviour_metrics(model, tokenizer, prompts, bundle.rules, ev.max_new_tokens, ev.batch_size, eos_token_ids=stop)
     return {k: v for k, v in metrics.items() if k != "samples"}
 
 
