@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sftc.compiler.data import Example, Reject
-from sftc.compiler.template import render_limits
+from sftc.compiler.template import MAX_RENDERED_CHARS, render_limits
 from sftc.errors import DataError
 
 IGNORE_INDEX = -100
+MAX_ROW_CHARS = MAX_RENDERED_CHARS // 4  # a multi-turn row renders once per answer prefix and whole
 
 
 @dataclass
@@ -74,6 +75,12 @@ def tokenize_chat(examples: list[Example], template, tokenizer, max_length: int,
     controls = control_token_pattern(template.control_tokens)
     with render_limits():  # one address-space limit around every render of this pass
         for example in examples:
+            size = sum(len(m["content"]) for m in example.messages)
+            if size > MAX_ROW_CHARS:
+                # its render would pass the template's output limit and fail the whole compile for one row
+                out.rejects.append(Reject(example.file, example.row, "text_too_long",
+                                          f"{size} characters of messages; at most {MAX_ROW_CHARS}"))
+                continue
             forged = _forged_control_token(controls, ((m["role"], m["content"]) for m in example.messages))
             if forged:
                 out.rejects.append(Reject(example.file, example.row, "control_token_in_text", forged))

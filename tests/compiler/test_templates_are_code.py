@@ -100,3 +100,13 @@ def test_text_rows_holding_the_end_of_text_token_are_rejected(project):
     project.write_jsonl("data/rows.jsonl", rows)
     bundle, _, _ = project.compile(base_spec(objective="continued_pretraining", data={"format": "text"}))
     assert [(r["row"], r["reason"]) for r in read_jsonl(bundle / "rejects.jsonl")] == [(1, "control_token_in_text")]
+
+
+def test_a_row_too_long_to_render_is_a_reject_not_a_failed_compile(project):
+    from sftc.compiler.tokens import MAX_ROW_CHARS
+
+    rows = [dict(r) for r in ROWS]
+    rows[4]["prompt"] = "stale key " * (MAX_ROW_CHARS // 10 + 1)
+    project.write_jsonl("data/rows.jsonl", rows)
+    bundle, _, _ = project.compile(base_spec())
+    assert [(r["row"], r["reason"]) for r in read_jsonl(bundle / "rejects.jsonl")] == [(4, "text_too_long")]
