@@ -38,10 +38,20 @@ RECORDED_LIBRARIES = TOKEN_STREAM_LIBRARIES + ("torch", "peft", "accelerate", "d
 # reuse a bundle built by the buggy version, and a change to `sftc diff` or `sftc status` (review/)
 # or to the runtime must not change a bundle id. Paths are the module names inside the package.
 HASHED_CODE = (
-    "sftc.io", "sftc.errors", "sftc.lock", "sftc.hashcache",
+    "sftc.io", "sftc.errors", "sftc.lock", "sftc.hashcache", "sftc.yaml",
     "sftc.compiler.spec", "sftc.compiler.data", "sftc.compiler.split", "sftc.compiler.template",
     "sftc.compiler.tokens", "sftc.compiler.pack", "sftc.compiler.budget", "sftc.compiler.model",
-    "sftc.compiler.report", "sftc.compiler.bundle",
+    "sftc.compiler.vocab", "sftc.compiler.report", "sftc.compiler.bundle",
+    # the runtime code a compile runs: the rules file's model (its metric names are locked) and the
+    # selection rule's parser (it decides which select.require values compile)
+    "sftc.runtime.evaluate.rules", "sftc.runtime.select",
+)
+# Imported during a compile but never shaping a bundle's bytes: package __init__ files and what
+# `sftc.runtime.evaluate`'s __init__ re-exports. tests/compiler/test_code_hash.py checks that every
+# sftc module a compile loads is in one of the two lists.
+UNHASHED_DURING_COMPILE = (
+    "sftc", "sftc.compiler", "sftc.runtime", "sftc.templates", "sftc.runtime.evaluate",
+    "sftc.runtime.evaluate.generate", "sftc.runtime.evaluate.score",
 )
 
 
