@@ -230,6 +230,13 @@ def _build(inputs: Inputs, out_root: Path) -> tuple[Path, Lock]:
 
     spec, src = inputs.spec, str(inputs.spec_path)
     data = read_data(inputs.data_files, spec.data)
+    # the bundle's identity was hashed from the files before reading; the rows came from the bytes
+    # read since. A file replaced in between would give tokens of one content under the other's hash.
+    changed = [f"{was['path']}: sha256 {was['sha256'][:12]}... when the compile began, {now['sha256'][:12]}... "
+               "in the bytes read" for was, now in zip(inputs.hashes["data"], data.files) if was["sha256"] != now["sha256"]]
+    if changed:
+        raise DataError(f"{src}: data changed while compiling; nothing was written. Compile again once the data "
+                        "files are settled", changed)
     if not data.examples:
         names = ", ".join(f"{f['path']} ({f['rows_read']} rows)" for f in data.files)
         raise DataError(f"{src}: data.files: no row was accepted ({len(data.rejects)} rejected) in {names}",

@@ -154,17 +154,22 @@ class DataResult:
         return len(self.examples) + len(self.rejects)
 
 
-def iter_rows(path: Path, display: str) -> Iterator[tuple[int, Any, str | None]]:
+def iter_rows(path: Path, display: str, digest=None) -> Iterator[tuple[int, Any, str | None]]:
     """Yield (row number, row or None, problem or None); row numbers start at 0.
 
     jsonl is decoded line by line so one bad line (bad encoding, malformed JSON, a null byte)
-    costs one reject, not the whole file.
+    costs one reject, not the whole file. `digest` (a hashlib object) is fed every byte read, so
+    the manifest records the sha256 of the bytes that became rows, not of whatever the path
+    holds afterwards (a file replaced during a compile would otherwise be recorded as its new self).
     """
     suffix = path.suffix.lower()
+    if digest is None:
+        digest = hashlib.sha256()
     if suffix == ".jsonl":
         with open(path, "rb") as handle:
             number = -1
             for raw in handle:
+                digest.update(raw)
                 if not raw.strip():
                     continue  # blank lines are layout, not rows
                 number += 1
@@ -183,7 +188,9 @@ def iter_rows(path: Path, display: str) -> Iterator[tuple[int, Any, str | None]]
                     yield number, None, f"malformed_json: {str(exc)[:200]}"
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
+            raw_bytes = path.read_bytes()
+            digest.update(raw_bytes)
+            data = json.loads(raw_bytes.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:  # ValueError: JSONDecodeError, 4300-digit ints
             raise DataError(f"{display}: not a valid UTF-8 JSON file ({str(exc)[:300]})") from None
         except RecursionError:
@@ -194,8 +201,12 @@ def iter_rows(path: Path, display: str) -> Iterator[tuple[int, Any, str | None]]
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
+        import pyarrow as pa
+
+        raw_bytes = path.read_bytes()
+        digest.update(raw_bytes)
         try:
-            table = pq.read_table(path)
+            table = pq.read_table(pa.BufferReader(raw_bytes))
         except Exception as exc:  # pyarrow raises many types for a corrupt file
             raise DataError(f"{display}: cannot read parquet ({exc.__class__.__name__}: {exc})") from None
         yield from ((i, row, None) for i, row in enumerate(table.to_pylist()))
@@ -362,8 +373,10 @@ def read_data(files: list, data_spec) -> DataResult:
             rows_iter, identity = _iter_dataset_rows(item)
         elif not path.is_file():
             raise DataError(f"data.files: {display}: file not found")
-        else:
-            rows_iter = iter_rows(path, display)
+        read_digest = None
+        if not item.dataset:
+            read_digest = hashlib.sha256()
+            rows_iter = iter_rows(path, display, read_digest)
         reasons: Counter = Counter()
         accepted = 0
         rows = 0
@@ -391,7 +404,8 @@ def read_data(files: list, data_spec) -> DataResult:
             result.examples.append(example)
             accepted += 1
         entry = {
-            "path": display, "sha256": input_sha256(item), "rows_read": rows, "accepted": accepted,
+            "path": display, "sha256": read_digest.hexdigest() if read_digest is not None else input_sha256(item),
+            "rows_read": rows, "accepted": accepted,
             "rejected": dict(sorted(reasons.items())),
         }
         if item.source is not None:  # only with data.sources, so data.files manifests keep their bytes
