@@ -103,9 +103,10 @@ HEADLINES = [
     ("Eval: batched generated tokens/s", "eval", ["batched_tokens_per_s"], None, None),
     ("GPU section ran", "gpu", ["ran"], None, None),
     ("Scaling, realistic mix: largest size measured (rows)", "scaling", ["variants", "realistic", "largest_measured_rows"], None, None),
-    ("Scaling, realistic mix: wall time exponent k (c * rows^k)", "scaling", ["variants", "realistic", "fits", "wall_s", "params", 1], None, None),
-    ("Scaling, duplicate-heavy mix: wall time exponent k", "scaling", ["variants", "duplicate_heavy", "fits", "wall_s", "params", 1], None, None),
-    ("Scaling, duplicate-heavy mix: split pass exponent k", "scaling", ["variants", "duplicate_heavy", "fits", "split_s", "params", 1], None, None),
+    # CPU time, not wall: on the shared machine the wall time also measures the other jobs
+    ("Scaling, realistic mix: CPU time exponent k (c * rows^k)", "scaling", ["variants", "realistic", "fits", "cpu_s", "params", 1], None, None),
+    ("Scaling, realistic mix: peak RSS MB per row (slope)", "scaling", ["variants", "realistic", "fits", "peak_rss_mb", "params", 1], None, None),
+    ("Scaling, duplicate-heavy mix: CPU time exponent k", "scaling", ["variants", "duplicate_heavy", "fits", "cpu_s", "params", 1], None, None),
 ]
 
 
@@ -140,12 +141,7 @@ def freshness(result: dict, code: dict) -> dict:
 def summarize(wall: dict | None = None) -> dict:
     """latest.json/.md from results/*.json: every headline with the commit it was measured at; a
     result of another commit is shown as older and never counted as meeting or missing a target."""
-    previous = common.RESULTS / "latest.json"
-    if previous.exists():  # an --only run keeps the other scripts' wall times
-        try:
-            wall = {**json.loads(previous.read_text()).get("script_wall_s", {}), **(wall or {})}
-        except (json.JSONDecodeError, AttributeError):
-            pass
+    # only this run's wall times: carrying an earlier run's forward would publish them undated
     code = common.code_state()
     results, fresh = {}, {}
     for name in SCRIPTS:
@@ -176,8 +172,10 @@ def summarize(wall: dict | None = None) -> dict:
         "results": results,
     }
     common.RESULTS.mkdir(parents=True, exist_ok=True)
-    (common.RESULTS / "latest.json").write_text(json.dumps(latest, indent=2) + "\n")
-    (common.RESULTS / "latest.md").write_text(markdown(latest))
+    from sftc.io import atomic_write_text
+
+    atomic_write_text(common.RESULTS / "latest.json", json.dumps(latest, indent=2) + "\n")
+    atomic_write_text(common.RESULTS / "latest.md", markdown(latest))
     return latest
 
 
