@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
@@ -117,11 +117,11 @@ class ModelSpec(Strict):
 Role = Literal["system", "user", "assistant"]
 
 
-class _OmitUnset(Strict):
-    """Optional keys added after specs were first locked are left out of the dump while unset, so
-    a spec that does not use them keeps its canonical form and its bundle id."""
+class OmitUnset(Strict):
+    """Optional keys added after a record was first locked are left out of the dump while unset, so
+    a spec (or lock part, sftc/lock.py) that does not use them keeps its canonical form and its id."""
 
-    _omit_when_none: tuple[str, ...] = ()
+    _omit_when_none: ClassVar[tuple[str, ...]] = ()
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):
@@ -132,7 +132,7 @@ class _OmitUnset(Strict):
         return data
 
 
-class FieldMap(_OmitUnset):
+class FieldMap(OmitUnset):
     """Which row field holds what, and how rows as they ship map onto sftc's roles."""
 
     _omit_when_none = ("role", "content", "roles", "turn_markers")
@@ -178,7 +178,7 @@ class SourceSpec(Strict):
         return self
 
 
-class DataSpec(_OmitUnset):
+class DataSpec(OmitUnset):
     _omit_when_none = ("sources",)
 
     files: list[PathText] | None = Field(

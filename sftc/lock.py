@@ -21,11 +21,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_serializer
+from pydantic import Field, JsonValue, ValidationError, field_validator
 
-from sftc.compiler.spec import BatchSpec, Spec
+from sftc.compiler.spec import BatchSpec, OmitUnset, Spec
 from sftc.errors import BundleError
 from sftc.io import canonical_json, pretty_json, sha256_bytes
 
@@ -47,21 +47,10 @@ FORMAT_HISTORY = {
 }
 
 
-class Record(BaseModel):
-    """Every level of the lock: unknown keys are refused, nothing is mutated after compile."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-    # Optional keys a pass writes only when they apply (data.sources, a save_to_disk input): left out
-    # of the JSON while None, so the lock holds what the pass produced and nothing more.
-    _omit_when_none: ClassVar[tuple[str, ...]] = ()
-
-    @model_serializer(mode="wrap")
-    def _drop_unset(self, handler):
-        data = handler(self)
-        for key in self._omit_when_none:
-            if data.get(key, 0) is None:
-                del data[key]
-        return data
+class Record(OmitUnset):
+    """Every level of the lock: unknown keys are refused, nothing is mutated after compile (the
+    spec's own base). Optional keys a pass writes only when they apply (data.sources, a
+    save_to_disk input) are left out of the JSON while None (`_omit_when_none`)."""
 
 
 class Stats(Record):
