@@ -364,6 +364,9 @@ def save_checkpoint(trainer, model) -> Path:
             trainer.save_model(out, _internal_call=True)
             trainer._save_optimizer_and_scheduler(out)
         _sort_adapter_sets(staging)
+        # HF pickles its TrainingArguments here (absolute output_dir included). Nothing reads it on
+        # resume, it can only be loaded by unpickling, and it would put a machine path in the run.
+        (staging / "training_args.bin").unlink(missing_ok=True)
         trainer._save_scaler(out)
         rng_files = [f"rng_state_{r}.pth" for r in range(d.world_size)] if d.active else ["rng_state.pth"]
         for name, state in zip(rng_files, rng):
@@ -418,6 +421,7 @@ def record_evaluation(run, trainer, step: int, metrics: dict, sampler: dict, **e
     from sftc.runtime import tracking
 
     run.append_metrics({"kind": "eval", "step": step, **metrics})
+    metrics = {k: v for k, v in metrics.items() if k not in rundir.CLOCK_METRIC_KEYS}  # those went to timings.jsonl
     selection = rundir.derive_best(run.run_dir, run.select_spec, run.bundle.bundle_id,
                                    allow_incomplete_history=run.allow_incomplete_history, write=False)
     mine = next((c for c in selection.get("candidates", []) if c["step"] == step), {})
@@ -433,7 +437,6 @@ def record_evaluation(run, trainer, step: int, metrics: dict, sampler: dict, **e
         "best_metric": best_metric(selection, run.bundle.spec),
         "sampler": sampler,
         **extra,
-        "written_at": rundir.now(),
     }
 
 

@@ -90,12 +90,45 @@ def read_run_json(run_dir) -> dict:
     return record
 
 
-def write_run_json(run_dir, record: dict, tolerate_storage_errors: bool = False) -> bool:
-    """Write run.json atomically. With `tolerate_storage_errors` (the failure paths, where the disk
-    may be the very thing that failed) a storage error is reported on stderr once and False comes
-    back, so the original error is the one the user sees, not a chain of tracebacks."""
+# What a clock measures (when a session ran, how fast) differs on every run of the same bundle, so it
+# never goes into run.json, metrics.jsonl or checkpoint.json: the records a DVC output hashes stay
+# the same bytes on any machine that trains the same bundle. It goes to TIMINGS (wall clock of each
+# session) and TIMINGS_LOG (per-step throughput), which .dvcignore leaves out of DVC's hashes.
+TIMINGS = "timings.json"
+TIMINGS_LOG = "timings.jsonl"
+CLOCK_RECORD_KEYS = ("started_at", "finished_at")
+CLOCK_METRIC_KEYS = ("tokens_per_s", "generation_seconds")
+
+
+def split_clock(record: dict) -> tuple[dict, dict]:
+    """(run.json's content, timings.json's content) of one run record."""
+    stable = {k: v for k, v in record.items() if k not in CLOCK_RECORD_KEYS}
+    clock = {k: record[k] for k in CLOCK_RECORD_KEYS if k in record}
+    sessions = record.get("sessions") or []
+    stable["sessions"] = [{k: v for k, v in s.items() if k not in CLOCK_RECORD_KEYS} for s in sessions]
+    clock["sessions"] = [{k: v for k, v in s.items() if k in CLOCK_RECORD_KEYS or k == "resumed_step"} for s in sessions]
+    return stable, clock
+
+
+def read_timings(run_dir) -> dict:
+    """timings.json, or {} when it is missing or damaged (it only ever informs, never decides)."""
+    path = Path(run_dir) / TIMINGS
     try:
-        atomic_write_json(Path(run_dir) / RUN_JSON, record)
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def write_run_json(run_dir, record: dict, tolerate_storage_errors: bool = False) -> bool:
+    """Write run.json (and its clock readings to timings.json) atomically. With
+    `tolerate_storage_errors` (the failure paths, where the disk may be the very thing that failed)
+    a storage error is reported on stderr once and False comes back, so the original error is the
+    one the user sees, not a chain of tracebacks."""
+    stable, clock = split_clock(record)
+    try:
+        atomic_write_json(Path(run_dir) / RUN_JSON, stable)
+        atomic_write_json(Path(run_dir) / TIMINGS, clock)
         return True
     except OSError as exc:
         if not tolerate_storage_errors:
@@ -245,10 +278,33 @@ def repair_metrics(run_dir, through_step: int) -> MetricsLog:
 
 
 def append_metrics(run_dir, record: dict) -> None:
-    with open(Path(run_dir) / METRICS, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    """One line of metrics.jsonl; its clock readings (throughput, generation time) go to
+    timings.jsonl under the same kind and step."""
+    clock = {k: record[k] for k in CLOCK_METRIC_KEYS if k in record}
+    stable = {k: v for k, v in record.items() if k not in CLOCK_METRIC_KEYS}
+    targets = [(METRICS, stable)]
+    if clock:
+        targets.append((TIMINGS_LOG, {"kind": record.get("kind"), "step": record.get("step"), **clock}))
+    for name, line in targets:
+        with open(Path(run_dir) / name, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def read_timings_log(run_dir) -> dict[tuple[str, int], dict]:
+    """{(kind, step): clock readings} from timings.jsonl; damaged lines are skipped (they inform only)."""
+    out: dict[tuple[str, int], dict] = {}
+    path = Path(run_dir) / TIMINGS_LOG
+    if not path.is_file():
+        return out
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            out[(str(row["kind"]), int(row["step"]))] = {k: row[k] for k in CLOCK_METRIC_KEYS if k in row}
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
 
 
 def latest_by_step(rows: list[dict]) -> list[dict]:
@@ -419,7 +475,8 @@ def start_over(run_dir: Path) -> None:
 
     for name in ("checkpoints", "export"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
-    for path in [run_dir / METRICS, run_dir / BEST_JSON, run_dir / RUN_JSON, *run_dir.glob(METRICS + ".*")]:
+    for path in [run_dir / METRICS, run_dir / BEST_JSON, run_dir / RUN_JSON, run_dir / TIMINGS, run_dir / TIMINGS_LOG,
+                 *run_dir.glob(METRICS + ".*")]:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 

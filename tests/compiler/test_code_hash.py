@@ -54,5 +54,3 @@ def test_code_hash_changes_with_hashed_code_only(tmp_path, monkeypatch):
 
     monkeypatch.setattr(importlib.util, "find_spec", patched)
     assert bundle_mod.code_hash() != before
-    monkeypatch.undo()
-    assert code_hash() == before
