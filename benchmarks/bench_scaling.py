@@ -273,7 +273,8 @@ def snapshot(rev: str, overlays: list[str]) -> tuple[Path, dict]:
 
 
 def compile_child(project: Path, time_limit: float, pythonpath: Path | None, split_only: bool = False) -> dict:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    # the environment `sftc compile` would see: the tokenizers library's own threads left as they are
+    env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
     out_dir = project / "bundles"
@@ -441,6 +442,7 @@ def main() -> dict:
         "measures": ("split_examples alone (near-duplicate search + group split) on the rows' prompts, in a child"
                      if args.split_only else "the whole cold compile (compile_spec, force=True), in a child"),
         "tokenizer": "qwen2.5-instruct ($SFTC_EXTERNAL)", "max_length": 1024, "seq_length": 1024,
+        "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "unset (library default)"),
         "parallel": "compile_spec has no parallel mode (no workers or num_proc setting): every compile is one "
                     "process; cores_used = CPU time / wall time of each child is the measured fact",
         "variants": {},
