@@ -46,12 +46,12 @@ HASHED_CODE = (
     # selection rule's parser (it decides which select.require values compile)
     "sftc.runtime.evaluate.rules", "sftc.runtime.select",
 )
-# Imported during a compile but never shaping a bundle's bytes: package __init__ files and what
-# `sftc.runtime.evaluate`'s __init__ re-exports. tests/compiler/test_code_hash.py checks that every
+# Imported during a compile but never shaping a bundle's bytes: package __init__ files, what
+# `sftc.runtime.evaluate`'s __init__ re-exports, and the progress lines of sftc.stages. tests/compiler/test_code_hash.py checks that every
 # sftc module a compile loads is in one of the two lists.
 UNHASHED_DURING_COMPILE = (
     "sftc", "sftc.compiler", "sftc.runtime", "sftc.templates", "sftc.runtime.evaluate",
-    "sftc.runtime.evaluate.generate", "sftc.runtime.evaluate.score",
+    "sftc.runtime.evaluate.generate", "sftc.runtime.evaluate.score", "sftc.stages",
 )
 
 
@@ -207,19 +207,25 @@ def find_existing(out_root: Path, inputs: Inputs) -> tuple[Path, Lock] | None:
     return None
 
 
-def compile_spec(spec_path: str | os.PathLike, bundles_dir: str | os.PathLike | None = None, force: bool = False) -> tuple[Path, Lock, bool]:
-    """Compile a spec; returns (bundle dir, lock, reused). Reuses an identical earlier bundle."""
-    inputs = resolve_inputs(spec_path)
-    out_root = Path(bundles_dir) if bundles_dir else default_bundles_dir(inputs)
-    if not force:
-        found = find_existing(out_root, inputs)
-        if found is not None:
-            return found[0], found[1], True
-    final, lock = _build(inputs, out_root)
+def compile_spec(spec_path: str | os.PathLike, bundles_dir: str | os.PathLike | None = None, force: bool = False,
+                 progress: bool = False) -> tuple[Path, Lock, bool]:
+    """Compile a spec; returns (bundle dir, lock, reused). Reuses an identical earlier bundle.
+    With `progress`, a compile that takes more than a second says which pass is running (stderr)."""
+    from sftc.stages import Stages
+
+    with Stages("compile", enabled=progress) as stages:
+        stages.stage("hashing the inputs")
+        inputs = resolve_inputs(spec_path)
+        out_root = Path(bundles_dir) if bundles_dir else default_bundles_dir(inputs)
+        if not force:
+            found = find_existing(out_root, inputs)
+            if found is not None:
+                return found[0], found[1], True
+        final, lock = _build(inputs, out_root, stages.stage)
     return final, lock, False
 
 
-def _build(inputs: Inputs, out_root: Path) -> tuple[Path, Lock]:
+def _build(inputs: Inputs, out_root: Path, say=lambda text: None) -> tuple[Path, Lock]:
     from sftc.compiler.budget import compute_budget
     from sftc.compiler.data import read_data
     from sftc.compiler.model import count_parameters, estimate_memory, load_config
@@ -229,6 +235,7 @@ def _build(inputs: Inputs, out_root: Path) -> tuple[Path, Lock]:
     from sftc.compiler.tokens import check_mask, tokenize_chat, tokenize_text
 
     spec, src = inputs.spec, str(inputs.spec_path)
+    say(f"reading {len(inputs.data_files)} data input(s)")
     data = read_data(inputs.data_files, spec.data)
     # the bundle's identity was hashed from the files before reading; the rows came from the bytes
     # read since. A file replaced in between would give tokens of one content under the other's hash.
@@ -241,8 +248,10 @@ def _build(inputs: Inputs, out_root: Path) -> tuple[Path, Lock]:
         names = ", ".join(f"{f['path']} ({f['rows_read']} rows)" for f in data.files)
         raise DataError(f"{src}: data.files: no row was accepted ({len(data.rejects)} rejected) in {names}",
                         [f"{r.file}:{r.row}: {r.reason}: {r.detail}" for r in data.rejects[:10]])
+    say(f"splitting {len(data.examples)} rows by group (near-duplicate search)")
     split = split_examples(data.examples, spec.split)
 
+    say(f"tokenizing {len(split.train) + len(split.eval)} examples with the real tokenizer")
     tokenizer = load_tokenizer(str(inputs.tokenizer_dir), spec.model.revision, spec.model.trust_remote_code, f"{src}: model.tokenizer")
     tok_version, tok_files = tokenizer_version(inputs.tokenizer_dir)
     template = load_template(spec, tokenizer, inputs.chat_path, _display(inputs.chat_path, inputs.root) if inputs.chat_path else None)
@@ -282,10 +291,12 @@ def _build(inputs: Inputs, out_root: Path) -> tuple[Path, Lock]:
     from sftc.compiler.data import weigh_sources
 
     train_ids, train_labels, weighting = weigh_sources(train_tok.input_ids, train_tok.labels, train_tok.examples, spec.data, spec.seed)
+    say(f"packing ({spec.packing.strategy} @ {spec.seq_length}) and computing the budget")
     packed = pack(train_ids, train_labels, spec.packing.strategy, spec.seq_length, spec.seed)
     budget, order = compute_budget(spec, packed)
     eval_rows = unpacked(eval_tok.input_ids, eval_tok.labels) if eval_tok.input_ids else None
 
+    say("counting parameters and estimating memory")
     config = load_config(inputs.model_dir, spec)
     from sftc.compiler.vocab import check_vocabulary
 
@@ -424,6 +435,7 @@ def _build(inputs: Inputs, out_root: Path) -> tuple[Path, Lock]:
     final = Path(out_root) / lock.bundle_id
     # an existing directory with this id has this content; it was not reused because it is damaged
     # or --force was given, so it is replaced
+    say("writing the bundle")
     with staging_dir(final, replace=final.exists()) as stage:
         for name, data in contents.items():
             (stage / name).write_bytes(data)

@@ -69,7 +69,7 @@ def load_side(arg: str, bundles_dir: str | os.PathLike | None = None) -> Side:
             return Side(arg, "bundle", load_lock(path.parent))
         from sftc.compiler import compile_spec
 
-        _, lock, _ = compile_spec(path, bundles_dir=bundles_dir)
+        _, lock, _ = compile_spec(path, bundles_dir=bundles_dir, progress=True)
         return Side(arg, "spec", lock)
     if ":" in arg:
         return Side(arg, "git", _load_git_side(arg, bundles_dir))
@@ -146,7 +146,7 @@ def compile_transient(spec_path: Path, bundles_dir: str | os.PathLike | None = N
     if found is not None:
         return found[1]
     with tempfile.TemporaryDirectory(prefix="sftc-diff-") as scratch:
-        _, lock, _ = compile_spec(spec_path, bundles_dir=scratch)
+        _, lock, _ = compile_spec(spec_path, bundles_dir=scratch, progress=True)
     return lock
 
 
@@ -698,7 +698,7 @@ def _textconv_lock(path: Path) -> Lock:
     if _has_project_marker(path):
         from sftc.compiler import compile_spec
 
-        _, lock, _ = compile_spec(path)
+        _, lock, _ = compile_spec(path, progress=True)
         return lock
     with _spec_copy_in_project(path.read_bytes(), Path.cwd().resolve() / path.name, "textconv") as temp:
         try:

@@ -142,15 +142,19 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
             if resume is None:
                 with contextlib.suppress(FileNotFoundError):
                     (run_dir / rundir.BEST_JSON).unlink()  # derived from checkpoints, and there are none
-            found = (resume, manifest, skipped)
+            found = (resume, manifest, skipped, _already_finished(run_dir, bundle, manifest))
         except (RunError, OSError) as exc:
             error = exc if isinstance(exc, RunError) else RunError(
                 f"{run_dir}: cannot prepare the run directory ({exc.strerror or exc}); free space or make it "
                 "writable, then run again")
     dist_.first_error(d, error)
     # every rank resumes from the checkpoint rank 0 found (the run directory is shared)
-    resume, manifest, skipped = dist_.broadcast_object(d, found)
+    resume, manifest, skipped, finished = dist_.broadcast_object(d, found)
     start_step = int(manifest["global_step"]) if manifest else 0
+    if finished:  # nothing to train or export: say so before minutes of model loading and probing
+        if d.is_main:
+            print(f"sftc: {finished}; nothing to do (`sftc run --fresh` trains it again)", file=sys.stderr)
+        return run_dir
 
     # --- the model, as locked, and the probe that its layout keeps examples apart ---
     set_seed(spec.seed)
@@ -292,6 +296,24 @@ def _summary(run_dir: Path, record: dict) -> str:
     where = f"exported to {export['path']}" if export.get("exported") else "nothing exported"
     return f"run finished: {record.get('final_step')} steps, {chosen}, {where}"
 
+
+
+def _already_finished(run_dir: Path, bundle: Bundle, manifest: dict | None) -> str | None:
+    """What the run directory says when this bundle already trained to the end and exported (or
+    finished with nothing eligible to export): the newest valid checkpoint is the last step and
+    run.json says finished. None otherwise."""
+    if not manifest or int(manifest["global_step"]) < bundle.lock.budget.optimizer_steps:
+        return None
+    with contextlib.suppress(RunError):
+        record = rundir.read_run_json(run_dir)
+        export = record.get("export") or {}
+        if record.get("status") == "finished" and record.get("bundle_id") == bundle.bundle_id and export:
+            done = f"{_project_relative(run_dir, run_dir)} already finished all {manifest['global_step']} steps"
+            if export.get("exported") and (run_dir.parent.parent / export.get("path", "")).is_dir():
+                return f"{done}; exported to {export['path']}"
+            if not export.get("exported"):
+                return f"{done}; nothing was exported ({export.get('why', 'no checkpoint eligible')})"
+    return None
 
 
 def _record(d, run_dir: Path, record: dict, failing: bool = False) -> None:

@@ -88,7 +88,7 @@ def compile_cmd(spec: str, bundles_dir: str | None, force: bool, quiet: bool) ->
     from sftc.compiler import compile_spec
     from sftc.compiler.report import summary_lines
 
-    bundle, lock, reused = compile_spec(spec, bundles_dir=bundles_dir, force=force)
+    bundle, lock, reused = compile_spec(spec, bundles_dir=bundles_dir, force=force, progress=not quiet)
     if quiet:
         click.echo(str(bundle))
         return

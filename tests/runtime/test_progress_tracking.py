@@ -52,6 +52,14 @@ def test_piped_run_prints_progress_evaluations_export_and_summary(project):
     assert "{'loss'" not in err and "{'loss'" not in proc.stdout  # no raw dict lines
     assert "\r" not in err  # no bar when piped
 
+    # the same bundle again: it says the run is done before loading a model or probing
+    again = subprocess.run([sys.executable, "-m", "sftc", "run", str(bundle)], cwd=project.root, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert re.search(rf"^sftc: runs/\S+ already finished all {STEPS} steps; (exported to|nothing was exported)",
+                     again.stderr, re.MULTILINE), again.stderr
+    assert "contamination probe" not in again.stderr
+
 
 def test_tensorboard_receives_loss_lr_grad_norm_and_behaviour(project):
     pytest.importorskip("tensorboard")
