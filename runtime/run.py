@@ -142,7 +142,11 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
             if resume is None:
                 with contextlib.suppress(FileNotFoundError):
                     (run_dir / rundir.BEST_JSON).unlink()  # derived from checkpoints, and there are none
-            found = (resume, manifest, skipped, _already_finished(run_dir, bundle, manifest))
+            finished = _already_finished(run_dir, bundle, manifest)
+            if finished:  # best.json is an output: derived from the records even with nothing to train
+                rundir.derive_best(run_dir, spec.select.model_dump(mode="json"), bundle.bundle_id,
+                                   allow_incomplete_history=allow_incomplete_history, log=log)
+            found = (resume, manifest, skipped, finished)
         except (RunError, OSError) as exc:
             error = exc if isinstance(exc, RunError) else RunError(
                 f"{run_dir}: cannot prepare the run directory ({exc.strerror or exc}); free space or make it "

@@ -98,12 +98,12 @@ def test_fresh_starts_over(project):
     assert train_losses(run_dir)[1] == first[1]
     assert sorted(train_losses(run_dir)) == [1, 2, 3, 4]
 
-    # running a finished run again resumes at its last step and trains nothing more
-    before = (run_dir / "metrics.jsonl").read_text()
+    # running a finished run again says so and trains nothing: its records stay as they are
+    before = {name: (run_dir / name).read_bytes() for name in ("metrics.jsonl", "run.json", "best.json")}
     run_bundle(bundle, run_dir=run_dir)
-    assert (run_dir / "metrics.jsonl").read_text() == before
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
     record = json.loads((run_dir / "run.json").read_text())
-    assert record["resumed_step"] == 4 and record["status"] == "finished"
+    assert record["resumed_step"] == 0 and record["status"] == "finished"
 
 
 def test_behaviour_eval_at_checkpoints_does_not_perturb_training(project):
