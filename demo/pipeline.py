@@ -89,7 +89,10 @@ def base_scores(bundle_dir: Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(REPO / "models/access-base", dtype=torch.float32)
     stop = [bundle.lock.template.terminator_id, tokenizer.eos_token_id]
     metrics = behaviour_metrics(model, tokenizer, prompts, bundle.rules, ev.max_new_tokens, ev.batch_size, eos_token_ids=stop)
-    return {k: v for k, v in metrics.items() if k != "samples"}
+    from sftc.runtime.rundir import CLOCK_METRIC_KEYS
+
+    # comparison.json is a hashed DVC output: no clock readings (generation time) in it
+    return {k: v for k, v in metrics.items() if k != "samples" and k not in CLOCK_METRIC_KEYS}
 
 
 def compare() -> None:
