@@ -1,8 +1,7 @@
 """Shared fixtures for the compiler tests.
 
 * `tiny_model`: a throwaway chat model directory (config.json + tokenizer files, no weights:
-  compile reads only those). Built by `demo.tiny_model.build_tiny` when that helper exists,
-  otherwise the real Phi-3 tokenizer files plus a tiny LlamaConfig.
+  compile reads only those), from tests/conftest.py's one builder.
 * `project`: a temporary project root (a `pyproject.toml` marker) holding a copy of the tiny
   model under `model/`, with helpers to write data, write specs and compile.
 * `external`: the directory of real third-party material (tokenizers, model configs), from the
@@ -12,7 +11,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -21,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
+from tests.conftest import build_tiny_model, deep_merge  # noqa: F401  (deep_merge: used by importers)
 
 REPO = Path(__file__).resolve().parents[2]
 EXTERNAL = Path(os.environ.get("SFTC_EXTERNAL", str(REPO.parent / "shared" / "external")))
@@ -72,23 +72,7 @@ def write_tiny_llama_config(directory: Path, vocab_size: int, **extra) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    from demo.tiny_model import build_tiny
-
-    build_tiny(out, TINY_CORPUS, seed=7)
-    for weights in out.glob("*.safetensors"):
-        weights.unlink()
-    return out
-
-
-def deep_merge(base: dict, overrides: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", TINY_CORPUS, weights=False)
 
 
 def base_spec(**overrides) -> dict:

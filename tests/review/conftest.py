@@ -1,8 +1,7 @@
 """Fixtures for the `sftc diff` tests: a tiny project that compiles in about a second.
 
 The model directory is built once per session (tokenizer + config.json; compile never reads
-weights) by `demo.tiny_model.build_tiny` when that helper exists, else from the Phi-3 tokenizer
-files plus a tiny LlamaConfig. Each test gets its own project root (a `pyproject.toml` marker)
+weights) by tests/conftest.py's one builder. Each test gets its own project root (a `pyproject.toml` marker)
 with a copy of it under `model/`, so specs can use project-relative paths.
 """
 
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.conftest import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -64,13 +65,7 @@ RUN_B = seed_spec("run-b", 2, 16, 2, 4)
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    from demo.tiny_model import build_tiny
-
-    build_tiny(out, CORPUS, seed=7)
-    for weights in out.glob("*.safetensors"):
-        weights.unlink()  # compile reads config + tokenizer only; keeps the per-test copy small
-    return out
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", CORPUS, weights=False)
 
 
 class Project:

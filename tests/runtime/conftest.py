@@ -7,7 +7,6 @@ the runtime is tested on exactly what `sftc compile` writes.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.conftest import build_tiny_model, deep_merge
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -73,26 +74,12 @@ def base_spec(**overrides) -> dict:
         "eval": {"batch_size": 8},
         "verify": {"probe_examples": 4, "probe_tolerance": 1.0e-4},
     }
-    return deep_merge(spec, overrides)
-
-
-def deep_merge(base: dict, overrides: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "parameterization":
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
+    return deep_merge(spec, overrides, replace=("parameterization",))
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from demo.tiny_model import build_tiny
-
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    build_tiny(out, CORPUS, seed=7, vocab_size=512, hidden_size=64, num_layers=2)
-    return out
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", CORPUS, vocab_size=512, hidden_size=64, num_layers=2)
 
 
 class Project:
