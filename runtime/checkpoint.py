@@ -264,12 +264,16 @@ def _remove(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def rotate(root: Path, keep_last: int, best_step: int | None) -> list[int]:
-    """Delete complete checkpoints beyond the newest `keep_last`, never the best. Returns deleted steps.
+def rotate(root: Path, keep_last: int, best_step: int | None, protect: tuple[int, ...] = ()) -> list[int]:
+    """Delete complete checkpoints beyond the newest `keep_last`, never the best nor a `protect`ed one
+    (the checkpoint this session resumed from). Returns deleted steps.
     A damaged one (its seal broken) does not count towards keep_last: it could never be resumed from,
-    and a later save of that step replaces it."""
+    and a later save of that step replaces it. File contents are not hashed here (that would read
+    every checkpoint's weights at every save), so a newer checkpoint whose weights rotted still counts:
+    hence the resume checkpoint is protected explicitly (found by scripts/fault_campaign.py: a
+    resume from checkpoint-4 with rotted 6 and 8 on disk deleted checkpoint-4 before loading it)."""
     complete = [(s, p) for s, p in checkpoint_dirs(root) if validate(p, verify_hashes=False)[0] is not None]
-    keep = {s for s, _ in complete[-keep_last:]}
+    keep = {s for s, _ in complete[-keep_last:]} | set(protect)
     if best_step is not None:
         keep.add(best_step)
     deleted = []
@@ -459,7 +463,8 @@ def settle(run, step: int | None = None) -> dict:
                                    allow_incomplete_history=run.allow_incomplete_history)
     # keep the fallback too: with nothing eligible it is what a forced export would use
     keep = selection.get("best_step") if selection.get("best_step") is not None else selection.get("fallback_step")
-    deleted = rotate(run.run_dir / "checkpoints", run.bundle.spec.checkpoint.keep_last, keep)
+    resumed = () if run.last_checkpoint is None else (int(Path(run.last_checkpoint).name.rsplit("-", 1)[-1]),)
+    deleted = rotate(run.run_dir / "checkpoints", run.bundle.spec.checkpoint.keep_last, keep, protect=resumed)
     if deleted:
         run.append_metrics({"kind": "rotate", "step": step if step is not None else run.start_step,
                             "deleted": deleted, "best_step": selection.get("best_step")})
