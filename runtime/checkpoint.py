@@ -367,7 +367,7 @@ def save_checkpoint(trainer, model) -> Path:
         else:
             trainer.save_model(out, _internal_call=True)
             trainer._save_optimizer_and_scheduler(out)
-        _sort_adapter_sets(staging)
+        _sort_adapter_sets(staging, run.bundle.spec.model.path)
         # HF pickles its TrainingArguments here (absolute output_dir included). Nothing reads it on
         # resume, it can only be loaded by unpickling, and it would put a machine path in the run.
         (staging / "training_args.bin").unlink(missing_ok=True)
@@ -404,14 +404,21 @@ def save_checkpoint(trainer, model) -> Path:
     return run.last_checkpoint
 
 
-def _sort_adapter_sets(staging: Path) -> None:
+def _sort_adapter_sets(staging: Path, base: str | None = None) -> None:
     """peft keeps target_modules as a set and writes it in hash order, which differs per process
     (PYTHONHASHSEED): the same adapter would get different checkpoint and export bytes after a
-    resume. Written sorted, in peft's own format, it is the same bytes in every process."""
+    resume. Written sorted, in peft's own format, it is the same bytes in every process.
+    peft also records the base by the absolute path it was loaded from (and repeats it in an
+    auto-generated README.md): the checkpoint names it as the spec does (`base`, project-relative
+    or a hub id) and drops that README, so no checkpoint holds a path of this machine (the export
+    writes its own card)."""
     path = staging / "adapter_config.json"
     if not path.is_file():
         return
+    (staging / "README.md").unlink(missing_ok=True)
     config = json.loads(path.read_text(encoding="utf-8"))
+    if base is not None:
+        config["base_model_name_or_path"] = base
     for key in ("target_modules", "exclude_modules"):
         if isinstance(config.get(key), list) and all(isinstance(v, str) for v in config[key]):
             config[key] = sorted(config[key])
