@@ -423,7 +423,11 @@ def campaign(faults: int, seed: int, size_name: str, work: Path, log=print) -> d
                     trial_faults.append(fault)
                     log(f"trial {trial}: fault {len(injected) + len(trial_faults)}: {fault}, "
                         f"newest valid now {newest_valid(ck_root)[0]}")
-                    if fault["kind"] == "kill_during_checkpoint" and (ck_root / f"checkpoint-{fault['step']}").exists():
+                    # a half-written save under its final name; an older checkpoint of the same step that
+                    # this campaign corrupted earlier may still sit there (it is replaced on rename)
+                    name = f"checkpoint-{fault.get('step')}"
+                    corrupted_before = any(f.get("checkpoint") == name for f in trial_faults[:-1])
+                    if fault["kind"] == "kill_during_checkpoint" and (ck_root / name).exists() and not corrupted_before:
                         report["half_checkpoints_visible"] += 1
                         trial_ok = False
                     continue
