@@ -24,6 +24,12 @@ def build_tiny_model(out: Path, corpus: list[str], weights: bool = True, **sizes
     return out
 
 
+def without_progress(output: str) -> str:
+    """CLI output without the progress lines (`sftc: ...`) a slow step prints before its result:
+    on a loaded machine even a tiny compile can pass the one-second mark (sftc/stages.py)."""
+    return "\n".join(line for line in output.splitlines() if not line.startswith("sftc: ")).lstrip()
+
+
 def deep_merge(base: dict, overrides: dict, replace: tuple[str, ...] = ()) -> dict:
     """`base` with `overrides` merged in, mapping by mapping; keys in `replace` are replaced whole
     (a parameterization of another kind must not keep the old kind's fields)."""

@@ -16,6 +16,7 @@ from sftc.cli import main
 from sftc.errors import DataError, SftcError, SpecError
 
 from .conftest import base_spec, external_path, read_jsonl
+from tests.conftest import without_progress
 
 ROWS = [
     {"thread_id": f"T{i}", "prompt": f"Key number {i} is stale.", "completion": f"Rotate key {i}."} for i in range(10)
@@ -35,7 +36,7 @@ def _cli_fails(project, spec, *needles):
     assert result.exit_code == 2, output
     assert isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in output
-    assert output.lstrip().startswith("error:")
+    assert without_progress(output).startswith("error:")
     for needle in needles:
         assert needle in output, f"{needle!r} not in:\n{output}"
     _assert_clean(project)

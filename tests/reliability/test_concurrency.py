@@ -15,6 +15,7 @@ from sftc.runtime.verify import verify_bundle
 from tests.compiler.conftest import base_spec
 
 from .conftest import REPO, subprocess_env
+from tests.conftest import without_progress
 
 
 def _sftc(*args) -> list[str]:
@@ -39,7 +40,7 @@ def test_second_run_on_the_same_run_dir_is_refused(project, figures):
         figures["concurrency_cases"] += 1
         assert second.returncode == 2, second.stderr[-2000:]
         assert "Traceback" not in second.stderr
-        assert second.stderr.lstrip().startswith("error:")
+        assert without_progress(second.stderr).startswith("error:")
         assert "another `sftc run`" in second.stderr and f"pid {first.pid}" in second.stderr
     finally:
         out, err = first.communicate(timeout=300)

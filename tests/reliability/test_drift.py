@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 import sftc.runtime.verify
 from sftc.cli import main
+from tests.conftest import without_progress
 
 REPO = Path(__file__).resolve().parents[2]
 DRIFTED = "0.0.1+drift"
@@ -72,7 +73,7 @@ def test_drift_is_refused_by_verify_and_run(project, monkeypatch, case, figures)
     for command in (["verify", bundle], ["run", bundle, "--run-dir", run_dir]):
         result, out = _cli(*command)
         figures["tracebacks"] += int(result.exception is not None and not isinstance(result.exception, SystemExit))
-        if result.exit_code == 2 and out.lstrip().startswith("error:") and needle in out and "Traceback" not in out:
+        if result.exit_code == 2 and without_progress(out).startswith("error:") and needle in out and "Traceback" not in out:
             caught += 1
     figures["drift_caught"] += int(caught == 2)
     assert caught == 2, f"{case}: refused by {caught} of verify/run"

@@ -26,6 +26,7 @@ from sftc.cli import main
 from sftc.errors import DataError
 
 from tests.compiler.conftest import base_spec, read_jsonl
+from tests.conftest import without_progress
 
 EXAMPLES = int(os.environ.get("SFTC_FUZZ_EXAMPLES", "1"))  # scripts/reliability_report.py --fuzz-scale
 SETTINGS = settings(max_examples=200 * EXAMPLES, deadline=None,
@@ -207,7 +208,7 @@ def test_compile_of_unusable_data_fails_cleanly(cproject, name, payload, needle,
     result = CliRunner().invoke(main, ["compile", str(spec)])
     figures["tracebacks"] += int(result.exception is not None and not isinstance(result.exception, SystemExit))
     assert result.exit_code == 2, result.output
-    assert result.output.lstrip().startswith("error:") and "Traceback" not in result.output
+    assert without_progress(result.output).startswith("error:") and "Traceback" not in result.output
     assert needle in result.output, result.output
     if payload:  # an empty file has no row to name; every other case names the file
         assert f"data/{name}" in result.output, result.output

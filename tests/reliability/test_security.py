@@ -27,6 +27,7 @@ from sftc.errors import SftcError, SpecError
 from sftc.io import pretty_json
 
 from tests.compiler.conftest import base_spec
+from tests.conftest import without_progress
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = (REPO / "templates" / "chat" / "access-policy.jinja").read_text()
@@ -83,7 +84,7 @@ def test_template_reaching_python_internals_fails_in_the_sandbox(cproject, name,
     result = CliRunner().invoke(main, ["compile", str(spec)])
     assert result.exit_code == 2, result.output
     out = result.output
-    assert out.lstrip().startswith("error:") and "Traceback" not in out
+    assert without_progress(out).startswith("error:") and "Traceback" not in out
     assert "template.chat: templates/evil.jinja: rendering" in out and "failed" in out, out
     assert "SecurityError" in out or "sandbox" in out.lower() or "MAX_RANGE" in out, out
     assert not marker.exists()
@@ -103,7 +104,7 @@ def test_payload_in_a_branch_only_real_rows_reach_is_still_caught(cproject):
     spec = cproject.write_spec(base_spec(template={"chat": "templates/evil.jinja", "system": "Be careful."}))
     result = CliRunner().invoke(main, ["compile", str(spec)])
     assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and result.output.lstrip().startswith("error:")
+    assert "Traceback" not in result.output and without_progress(result.output).startswith("error:")
     assert "SecurityError" in result.output or "unsafe" in result.output, result.output
 
 
