@@ -1,16 +1,19 @@
 #!/usr/bin/env python
-"""Fault campaign: kill `sftc run` at random moments and inside checkpoint writes, rot checkpoints
-on disk, resume each time, and require the finished run to equal an uninterrupted one bit for bit.
+"""Fault campaign: kill `sftc run` at random moments, inside checkpoint writes and mid-export, kill
+`sftc compile` mid-staging, rot checkpoints on disk, resume each time, and require the finished run
+to equal an uninterrupted one bit for bit, with no record lost and no staging dir leaked.
 
     python scripts/fault_campaign.py --faults 3 --seed 0 --size small            # what CI runs (tests/reliability)
     python scripts/fault_campaign.py --faults 40 --seed 1 --size large --out reports/reliability.json
+    python scripts/fault_campaign.py --faults 2 --kinds kill_during_export,kill_during_compile  # only these
 
 What it does:
   1. builds a throwaway project (tiny Llama-style model from demo/tiny_model.py, a few dozen
      prompt/completion rows, a LoRA spec with dropout so the RNG state must survive a resume, and
      a small checkpoint.every_steps), compiles it;
   2. runs `sftc run BUNDLE --run-dir reference` once, uninterrupted;
-  3. injects N faults into trials (one run directory each), cycling through four kinds:
+  3. injects N faults into trials (one run directory each), cycling through these kinds (or the
+     ones --kinds names):
        kill_during_checkpoint  SIGKILL while checkpoint-<k> is half-written (runtime hook
                                SFTC_FAULT_KILL_DURING_CHECKPOINT=<k>:files|manifest)
        corrupt_checkpoint      between sessions, flip one byte of / truncate one file of the newest
@@ -22,6 +25,14 @@ What it does:
        kill_after_final_checkpoint  the same right after the last checkpoint, before best.json,
                                rotation and export: the next session trains nothing and must still
                                select, rotate and export exactly what the reference did
+       kill_during_export      SIGKILL with the export staged and fsynced, before its rename
+                               (SFTC_FAULT_KILL_IN_STAGING=export): RUN/.export.pidN.*.tmp is left;
+                               the next session must remove it and export what the reference did
+       kill_during_compile     between sessions, `sftc compile SPEC --force` SIGKILLed the same way
+                               with its bundle staged (SFTC_FAULT_KILL_IN_STAGING=<bundle id>):
+                               bundles/.<id>.pidN.*.tmp must be left (the kill landed mid-staging),
+                               and the same command run again must remove it and write a bundle
+                               whose every file has the sha256 of the original
      after each fault the same command is started again (it resumes), until the run finishes;
   4. checks, for every session, that it resumed from the newest checkpoint that was valid when it
      started (never from a half-written or corrupted one: `runtime.checkpoint.validate` is run on
@@ -30,11 +41,18 @@ What it does:
      at the end that the final checkpoint's tensors, every logged loss, the selected best, the
      checkpoints rotation kept and the exported weights equal the reference exactly (CPU, one
      thread), and that no staging dir of a checkpoint, an export or a compile is left.
+  5. counts, per trial and in total, `records_lost` (train and eval lines of the reference's
+     metrics.jsonl, by kind and step, missing or different in the finished trial, plus every line
+     the runtime quarantined as damaged; a torn last line of a killed write is counted apart, as
+     `torn_lines`, since the resume logs its record again and a record it failed to would show as
+     missing) and `leaks` (staging/trash dirs of checkpoints, exports and compiles left after the
+     trial finished, or after a killed compile was run again).
 
 A fault counts as injected when it happened (a kill that came after the process had already
 finished does not count), and as survived when its trial finished bit-identical to the reference
-with every resume correct. The JSON report goes to stdout, and with --out is merged into that file
-(key "fault_campaign" plus the top-level fault figures).
+with every resume correct, no record lost and no leak. `sigkills` counts the injected faults that
+were a SIGKILL (every kind but corrupt_checkpoint). The JSON report goes to stdout, and with --out
+is merged into that file (key "fault_campaign" plus the top-level fault figures).
 """
 
 from __future__ import annotations
@@ -55,10 +73,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from sftc.io import KILL_IN_STAGING_ENV  # noqa: E402
 from sftc.runtime import checkpoint as ckpt  # noqa: E402  (light: numpy and sftc.io only)
 
 KINDS = ("kill_during_checkpoint", "corrupt_checkpoint", "kill_random", "kill_after_checkpoint",
-         "kill_after_final_checkpoint")
+         "kill_after_final_checkpoint", "kill_during_export", "kill_during_compile")
 # Files of an export that name the run (its directory) rather than carry what it selected.
 NAMING_THE_RUN = ("provenance.json", "README.md")
 SIZES = {
@@ -69,7 +88,7 @@ SIZES = {
 }
 DECISIONS = ["approve", "deny", "escalate", "request_evidence", "revoke"]
 SUBJECTS = ["stale key", "expired badge", "admin role", "vpn token", "service account", "shared login"]
-FAULT_ENV = (ckpt.KILL_AFTER_ENV, ckpt.KILL_DURING_ENV, ckpt.ENOSPC_ENV)
+FAULT_ENV = (ckpt.KILL_AFTER_ENV, ckpt.KILL_DURING_ENV, ckpt.ENOSPC_ENV, KILL_IN_STAGING_ENV)
 
 
 # --- the throwaway project -------------------------------------------------------------------
@@ -234,6 +253,66 @@ def leftovers(ck_root: Path) -> list[str]:
     return sorted(p.name for p in ck_root.iterdir() if p.name.startswith(".checkpoint-") or p.name.startswith(".trash-"))
 
 
+def records_lost(reference: Path, run_dir: Path) -> tuple[list[str], int]:
+    """(the reference's train/eval records missing or different in run_dir's metrics log, and
+    every damaged line there, quarantined or not; the number of torn tails the resume logged again)."""
+    from sftc.runtime.rundir import METRICS, read_metrics_log
+
+    def by_key(log) -> dict:
+        return {(line["kind"], line["step"]): line for line in log.lines if line["kind"] in ("train", "eval")}
+
+    ref_log, got_log = read_metrics_log(reference), read_metrics_log(run_dir)
+    want, have = by_key(ref_log), by_key(got_log)
+    lost = [f"{kind} step {step}: {'missing' if (kind, step) not in have else 'differs'}"
+            for kind, step in sorted(want) if have.get((kind, step)) != want[(kind, step)]]
+    # a torn tail in a torn-N file is the unterminated last line of a killed write: not damage,
+    # its record is logged again (or it shows above as missing); any other damaged line is lost
+    torn = [d for d in got_log.damaged if d.torn and d.source != METRICS]
+    lost += [f"{d.source} line {d.line}: damaged ({d.kind or '?'} step {d.step})"
+             for d in got_log.damaged if d not in torn]
+    return lost, len(torn)
+
+
+def bundle_files(bundle: Path) -> dict[str, str]:
+    from sftc.io import sha256_file
+
+    return {str(p.relative_to(bundle)): sha256_file(p) for p in sorted(bundle.rglob("*")) if p.is_file()}
+
+
+def compile_staging(bundle: Path) -> list[str]:
+    return sorted(p.name for p in bundle.parent.iterdir()
+                  if p.name.startswith(f".{bundle.name}.") and p.name.endswith((".tmp", ".old")))
+
+
+def compile_fault(spec: Path, bundle: Path, log: Path) -> dict:
+    """kill_during_compile: `sftc compile SPEC --force` SIGKILLed with the bundle staged, before
+    its rename; then the same command again must clean the staging and rewrite the same bytes."""
+    command = [sys.executable, "-m", "sftc.cli", "compile", str(spec), "--force", "--quiet"]
+    before = bundle_files(bundle)
+    with open(log, "w", encoding="utf-8") as out:
+        killed = subprocess.run(command, cwd=REPO, env=session_env({KILL_IN_STAGING_ENV: bundle.name}),
+                                stdout=out, stderr=subprocess.STDOUT, timeout=600)
+    staging_left = compile_staging(bundle)
+    again_log = log.with_name(log.stem + "-again.log")
+    with open(again_log, "w", encoding="utf-8") as out:
+        again = subprocess.run(command, cwd=REPO, env=session_env(), stdout=out, stderr=subprocess.STDOUT, timeout=600)
+    output = again_log.read_text(encoding="utf-8", errors="replace")
+    left_after = compile_staging(bundle)
+    problems = []
+    if killed.returncode == -signal.SIGKILL and not staging_left:
+        problems.append("killed, but no bundle staging dir was left (the kill did not land mid-staging)")
+    if again.returncode != 0:
+        problems.append(f"the compile run again failed (rc {again.returncode}): {output[-1000:]}")
+    if left_after:
+        problems.append(f"the compile run again left staging behind: {left_after}")
+    after = bundle_files(bundle) if bundle.is_dir() else {}
+    if after != before:
+        differ = sorted({name for name, _ in set(after.items()) ^ set(before.items())})
+        problems.append(f"the bundle rewritten differs from the original in {differ[:4]}")
+    return {"injected": killed.returncode == -signal.SIGKILL, "bundle": bundle.name, "staging_left": staging_left,
+            "leaks": left_after, "traceback": "Traceback (most recent call last)" in output, "problems": problems}
+
+
 def checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted({line["step"] for line in _metrics(run_dir) if line["kind"] == "eval"})
 
@@ -313,7 +392,7 @@ def corrupt_newest(ck_root: Path, rng: random.Random) -> dict | None:
 # --- the campaign ----------------------------------------------------------------------------
 
 
-def campaign(faults: int, seed: int, size_name: str, work: Path, log=print) -> dict:
+def campaign(faults: int, seed: int, size_name: str, work: Path, log=print, kinds: tuple[str, ...] = KINDS) -> dict:
     size = SIZES[size_name]
     rng = random.Random(seed)
     t0 = time.monotonic()
@@ -335,6 +414,7 @@ def campaign(faults: int, seed: int, size_name: str, work: Path, log=print) -> d
         "size": size_name, "seed": seed, "faults_requested": faults, "optimizer_steps": steps,
         "checkpoint_steps": ck_steps, "faults": [], "trials": [], "sessions": 1,
         "corrupt_checkpoints_loaded": 0, "wrong_resumes": 0, "half_checkpoints_visible": 0, "tracebacks": 0,
+        "kinds": list(kinds), "records_lost": 0, "leaks": 0, "torn_lines": 0,
     }
     injected: list[dict] = []
     kind_at = 0
@@ -345,6 +425,7 @@ def campaign(faults: int, seed: int, size_name: str, work: Path, log=print) -> d
         run_dir = runs / f"trial-{trial}"
         ck_root = run_dir / "checkpoints"
         trial_faults: list[dict] = []
+        compile_leaks: list[str] = []
         trial_ok = True
         finished = False
         sessions = 0
@@ -355,7 +436,7 @@ def campaign(faults: int, seed: int, size_name: str, work: Path, log=print) -> d
             fault = None
             env, kill_after = {}, None
             if want_fault:
-                kind = KINDS[kind_at % len(KINDS)]
+                kind = kinds[kind_at % len(kinds)]
                 ahead = [s for s in ck_steps if s > (resume_step or 0)]
                 if kind == "kill_after_final_checkpoint" and ck_steps[-1] not in ahead:
                     kind = "corrupt_checkpoint"
@@ -370,6 +451,23 @@ def campaign(faults: int, seed: int, size_name: str, work: Path, log=print) -> d
                     kind_at += 1
                     log(f"trial {trial}: fault {len(injected) + len(trial_faults)}: {kind} {what}")
                     continue  # the next loop's session must skip it; it may carry the next fault
+                if kind == "kill_during_compile":
+                    kind_at += 1
+                    what = compile_fault(work / "proj" / "spec.yaml", bundle,
+                                         logs / f"trial-{trial}-compile-{kind_at}.log")
+                    fault = {"kind": kind, **what}
+                    if what["traceback"]:
+                        report["tracebacks"] += 1
+                    compile_leaks += what["leaks"]
+                    if not what["injected"]:
+                        log(f"trial {trial}: {kind} did not land (the compile ended first)")
+                        continue
+                    trial_faults.append(fault)
+                    if what["problems"] or what["traceback"]:
+                        trial_ok = False
+                    log(f"trial {trial}: fault {len(injected) + len(trial_faults)}: {kind} "
+                        f"staging left {what['staging_left']}, {what['problems'] or 'rewritten identically'}")
+                    continue  # the next loop's session runs on the bundle compiled again
                 if kind == "kill_during_checkpoint":
                     target, phase = rng.choice(ahead), rng.choice(ckpt.KILL_PHASES)
                     env = {ckpt.KILL_DURING_ENV: f"{target}:{phase}"}
@@ -378,6 +476,9 @@ def campaign(faults: int, seed: int, size_name: str, work: Path, log=print) -> d
                     target = ck_steps[-1] if kind == "kill_after_final_checkpoint" else rng.choice(ahead)
                     env = {ckpt.KILL_AFTER_ENV: str(target)}
                     fault = {"kind": kind, "step": target}
+                elif kind == "kill_during_export":
+                    env = {KILL_IN_STAGING_ENV: "export"}
+                    fault = {"kind": kind}
                 else:
                     remaining = (steps - (resume_step or 0)) / steps
                     kill_after = round(rng.uniform(0.0, 0.95 * train_s * remaining), 3)
@@ -419,7 +520,9 @@ def campaign(faults: int, seed: int, size_name: str, work: Path, log=print) -> d
                 fault["injected"] = result["killed"]
                 fault["resume_step_before"] = resume_step
                 if result["killed"]:
-                    fault["staging_left"] = leftovers(ck_root)  # the half-written save the next session must clean
+                    # the half-written save or export the next session must clean
+                    fault["staging_left"] = (staging_leaks(run_dir) if fault["kind"] == "kill_during_export"
+                                             else leftovers(ck_root))
                     trial_faults.append(fault)
                     log(f"trial {trial}: fault {len(injected) + len(trial_faults)}: {fault}, "
                         f"newest valid now {newest_valid(ck_root)[0]}")
@@ -445,12 +548,21 @@ def campaign(faults: int, seed: int, size_name: str, work: Path, log=print) -> d
                 break
 
         problems = compare(reference, run_dir, steps) if finished else ["did not finish"]
-        survived = trial_ok and not problems
+        lost, torn = records_lost(reference, run_dir)
+        leaked = leftovers(ck_root) + staging_leaks(run_dir) + compile_leaks
+        if lost:
+            log(f"trial {trial}: {len(lost)} record(s) lost: {lost[:6]}")
+        survived = trial_ok and not problems and not lost and not leaked
         for f in trial_faults:
             f["survived"] = survived
         injected.extend(trial_faults)
+        report["records_lost"] += len(lost)
+        report["leaks"] += len(leaked)
+        report["torn_lines"] += torn
         report["trials"].append({"trial": trial, "faults": len(trial_faults), "sessions": sessions,
-                                 "bit_identical": not problems, "problems": problems})
+                                 "bit_identical": not problems, "problems": problems,
+                                 "records_lost": len(lost), "lost": lost[:10], "leaks": len(leaked),
+                                 "leaked": leaked, "torn_lines": torn})
         log(f"trial {trial}: {len(trial_faults)} fault(s), {sessions} session(s), "
             f"{'bit-identical to the reference' if not problems else problems}")
 
@@ -458,6 +570,7 @@ def campaign(faults: int, seed: int, size_name: str, work: Path, log=print) -> d
     report["faults_injected"] = len(injected)
     report["faults_survived"] = sum(1 for f in injected if f.get("survived"))
     report["by_kind"] = {k: sum(1 for f in injected if f["kind"] == k) for k in KINDS}
+    report["sigkills"] = sum(1 for f in injected if f["kind"] != "corrupt_checkpoint")
     report["wall_s"] = round(time.monotonic() - t0, 1)
     return report
 
@@ -465,7 +578,7 @@ def campaign(faults: int, seed: int, size_name: str, work: Path, log=print) -> d
 def merge_into(out: Path, report: dict) -> None:
     data = json.loads(out.read_text()) if out.is_file() else {}
     data["fault_campaign"] = report
-    for key in ("faults_injected", "faults_survived", "corrupt_checkpoints_loaded"):
+    for key in ("faults_injected", "faults_survived", "corrupt_checkpoints_loaded", "records_lost", "leaks"):
         data[key] = report[key]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -476,12 +589,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--faults", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help=f"comma-separated fault kinds to cycle through (default: all, {','.join(KINDS)})")
     parser.add_argument("--out", type=Path, default=None, help="merge the figures into this JSON file")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the project and logs here (default: a temp dir, removed)")
     args = parser.parse_args(argv)
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or not kinds:
+        parser.error(f"--kinds: unknown kind(s) {unknown}; choose from {', '.join(KINDS)}")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="sftc-faults-"))
     try:
-        report = campaign(args.faults, args.seed, args.size, work, log=lambda m: print(m, file=sys.stderr, flush=True))
+        report = campaign(args.faults, args.seed, args.size, work, log=lambda m: print(m, file=sys.stderr, flush=True),
+                          kinds=kinds)
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -494,4 +614,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     result = main()
     sys.exit(0 if result["faults_survived"] == result["faults_injected"] == result["faults_requested"]
-             and not result["corrupt_checkpoints_loaded"] and not result["tracebacks"] else 1)
+             and not result["corrupt_checkpoints_loaded"] and not result["tracebacks"]
+             and not result["records_lost"] and not result["leaks"] else 1)

@@ -26,8 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-KEYS = ("faults_injected", "faults_survived", "corrupt_checkpoints_loaded", "inputs_tried", "tracebacks", "hangs",
-        "drift_cases", "drift_caught")
+KEYS = ("faults_injected", "faults_survived", "corrupt_checkpoints_loaded", "records_lost", "leaks", "inputs_tried",
+        "tracebacks", "hangs", "drift_cases", "drift_caught")
 FAMILY_PREFIX = "inputs_tried_"  # tests count each input under inputs_tried and inputs_tried_<family>
 
 
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         campaign = fault_campaign.main(["--faults", str(args.faults), "--seed", str(args.seed), "--size", args.size])
         report["fault_campaign"] = {k: v for k, v in campaign.items() if k != "faults"}
         report["fault_campaign"]["faults"] = campaign["faults"]
-        for key in ("faults_injected", "faults_survived", "corrupt_checkpoints_loaded", "tracebacks"):
+        for key in ("faults_injected", "faults_survived", "corrupt_checkpoints_loaded", "records_lost", "leaks",
+                    "tracebacks"):
             report[key] += int(campaign[key])
     report["generated"] = {
         "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: report[k] for k in KEYS} | {"tests": tests}, indent=2))
     ok = tests["exit_code"] == 0 and report["faults_survived"] == report["faults_injected"] \
         and not report["corrupt_checkpoints_loaded"] and not report["tracebacks"] and not report["hangs"] \
-        and report["drift_caught"] == report["drift_cases"]
+        and not report["records_lost"] and not report["leaks"] and report["drift_caught"] == report["drift_cases"]
     return 0 if ok else 1
 
 

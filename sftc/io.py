@@ -7,11 +7,13 @@ half-written" is enforced in one place: write to a temporary sibling, fsync, ren
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -88,6 +90,12 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, pretty_json(obj))
 
 
+# A test hook for the fault campaign (scripts/fault_campaign.py) and tests/reliability:
+# SFTC_FAULT_KILL_IN_STAGING=<final dir name or fnmatch glob> SIGKILLs this process in staging_dir
+# once a matching directory is staged and fsynced, before its rename: a kill mid-compile
+# (bundles/<id>) or mid-export (RUN/export). The staging dir must be removed by the next writer.
+KILL_IN_STAGING_ENV = "SFTC_FAULT_KILL_IN_STAGING"
+
 _OWNER = re.compile(r"\.pid(\d+)(?:[.-]|$)")
 # staging_dir's names: `.<final>.pid<N>.<mkdtemp's 8 characters>.tmp|.old`, or without the pid
 # (older sftc); nothing else in the directory is touched
@@ -147,6 +155,9 @@ def staging_dir(final: str | os.PathLike, replace: bool = False) -> Iterator[Pat
             if file.is_file():
                 with open(file, "rb") as handle:
                     os.fsync(handle.fileno())
+        kill = os.environ.get(KILL_IN_STAGING_ENV)
+        if kill and fnmatch.fnmatchcase(final.name, kill):
+            os.kill(os.getpid(), signal.SIGKILL)
         if replace and final.exists():
             aside = Path(tempfile.mkdtemp(prefix=owner, suffix=".old", dir=final.parent))
             os.rename(final, aside / final.name)
