@@ -208,6 +208,7 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
         sampler=LockedOrderSampler(bundle.train.epochs),
     )
     run.trainer = trainer
+    tracking.attach(trainer, run_dir)
     if d.fsdp:
         keep_fsdp_unwrapped(trainer, model)
     trainer.remove_callback(PrinterCallback)  # it prints every log dict when tqdm is off
@@ -257,7 +258,8 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         try:
-            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            with tracking.environment(getattr(watch, "project", None)):
+                trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised or turned into a clear error
             raise _ended_badly(d, run_dir, record, run, trainer, exc) from None
 

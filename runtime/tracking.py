@@ -13,6 +13,7 @@ compiler leaves `tracking:` out of the hashed spec (a new tracker never changes 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -40,18 +41,46 @@ def check_available(names: list[str]) -> list[str]:
 
 
 def training_kwargs(names: list[str], run_dir: Path, project: str | None, run_name: str | None) -> dict[str, Any]:
-    """SFTConfig fields for the trackers. TensorBoard writes under RUN_DIR/tensorboard (HF's
-    TENSORBOARD_LOGGING_DIR), not inside checkpoints/ where HF would put it by default."""
+    """SFTConfig fields for the trackers. Nothing here touches the process environment: where
+    TensorBoard writes is set on its callback (`attach`), and the project names W&B and MLflow read
+    from the environment are set only while this run trains (`environment`)."""
     if not names:
         return {"report_to": "none"}
-    if "tensorboard" in names:
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
     kwargs: dict[str, Any] = {"report_to": list(names), "run_name": run_name or run_dir.name}
     if project:
-        kwargs["project"] = project  # trackio reads it from the args; W&B from WANDB_PROJECT
-        os.environ.setdefault("WANDB_PROJECT", project)
-        os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", project)
+        kwargs["project"] = project  # trackio reads it from the args
     return kwargs
+
+
+def attach(trainer, run_dir: Path) -> None:
+    """TensorBoard writes under RUN_DIR/tensorboard, not inside checkpoints/ where HF would put it
+    by default. Set on this trainer's callback, before its writer opens, rather than through HF's
+    TENSORBOARD_LOGGING_DIR: an environment variable would outlive the run and send a second run in
+    the same process to the first one's directory."""
+    for cb in _tracker_callbacks(trainer):
+        if type(cb).__name__ == "TensorBoardCallback" and getattr(cb, "tb_writer", None) is None:
+            cb.logging_dir = str(Path(run_dir) / "tensorboard")
+
+
+@contextlib.contextmanager
+def environment(project: str | None):
+    """W&B and MLflow take the project only from the environment (WANDB_PROJECT,
+    MLFLOW_EXPERIMENT_NAME, read when training begins): set for this run's training, then put back
+    as they were, so nothing leaks into a later run of the same process."""
+    if not project:
+        yield
+        return
+    keys = ("WANDB_PROJECT", "MLFLOW_EXPERIMENT_NAME")
+    before = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: project for k in keys})
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _tracker_callbacks(trainer) -> list:

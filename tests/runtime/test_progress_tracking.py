@@ -107,3 +107,30 @@ def test_unknown_or_missing_tracker_is_a_clear_error(project, monkeypatch):
     proc = subprocess.run([sys.executable, "-m", "sftc", "run", str(bundle), "--report-to", "neptune"],
                           cwd=project.root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "unknown tracker" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_tracker_settings_do_not_outlive_the_run(tmp_path, monkeypatch):
+    """A second run in the same process must not log to the first one's directory or project."""
+    pytest.importorskip("tensorboard")
+    from transformers.integrations import TensorBoardCallback
+
+    from sftc.runtime import tracking
+
+    for key in ("TENSORBOARD_LOGGING_DIR", "WANDB_PROJECT", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WANDB_PROJECT", "users-own")
+    before = dict(os.environ)
+    kwargs = tracking.training_kwargs(["tensorboard", "wandb"], tmp_path / "run-a", "access", None)
+    assert kwargs["project"] == "access" and dict(os.environ) == before
+    with tracking.environment("access"):
+        assert os.environ["WANDB_PROJECT"] == os.environ["MLFLOW_EXPERIMENT_NAME"] == "access"
+    assert dict(os.environ) == before, "the project leaked out of the run"
+
+    class FakeTrainer:  # the one attribute attach() reads: HF's callback handler
+        def __init__(self):
+            self.callback_handler = type("H", (), {"callbacks": [TensorBoardCallback()]})()
+
+    for name in ("run-a", "run-b"):
+        trainer = FakeTrainer()
+        tracking.attach(trainer, tmp_path / name)
+        assert trainer.callback_handler.callbacks[0].logging_dir == str(tmp_path / name / "tensorboard")
