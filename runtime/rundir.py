@@ -126,15 +126,17 @@ def write_run_json(run_dir, record: dict, tolerate_storage_errors: bool = False)
     a storage error is reported on stderr once and False comes back, so the original error is the
     one the user sees, not a chain of tracebacks."""
     stable, clock = split_clock(record)
+    target = Path(run_dir) / RUN_JSON
     try:
-        atomic_write_json(Path(run_dir) / RUN_JSON, stable)
-        atomic_write_json(Path(run_dir) / TIMINGS, clock)
+        atomic_write_json(target, stable)
+        target = Path(run_dir) / TIMINGS  # the status is recorded; only its clock readings are at stake now
+        atomic_write_json(target, clock)
         return True
     except OSError as exc:
         if not tolerate_storage_errors:
             raise
-        print(f"sftc: could not record status {record.get('status')!r} in {Path(run_dir) / RUN_JSON}: "
-              f"{exc.strerror or exc}", file=sys.stderr)
+        what = f"status {record.get('status')!r}" if target.name == RUN_JSON else "the clock readings"
+        print(f"sftc: could not record {what} in {target}: {exc.strerror or exc}", file=sys.stderr)
         return False
 
 
