@@ -134,6 +134,21 @@ def plan_updates(epochs: list[np.ndarray], per_device: int, grad_accum: int, max
     )
 
 
+def data_epochs(plan: list[dict], rows_per_epoch: int, world_size: int = 1) -> list[float]:
+    """Passes over the train rows completed after each update of `plan` (this rank's plan; every
+    rank draws the same number of rows per update): entry u-1 is the data epoch reached by update u.
+
+    Not HF's `state.epoch`, which is run progress over its sampler epochs: the compiler's order is
+    one flat stream, so HF counts the whole run as one epoch. Here 1.0 is one pass over the packed
+    train rows, and the last update reaches the lock's `budget.epochs` (same rounding: 4 places).
+    """
+    done, out = 0, []
+    for update in plan:
+        done += world_size * sum(len(mb) for mb in update["microbatches"])
+        out.append(round(done / max(rows_per_epoch, 1), 4))
+    return out
+
+
 class LockedOrderSampler:
     """Yields the bundle's locked row order for the epoch HF asks for, so a resumed run sees the
     same data. HF Trainer (and accelerate's DataLoaderShard / SkipBatchSampler on resume) call

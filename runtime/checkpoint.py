@@ -442,7 +442,7 @@ def record_evaluation(run, trainer, step: int, metrics: dict, sampler: dict, **e
     return {
         **identity(run.bundle.lock),
         "global_step": step,
-        "epoch": trainer.state.epoch,
+        "epoch": run.data_epoch(step),  # passes over the train rows, not HF's run progress
         "supervised_tokens_total": run.supervised_total,
         "metrics": metrics,
         "best_metric": best_metric(selection, run.bundle.spec),

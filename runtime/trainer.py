@@ -20,7 +20,7 @@ import numpy as np
 
 from sftc.errors import RunError
 from sftc.runtime import rundir
-from sftc.runtime.batching import LockedOrderSampler
+from sftc.runtime.batching import LockedOrderSampler, data_epochs
 from sftc.runtime.bundle import IGNORE, Bundle, TokenFile
 from sftc.runtime.checkpoint import save_checkpoint
 
@@ -59,6 +59,8 @@ class RunState:
         self.bundle = bundle
         self.run_dir = run_dir
         self.plan = plan
+        # data epoch reached after each update (runtime/batching.py data_epochs): what metrics record as "epoch"
+        self.data_epochs = None if plan is None else data_epochs(plan, bundle.train.n_rows, self.dist.world_size)
         self.pad_id = pad_id
         self.tokenizer = tokenizer
         self.supervised_total = supervised_total
@@ -130,6 +132,14 @@ class RunState:
             "tokens_per_s": self.update_tokens / elapsed if elapsed > 0 else None,
         }
         self.mb_in_update = self.update_supervised = self.update_tokens = 0
+
+    def data_epoch(self, step: int) -> float | None:
+        """Passes over the train rows done after update `step` (0 before the first); None without a plan."""
+        if self.data_epochs is None:
+            return None
+        if step <= 0:
+            return 0.0
+        return self.data_epochs[min(step, len(self.data_epochs)) - 1]
 
     def append_metrics(self, record: dict) -> None:
         if self.dist.is_main:  # one writer: rank 0
@@ -229,7 +239,7 @@ def make_trainer_class():
             record = {
                 "kind": "train",
                 "step": state.global_step,
-                "epoch": state.epoch,
+                "epoch": self.run.data_epoch(state.global_step),
                 "loss": logs["loss"],
                 "lr": logs.get("learning_rate"),
                 "grad_norm": logs.get("grad_norm"),
