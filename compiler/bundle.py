@@ -247,7 +247,7 @@ def _build(inputs: Inputs, out_root: Path, say=lambda text: None) -> tuple[Path,
     if not data.examples:
         names = ", ".join(f"{f['path']} ({f['rows_read']} rows)" for f in data.files)
         raise DataError(f"{src}: data.files: no row was accepted ({len(data.rejects)} rejected) in {names}",
-                        [f"{r.file}:{r.row}: {r.reason}: {r.detail}" for r in data.rejects[:10]])
+                        [f"{r.where}: {r.reason}: {r.detail}" for r in data.rejects[:10]])
     say(f"splitting {len(data.examples)} rows by group (near-duplicate search)")
     split = split_examples(data.examples, spec.split)
 
@@ -281,7 +281,7 @@ def _build(inputs: Inputs, out_root: Path, say=lambda text: None) -> tuple[Path,
             f"{src}: data.max_reject_fraction: {len(rejects)} of {rows_read} rows rejected ({fraction:.1%}), "
             f"allowed {spec.data.max_reject_fraction:.1%}",
             [f"{reason}: {n}" for reason, n in sorted(reasons.items())]
-            + [f"e.g. {r.file}:{r.row}: {r.reason}: {r.detail}" for r in rejects[:5]],
+            + [f"e.g. {r.where}: {r.reason}: {r.detail}" for r in rejects[:5]],
         )
     if not train_tok.input_ids:
         raise DataError(f"{src}: no train example survived tokenization")
@@ -324,7 +324,7 @@ def _build(inputs: Inputs, out_root: Path, say=lambda text: None) -> tuple[Path,
     if template is not None:
         for index, (example, prompt_ids) in enumerate(zip(eval_tok.examples, eval_tok.prompt_ids)):
             eval_prompts.append({
-                "index": index, "group": example.group, "source": example.ref,
+                "index": index, "group": example.group, "source": example.where,
                 "prompt_ids": [int(t) for t in prompt_ids],
                 "prompt_text": tokenizer.decode(prompt_ids),
                 "reference": example.messages[-1]["content"],

@@ -1,8 +1,9 @@
 """Pass 2: read rows and account for every one of them.
 
 Each input row ends in exactly one place: accepted (later train or eval) or rejected with its
-file, row number and reason. A row with no answer is not "missing metadata", it is a training
-example with nothing to teach, so it is rejected, never silently dropped.
+file, 1-based line (.jsonl) or row (.json, .parquet, datasets) number and reason. A row with no
+answer is not "missing metadata", it is a training example with nothing to teach, so it is
+rejected, never silently dropped.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
-from sftc.errors import DataError
+from sftc.errors import DataError, SftcError
 from sftc.io import sha256_file
 
 ROLES = ("system", "user", "assistant")
@@ -24,7 +25,13 @@ ROLES = ("system", "user", "assistant")
 
 @dataclass
 class Example:
-    """One accepted row, in the shape its format needs."""
+    """One accepted row, in the shape its format needs.
+
+    `row` is the 0-based index of the row among its file's rows (blank .jsonl lines not counted):
+    it feeds `ref`, the internal key that seeded choices hash (data.sources weights), so it must
+    not change. What users see is `at` (1-based: the physical .jsonl line, blank lines counted,
+    else the row index + 1) in `where`.
+    """
 
     file: str
     row: int
@@ -33,32 +40,64 @@ class Example:
     messages: list[dict[str, str]] | None = None  # prompt_completion rows become [user, assistant]
     text: str | None = None  # text rows (continued pretraining)
     source: int | None = None  # index in data.sources (None for data.files): its mixing weight
+    at: int = 0  # 1-based line (.jsonl) or row (others), as an editor counts
+    unit: str = "row"  # "line" for .jsonl, "row" for .json, .parquet and datasets
 
     @property
     def ref(self) -> str:
+        """Internal key (0-based row index) hashed by seeded choices; never shown to users."""
         return f"{self.file}:{self.row}"
+
+    @property
+    def where(self) -> str:
+        return where(self.file, self.at, self.unit)
+
+
+def where(file: str, at: int, unit: str) -> str:
+    """A row as users look it up: `file:line` for .jsonl (an editor's go-to-line, `sed -n Np`), `file row N` else."""
+    return f"{file}:{at}" if unit == "line" else f"{file} row {at}"
 
 
 @dataclass
 class Reject:
     file: str
-    row: int
+    row: int  # 0-based row index (internal order), as Example.row
     reason: str
     detail: str
+    at: int | None = None  # 1-based, as Example.at; default row + 1
+    unit: str = "row"
+
+    def __post_init__(self):
+        if self.at is None:
+            self.at = self.row + 1
+
+    @classmethod
+    def of(cls, example: Example, reason: str, detail: str) -> "Reject":
+        return cls(example.file, example.row, reason, detail, example.at, example.unit)
+
+    @property
+    def where(self) -> str:
+        return where(self.file, self.at, self.unit)
 
     def as_dict(self) -> dict:
-        return {"file": self.file, "row": self.row, "reason": self.reason, "detail": self.detail}
+        # one position key: "line" (1-based physical line) for .jsonl, "row" (1-based) for the rest
+        return {"file": self.file, self.unit: self.at, "reason": self.reason, "detail": self.detail}
 
 
 @dataclass(frozen=True)
 class DataInput:
-    """One input of a compile: a data file, or a directory written by datasets' save_to_disk."""
+    """One input of a compile: a data file, or a directory written by datasets' save_to_disk.
+
+    A hub dataset id becomes one input per data file of its cached snapshot (`repo`, `revision`
+    set; read like any data file)."""
 
     path: Path
     display: str
     source: int | None = None  # index in data.sources; None for data.files
     dataset: bool = False
     split: str | None = None
+    repo: str | None = None  # hub dataset id, for a file of a cached hub snapshot
+    revision: str | None = None  # the snapshot's commit
 
     def __iter__(self):
         # unpacks as the (path, display) pair that callers used before data.sources existed
@@ -82,6 +121,18 @@ def resolve_data_inputs(data_spec, resolve, display) -> tuple[list[DataInput], l
         if source.dataset is not None:
             key = f"data.sources[{s}].dataset"
             path = resolve(source.dataset, key)
+            from sftc.compiler.template import is_hub_id
+
+            if not path.exists() and is_hub_id(source.dataset):
+                try:
+                    inputs.extend(hub_dataset_inputs(source.dataset, getattr(source, "revision", None), key, s,
+                                                     source.split))
+                except SftcError as exc:
+                    problems.append(str(exc))
+                continue
+            if getattr(source, "revision", None) is not None:
+                problems.append(f"data.sources[{s}].revision: applies to a hub dataset id; {source.dataset} is a "
+                                "directory in the project")
             if not (path / "state.json").is_file() and not (path / "dataset_dict.json").is_file():
                 problems.append(f"{key}: {source.dataset}: not a dataset saved with save_to_disk "
                                 "(no state.json or dataset_dict.json)")
@@ -93,6 +144,49 @@ def resolve_data_inputs(data_spec, resolve, display) -> tuple[list[DataInput], l
                 problems.append(f"data.sources[{s}].files[{i}]: {name}: file not found")
             inputs.append(DataInput(path, display(path), s))
     return inputs, problems
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+_SPLIT_NAMES = ("train", "validation", "valid", "dev", "test", "eval")
+
+
+def _in_split(rel: PurePosixPath, split: str) -> bool:
+    """A hub dataset file belongs to a split named by a folder (`test/0.parquet`) or its file name's
+    start (`data/train-00000-of-00001.parquet`, `train.jsonl`), as the hub's default layout names them."""
+    return split in rel.parts[:-1] or re.match(rf"{re.escape(split)}(?:[-_.0-9]|$)", rel.name) is not None
+
+
+def hub_dataset_inputs(repo_id: str, revision: str | None, key: str, source: int, split: str | None) -> list[DataInput]:
+    """The data files (.parquet, .jsonl, .json; sorted) of a hub dataset's snapshot in the local
+    Hugging Face cache, each an input read like a project file. Never downloads: the one resolver
+    of hub ids (compiler/template.py local_dir) asks the cache only."""
+    from sftc.compiler.template import local_dir
+
+    snapshot = local_dir(repo_id, revision, key, repo_type="dataset")
+    commit = snapshot.name if snapshot.parent.name == "snapshots" else revision
+    files = sorted(
+        PurePosixPath(p.relative_to(snapshot).as_posix()) for p in snapshot.rglob("*")
+        if p.suffix.lower() in DATA_SUFFIXES and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(snapshot).parts)
+        and not p.name.startswith("dataset_info")  # the hub's metadata, not rows
+    )
+    at = f"{repo_id}@{commit}"
+    if not files:
+        raise DataError(f"{key}: {at} has no data file ({', '.join(DATA_SUFFIXES)}) in the local cache snapshot")
+    if split is not None:
+        chosen = [f for f in files if _in_split(f, split)]
+        if not chosen:
+            listed = ", ".join(map(str, files[:10])) + (f", ... ({len(files)} files)" if len(files) > 10 else "")
+            raise DataError(f"data.sources[{source}].split: no file of {at} belongs to split {split!r} "
+                            f"(a folder or file name starting with it); files: {listed}")
+        files = chosen
+    else:
+        splits = [name for name in _SPLIT_NAMES if any(_in_split(f, name) for f in files)]
+        if len(splits) > 1:
+            raise DataError(f"data.sources[{source}].split: {at} holds files of splits {splits}; no split given "
+                            "(set split, so eval or test rows do not end up in training)")
+    return [DataInput(snapshot / rel, f"hf://datasets/{repo_id}/{rel}", source, repo=repo_id, revision=commit)
+            for rel in files]
 
 
 def dataset_sha256(path: Path) -> str:
@@ -116,7 +210,7 @@ def data_hashes(inputs: list[DataInput]) -> list[dict]:
     return [{"path": item.display, "sha256": input_sha256(item)} for item in inputs]
 
 
-def _iter_dataset_rows(item: DataInput) -> tuple[Iterator[tuple[int, Any, str | None]], dict]:
+def _iter_dataset_rows(item: DataInput) -> tuple[Iterator[tuple[int, int, Any, str | None]], dict]:
     """Rows of a save_to_disk dataset (load_from_disk: memory-mapped Arrow), and what identifies it."""
     import datasets
 
@@ -140,7 +234,7 @@ def _iter_dataset_rows(item: DataInput) -> tuple[Iterator[tuple[int, Any, str | 
     else:
         split = None
     identity = {"fingerprint": loaded._fingerprint, "split": split}
-    return ((i, row, None) for i, row in enumerate(loaded)), identity
+    return ((i, i + 1, row, None) for i, row in enumerate(loaded)), identity
 
 
 @dataclass
@@ -154,8 +248,12 @@ class DataResult:
         return len(self.examples) + len(self.rejects)
 
 
-def iter_rows(path: Path, display: str, digest=None) -> Iterator[tuple[int, Any, str | None]]:
-    """Yield (row number, row or None, problem or None); row numbers start at 0.
+def iter_rows(path: Path, display: str, digest=None) -> Iterator[tuple[int, int, Any, str | None]]:
+    """Yield (row index, position, row or None, problem or None).
+
+    The row index starts at 0 and skips blank .jsonl lines (the internal order); the position is
+    what users look up: the 1-based physical line of a .jsonl file (blank lines counted), else the
+    1-based row. Positions are "line"s for .jsonl (`row_unit`) and "row"s otherwise.
 
     jsonl is decoded line by line so one bad line (bad encoding, malformed JSON, a null byte)
     costs one reject, not the whole file. `digest` (a hashlib object) is fed every byte read, so
@@ -168,24 +266,24 @@ def iter_rows(path: Path, display: str, digest=None) -> Iterator[tuple[int, Any,
     if suffix == ".jsonl":
         with open(path, "rb") as handle:
             number = -1
-            for raw in handle:
+            for at, raw in enumerate(handle, start=1):
                 digest.update(raw)
                 if not raw.strip():
-                    continue  # blank lines are layout, not rows
+                    continue  # blank lines are layout, not rows (but they count as lines)
                 number += 1
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as exc:
-                    yield number, None, f"bad_encoding: not UTF-8 at byte {exc.start}"
+                    yield number, at, None, f"bad_encoding: not UTF-8 at byte {exc.start}"
                     continue
                 try:
-                    yield number, json.loads(line), None
+                    yield number, at, json.loads(line), None
                 except json.JSONDecodeError as exc:
-                    yield number, None, f"malformed_json: {exc.msg} at column {exc.colno}"
+                    yield number, at, None, f"malformed_json: {exc.msg} at column {exc.colno}"
                 except RecursionError:
-                    yield number, None, "malformed_json: nested too deeply"
+                    yield number, at, None, "malformed_json: nested too deeply"
                 except ValueError as exc:  # e.g. an integer over Python's 4300-digit conversion limit
-                    yield number, None, f"malformed_json: {str(exc)[:200]}"
+                    yield number, at, None, f"malformed_json: {str(exc)[:200]}"
     elif suffix == ".json":
         try:
             raw_bytes = path.read_bytes()
@@ -197,7 +295,7 @@ def iter_rows(path: Path, display: str, digest=None) -> Iterator[tuple[int, Any,
             raise DataError(f"{display}: not a valid JSON file for sftc (nested too deeply)") from None
         if not isinstance(data, list):
             raise DataError(f"{display}: a .json data file must hold a list of rows, found {type(data).__name__}")
-        yield from ((i, row, None) for i, row in enumerate(data))
+        yield from ((i, i + 1, row, None) for i, row in enumerate(data))
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -209,9 +307,15 @@ def iter_rows(path: Path, display: str, digest=None) -> Iterator[tuple[int, Any,
             table = pq.read_table(pa.BufferReader(raw_bytes))
         except Exception as exc:  # pyarrow raises many types for a corrupt file
             raise DataError(f"{display}: cannot read parquet ({exc.__class__.__name__}: {exc})") from None
-        yield from ((i, row, None) for i, row in enumerate(table.to_pylist()))
+        yield from ((i, i + 1, row, None) for i, row in enumerate(table.to_pylist()))
     else:
         raise DataError(f"{display}: unsupported data file type {suffix!r}; allowed: .jsonl, .json, .parquet")
+
+
+def row_unit(path: Path, item=None) -> str:
+    """How a file's rows are numbered for users: "line" (.jsonl), else "row"."""
+    dataset = isinstance(item, DataInput) and item.dataset
+    return "line" if not dataset and Path(path).suffix.lower() == ".jsonl" else "row"
 
 
 def lone_surrogate(row: Any) -> str | None:
@@ -380,27 +484,30 @@ def read_data(files: list, data_spec) -> DataResult:
         reasons: Counter = Counter()
         accepted = 0
         rows = 0
-        for number, row, problem in rows_iter:
+        unit = row_unit(path, item)
+        for number, at, row, problem in rows_iter:
             rows += 1
             if problem:
                 reason, _, detail = problem.partition(": ")
-                result.rejects.append(Reject(display, number, reason, detail))
+                result.rejects.append(Reject(display, number, reason, detail, at, unit))
                 reasons[reason] += 1
                 continue
             bad = lone_surrogate(row)
             if bad is not None:
-                result.rejects.append(Reject(display, number, "bad_encoding", f"lone UTF-16 surrogate in {bad}"))
+                result.rejects.append(Reject(display, number, "bad_encoding", f"lone UTF-16 surrogate in {bad}",
+                                             at, unit))
                 reasons["bad_encoding"] += 1
                 continue
             example, rejected, key = validate_row(row, data_spec, fmt, names)
             if rejected is None and key in first_seen:
                 rejected = ("duplicate", f"same content as {first_seen[key]}")
             if rejected:
-                result.rejects.append(Reject(display, number, *rejected))
+                result.rejects.append(Reject(display, number, *rejected, at, unit))
                 reasons[rejected[0]] += 1
                 continue
             example.file, example.row, example.source = display, number, item.source
-            first_seen[key] = example.ref
+            example.at, example.unit = at, unit
+            first_seen[key] = example.where
             result.examples.append(example)
             accepted += 1
         entry = {
@@ -412,6 +519,8 @@ def read_data(files: list, data_spec) -> DataResult:
             entry.update({"source": item.source, "weight": source.weight, "format": fmt})
         if item.dataset:
             entry.update(identity)
+        if item.repo is not None:  # a file of a cached hub dataset: which repo, at which commit
+            entry.update({"repo": item.repo, "revision": item.revision})
         result.files.append(entry)
     return result
 

@@ -154,12 +154,24 @@ class FieldMap(OmitUnset):
     )
 
 
-class SourceSpec(Strict):
+class SourceSpec(OmitUnset):
     """One input of a mixture: files or a saved `datasets` dataset, with its own weight and mapping."""
 
+    _omit_when_none = ("revision",)
+
     files: list[PathText] | None = Field(None, min_length=1, description="Input files: .jsonl, .json (a list of rows) or .parquet.")
-    dataset: PathText | None = Field(None, description="Directory written by datasets' save_to_disk (read with load_from_disk).")
-    split: str | None = Field(None, description="Split of a saved DatasetDict (e.g. 'train'); required when it has several.")
+    dataset: PathText | None = Field(
+        None, description="Directory written by datasets' save_to_disk (read with load_from_disk), or a hub dataset "
+        "id (org/name) already in the local Hugging Face cache (never downloaded).",
+    )
+    revision: str | None = Field(
+        None, min_length=1, max_length=200, pattern=r"^[^\x00]+$",
+        description="Hub dataset id only: branch, tag or commit of the cached snapshot (default main).",
+    )
+    split: str | None = Field(
+        None, description="Split of a saved DatasetDict (e.g. 'train'), or of a hub dataset's files; required when "
+        "it has several.",
+    )
     weight: float = Field(
         1.0, gt=0.0, le=100.0,
         description="Share of this source's train examples used: 0.5 keeps a seeded half, 2.0 repeats each twice.",
@@ -175,6 +187,8 @@ class SourceSpec(Strict):
             raise ValueError("give exactly one of files or dataset")
         if self.split is not None and self.dataset is None:
             raise ValueError("split applies to a dataset source")
+        if self.revision is not None and self.dataset is None:
+            raise ValueError("revision applies to a hub dataset source")
         return self
 
 

@@ -273,8 +273,13 @@ def load_template(spec, tokenizer, chat_path: Path | None, display: str | None) 
                     controls)
 
 
-def local_dir(location: str, revision: str | None, key: str) -> Path:
-    """A model or tokenizer location as a local directory (hub ids resolve through the local cache only)."""
+def is_hub_id(location: str) -> bool:
+    return bool(_HUB_ID.match(location))
+
+
+def local_dir(location: str, revision: str | None, key: str, repo_type: str = "model") -> Path:
+    """A model or tokenizer location (or, with repo_type "dataset", a hub dataset id) as a local
+    directory: hub ids resolve through the local cache only, never the network."""
     path = Path(location)
     # Project paths arrive resolved against the spec's project (absolute). A relative location is a
     # hub id, never a directory under the current working directory: `model.path: m` missing from
@@ -288,9 +293,16 @@ def local_dir(location: str, revision: str | None, key: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(location, revision=revision, local_files_only=True))
+        return Path(snapshot_download(location, repo_type=repo_type, revision=revision, local_files_only=True))
     except Exception:
-        fetch = f"hf download {location}" + (f" --revision {revision}" if revision else "")
+        fetch = f"hf download {location}" + (" --repo-type dataset" if repo_type == "dataset" else "") \
+            + (f" --revision {revision}" if revision else "")
+        if repo_type == "dataset":
+            raise SpecError(
+                f"{key}: {location!r} is neither a directory in the project nor a hub dataset id in the local "
+                f"Hugging Face cache{f' at revision {revision!r}' if revision else ''} (no download is attempted "
+                f"at compile time); fetch it once with `{fetch}`, or save it with save_to_disk into the project"
+            ) from None
         raise SpecError(
             f"{key}: {location!r} is neither a local directory nor a hub id in the local cache "
             f"(no download is attempted at compile or run time); fetch it once with `{fetch}`, "

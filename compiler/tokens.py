@@ -46,7 +46,7 @@ class Tokenized:
 def answer_spans(example: Example, template, tokenizer) -> tuple[str, list[tuple[int, int]], str] | str:
     """(full text, supervised character spans, final prompt text) or a reject reason."""
     messages = example.messages
-    row = f"row {example.ref}"
+    row = example.where
     full = template.render(tokenizer, messages, add_generation_prompt=False, row=row)
     spans = []
     prompt_text = ""
@@ -78,16 +78,16 @@ def tokenize_chat(examples: list[Example], template, tokenizer, max_length: int,
             size = sum(len(m["content"]) for m in example.messages)
             if size > MAX_ROW_CHARS:
                 # its render would pass the template's output limit and fail the whole compile for one row
-                out.rejects.append(Reject(example.file, example.row, "text_too_long",
+                out.rejects.append(Reject.of(example, "text_too_long",
                                           f"{size} characters of messages; at most {MAX_ROW_CHARS}"))
                 continue
             forged = _forged_control_token(controls, ((m["role"], m["content"]) for m in example.messages))
             if forged:
-                out.rejects.append(Reject(example.file, example.row, "control_token_in_text", forged))
+                out.rejects.append(Reject.of(example, "control_token_in_text", forged))
                 continue
             result = answer_spans(example, template, tokenizer)
             if isinstance(result, str):
-                out.rejects.append(Reject(example.file, example.row, result, "see docs/architecture.md (masking)"))
+                out.rejects.append(Reject.of(example, result, "see docs/architecture.md (masking)"))
                 continue
             rendered.append((example, *result))
     if not rendered:
@@ -118,7 +118,7 @@ def _mask_chunk(rendered, tokenizer, max_length: int, on_truncated: str, out: To
         if straddles:
             # the tokenizer merged the last prompt character with the first answer character:
             # supervising that token would train on prompt text, skipping it loses the answer start
-            out.rejects.append(Reject(example.file, example.row, "answer_boundary_merged", "a token spans prompt and answer"))
+            out.rejects.append(Reject.of(example, "answer_boundary_merged", "a token spans prompt and answer"))
             continue
         labels = np.where(supervised, ids, IGNORE_INDEX).astype(np.int32)
         if len(ids) > max_length:
@@ -126,8 +126,8 @@ def _mask_chunk(rendered, tokenizer, max_length: int, on_truncated: str, out: To
             if cut:
                 detail = f"{len(ids)} tokens > max_length {max_length}; {cut} answer tokens would be cut"
                 if on_truncated == "error":
-                    raise DataError(f"{example.ref}: answer truncated: {detail} (tokenize.on_truncated_answer: error)")
-                out.rejects.append(Reject(example.file, example.row, "answer_truncated", detail))
+                    raise DataError(f"{example.where}: answer truncated: {detail} (tokenize.on_truncated_answer: error)")
+                out.rejects.append(Reject.of(example, "answer_truncated", detail))
                 out.truncated_rejected += 1
                 continue
             ids, labels = ids[:max_length], labels[:max_length]
@@ -175,7 +175,7 @@ def tokenize_text(examples: list[Example], tokenizer, allow_control_tokens: bool
         for example in examples:
             forged = _forged_control_token(pattern, [("text", example.text)])
             if forged:
-                out.rejects.append(Reject(example.file, example.row, "control_token_in_text", forged))
+                out.rejects.append(Reject.of(example, "control_token_in_text", forged))
             else:
                 kept.append(example)
         examples = kept
@@ -194,6 +194,6 @@ def check_mask(tokenized: Tokenized, template, tokenizer) -> None:
     for ids, labels, example in zip(tokenized.input_ids, tokenized.labels, tokenized.examples):
         if not np.any(labels == template.terminator_id):
             raise DataError(
-                f"{example.ref}: the turn terminator {template.terminator!r} is not supervised; "
+                f"{example.where}: the turn terminator {template.terminator!r} is not supervised; "
                 "the model would never learn to stop"
             )

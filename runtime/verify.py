@@ -109,8 +109,8 @@ def _check_data(bundle: Bundle, problems: list[str]) -> dict:
         return {"checked": 0, "absent": [], "not_checked": "not rank 0: raw data are checked once, by rank 0"}
     checked, absent = 0, []
     for entry in files:
-        path = bundle.resolve(entry.path)
-        if not path.exists():
+        path = bundle.resolve(entry.path) if getattr(entry, "repo", None) is None else _hub_data_file(entry)
+        if path is None or not path.exists():
             absent.append(entry.path)
             continue
         checked += 1
@@ -120,6 +120,19 @@ def _check_data(bundle: Bundle, problems: list[str]) -> dict:
             problems.append(f"{path}: input dataset changed since compile; recompile the bundle so its tokens match")
     return {"checked": checked, "absent": absent,
             "not_checked": "the raw data are not on this machine: the sealed token files are what trains" if absent else None}
+
+
+def _hub_data_file(entry):
+    """A hub dataset's file of the lock in this machine's cache snapshot of the locked commit (never a
+    download), or None when that snapshot is not cached here."""
+    from sftc.compiler.template import local_dir
+    from sftc.errors import SftcError
+
+    try:
+        snapshot = local_dir(entry.repo, entry.revision, "data_manifest.files", repo_type="dataset")
+    except SftcError:
+        return None
+    return snapshot / entry.path.removeprefix(f"hf://datasets/{entry.repo}/")
 
 
 def library_drift(lock: Lock) -> tuple[dict, dict]:

@@ -60,9 +60,9 @@ class Stats(Record):
 
 
 class DataFile(Record):
-    _omit_when_none = ("source", "weight", "format", "fingerprint", "split")
+    _omit_when_none = ("source", "weight", "format", "fingerprint", "split", "repo", "revision")
 
-    path: str = Field(description="Data file, relative to the project.")
+    path: str = Field(description="Data file, relative to the project (hf://datasets/<id>/<file> for a hub dataset's file).")
     sha256: str = Field(description="sha256 of the bytes the compiler read.")
     rows_read: int = Field(description="Rows read from this file.")
     accepted: int = Field(description="Rows accepted from this file.")
@@ -72,6 +72,8 @@ class DataFile(Record):
     format: str | None = Field(None, description="That source's row format (data.sources only).")
     fingerprint: str | None = Field(None, description="datasets fingerprint of a save_to_disk input.")
     split: str | None = Field(None, description="Split read from a save_to_disk DatasetDict.")
+    repo: str | None = Field(None, description="Hub dataset id of a file read from the local Hugging Face cache.")
+    revision: str | None = Field(None, description="Commit of that cached hub dataset snapshot.")
 
 
 class SourceUse(Record):

@@ -141,6 +141,7 @@ def test_transcript_with_text_before_the_first_marker_is_rejected(project):
     spec = parse_spec(_spec({"files": ["data/rows.jsonl"], "format": "prompt_completion", "fields": OASST_FIELDS}))
     rejects = read_data([(project.root / "data/rows.jsonl", "data/rows.jsonl")], spec.data).rejects
     assert [(r.row, r.reason) for r in rejects] == [(0, "no_turns"), (1, "no_turns"), (2, "empty_prompt")]
+    assert [r.where for r in rejects] == ["data/rows.jsonl:1", "data/rows.jsonl:2", "data/rows.jsonl:3"]  # 1-based lines
 
 
 def _save_dataset(project, rows, rel="data/sharegpt_ds"):
@@ -266,3 +267,153 @@ def test_the_json_schema_accepts_the_new_data_sections():
                  _spec({"files": ["a.jsonl"], "format": "prompt_completion", "fields": OASST_FIELDS})):
         parse_spec(spec)
         assert list(jsonschema.Draft202012Validator(json_schema()).iter_errors(spec)) == []
+
+
+# --- row numbers as users look them up ---------------------------------------------------------
+
+
+def _pc_rows(n: int, tag: str = "key") -> list[dict]:
+    return [{"thread_id": f"t{i}", "prompt": f"Is {tag} T{100 + i} stale?", "completion": f"{tag} T{100 + i} is stale."}
+            for i in range(n)]
+
+
+def test_jsonl_rejects_name_the_physical_line_counting_blank_lines(project):
+    from sftc.compiler.data import read_data
+    from sftc.compiler.spec import parse_spec
+
+    rows = _pc_rows(8)
+    rows[3]["completion"] = ""
+    lines = [json.dumps(r) for r in rows]
+    lines.insert(2, "")  # blank lines are layout: not rows, but lines an editor counts
+    lines.insert(5, "   ")
+    lines.insert(7, "{broken")
+    (project.root / "data").mkdir(exist_ok=True)
+    path = project.root / "data/rows.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    spec = parse_spec(_spec({"files": ["data/rows.jsonl"]}))
+    result = read_data([(path, "data/rows.jsonl")], spec.data)
+    physical = path.read_text(encoding="utf-8").splitlines()
+    got = [(r.at, r.reason) for r in result.rejects]
+    assert got == [(5, "empty_completion"), (8, "malformed_json")]
+    # `sed -n 5p` (an editor's go-to-line 5) shows the rejected row
+    assert json.loads(physical[5 - 1])["completion"] == "" and physical[8 - 1] == "{broken"
+    assert [r.as_dict()["line"] for r in result.rejects] == [5, 8] and "row" not in result.rejects[0].as_dict()
+    assert result.rejects[0].where == "data/rows.jsonl:5"
+    # the internal row index (what seeded choices hash) still skips blank lines and starts at 0
+    assert [r.row for r in result.rejects] == [3, 5]
+    assert [e.ref for e in result.examples][:3] == ["data/rows.jsonl:0", "data/rows.jsonl:1", "data/rows.jsonl:2"]
+    assert [e.at for e in result.examples][:3] == [1, 2, 4]
+
+    bundle, _ = _compile(project, _spec({"files": ["data/rows.jsonl"]}))
+    assert [(r["line"], r["reason"]) for r in read_jsonl(bundle / "rejects.jsonl")] == got
+    for prompt in read_jsonl(bundle / "eval_prompts.jsonl"):  # file:line of the eval prompt's row
+        file, line = prompt["source"].rsplit(":", 1)
+        assert file == "data/rows.jsonl" and json.loads(physical[int(line) - 1])["thread_id"] == prompt["group"]
+
+
+def test_json_and_parquet_rejects_name_the_1_based_row(project):
+    from sftc.compiler.data import read_data
+    from sftc.compiler.spec import parse_spec
+
+    rows = _pc_rows(6)
+    rows[0]["completion"] = ""
+    rows[4]["completion"] = ""
+    (project.root / "data").mkdir(exist_ok=True)
+    (project.root / "data/rows.json").write_text(json.dumps(rows), encoding="utf-8")
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist(rows), str(project.root / "data/rows.parquet"))
+    spec = parse_spec(_spec({"files": ["data/rows.json"]}))
+    for name in ("data/rows.json", "data/rows.parquet"):
+        rejects = read_data([(project.root / name, name)], spec.data).rejects
+        assert [r.as_dict()["row"] for r in rejects] == [1, 5] and "line" not in rejects[0].as_dict()
+        assert rejects[1].where == f"{name} row 5"
+
+
+# --- a hub dataset already in the local cache --------------------------------------------------
+
+HUB_ID = "sftc-test-org/policy-rows"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """A Hugging Face hub cache laid out as `hf download --repo-type dataset` leaves it, offline."""
+    import huggingface_hub.constants as hub_constants
+
+    cache = tmp_path / "hf-cache"
+    repo = cache / ("datasets--" + HUB_ID.replace("/", "--"))
+    snapshot = repo / "snapshots" / COMMIT
+    (snapshot / "data").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT, encoding="utf-8")
+    (snapshot / "README.md").write_text("---\nlicense: mit\n---\n", encoding="utf-8")
+    rows = _pc_rows(24)
+    rows[5]["completion"] = ""
+    (snapshot / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    return snapshot
+
+
+def _hub_spec(**source) -> dict:
+    return _spec({"sources": [{"dataset": HUB_ID, **source}]})
+
+
+def test_a_hub_dataset_in_the_local_cache_compiles_offline(project, hub_cache):
+    from sftc.io import sha256_file
+
+    bundle, lock = _compile(project, _hub_spec())
+    (entry,) = lock["data_manifest"]["files"]
+    assert entry["path"] == f"hf://datasets/{HUB_ID}/data/train.jsonl"
+    assert entry["repo"] == HUB_ID and entry["revision"] == COMMIT
+    assert entry["sha256"].removeprefix("sha256:") == sha256_file(hub_cache / "data" / "train.jsonl")
+    assert entry["rows_read"] == 24 and entry["rejected"] == {"empty_completion": 1}
+    assert read_jsonl(bundle / "rejects.jsonl")[0]["file"] == entry["path"]
+    assert read_jsonl(bundle / "rejects.jsonl")[0]["line"] == 6
+    assert str(hub_cache.parent) not in (bundle / "bundle.lock.json").read_text()  # no machine path
+
+    # pinned to the commit: same bundle; the run-time data check finds the file in the cache
+    again, lock2 = _compile(project, _hub_spec(revision=COMMIT), force=True)
+    assert (again / "train.safetensors").read_bytes() == (bundle / "train.safetensors").read_bytes()
+    from sftc.runtime.bundle import load_bundle
+    from sftc.runtime.verify import _check_data
+
+    problems = []
+    assert _check_data(load_bundle(bundle), problems)["checked"] == 1 and problems == []
+    (hub_cache / "data" / "train.jsonl").write_text("", encoding="utf-8")
+    _check_data(load_bundle(bundle), problems)
+    assert len(problems) == 1 and "input data changed since compile" in problems[0]
+
+
+def test_a_hub_dataset_with_splits_needs_split(project, hub_cache):
+    shutil.copyfile(hub_cache / "data" / "train.jsonl", hub_cache / "data" / "test-00000-of-00001.jsonl")
+    from sftc.errors import SftcError
+
+    with pytest.raises(SftcError, match=r"holds files of splits \['train', 'test'\]; no split given"):
+        project.compile(_hub_spec())
+    _, lock = _compile(project, _hub_spec(split="train"))
+    assert [f["path"] for f in lock["data_manifest"]["files"]] == [f"hf://datasets/{HUB_ID}/data/train.jsonl"]
+    with pytest.raises(SftcError, match="no file of .* belongs to split 'validation'"):
+        project.compile(_hub_spec(split="validation"))
+
+
+def test_a_hub_dataset_not_in_the_cache_says_how_to_fetch_it(project, hub_cache):
+    from sftc.errors import SftcError
+
+    spec = _spec({"sources": [{"dataset": "sftc-test-org/not-cached", "revision": "v2"}]})
+    with pytest.raises(SftcError) as info:
+        project.compile(spec)
+    text = str(info.value) + "\n".join(getattr(info.value, "details", None) or [])
+    assert "`hf download sftc-test-org/not-cached --repo-type dataset --revision v2`" in text, text
+    assert "data.sources[0].dataset" in text and "no download is attempted" in text
+    with pytest.raises(SftcError):
+        project.compile(_hub_spec(revision="no-such-branch"))
+    # a directory in the project keeps meaning save_to_disk; revision is refused there
+    (project.root / "data" / "saved").mkdir(parents=True)
+    with pytest.raises(SftcError) as info:
+        project.compile(_spec({"sources": [{"dataset": "data/saved", "revision": "main"}]}))
+    text = str(info.value) + "\n".join(getattr(info.value, "details", None) or [])
+    assert "revision: applies to a hub dataset id" in text, text

@@ -81,7 +81,7 @@ def test_malformed_json_line_is_a_counted_reject(project):
     project.write_jsonl("data/rows.jsonl", lines)
     bundle, lock, _ = project.compile(base_spec(data={"max_reject_fraction": 0.2}))
     rejects = read_jsonl(bundle / "rejects.jsonl")
-    assert [(r["row"], r["reason"]) for r in rejects] == [(4, "malformed_json")]
+    assert [(r["line"], r["reason"]) for r in rejects] == [(5, "malformed_json")]  # the 5th line, as sed -n 5p
     assert lock.data_manifest.rejected == {"malformed_json": 1}
     assert lock.data_manifest.rows_read == 11
     assert lock.data_manifest.train_examples + lock.data_manifest.eval_examples == 10
@@ -91,7 +91,7 @@ def test_too_many_malformed_lines_fail_listing_reasons(project):
     lines = [json.dumps(r) for r in ROWS] + ["{not json", "[1, 2", '{"thread_id": "X", "prompt": 1, "completion": "y"}']
     project.write_jsonl("data/rows.jsonl", lines)
     out = _cli_fails(project, base_spec(data={"max_reject_fraction": 0.05}),
-                     "data.max_reject_fraction", "3 of 13", "malformed_json: 2", "wrong_type: 1", "data/rows.jsonl:10")
+                     "data.max_reject_fraction", "3 of 13", "malformed_json: 2", "wrong_type: 1", "data/rows.jsonl:11")
     with pytest.raises(DataError):
         project.compile(base_spec(data={"max_reject_fraction": 0.05}))
     assert "allowed 5.0%" in out
@@ -175,7 +175,7 @@ def test_spec_that_is_not_a_mapping(project):
 
 def test_no_accepted_row(project):
     project.write_jsonl("data/rows.jsonl", [{"thread_id": "T1", "prompt": "x", "completion": ""}])
-    _cli_fails(project, base_spec(data={"max_reject_fraction": 1.0}), "no row was accepted", "data/rows.jsonl:0", "empty_completion")
+    _cli_fails(project, base_spec(data={"max_reject_fraction": 1.0}), "no row was accepted", "data/rows.jsonl:1", "empty_completion")
 
 
 def test_unsupported_data_suffix(project):

@@ -45,7 +45,7 @@ def seed_bundle(project):
 def test_rejects_empty_completion_and_missing_group_with_row_numbers(seed_bundle):
     bundle, lock = seed_bundle
     rejects = read_jsonl(bundle / "rejects.jsonl")
-    assert [(r["row"], r["reason"]) for r in rejects] == [(1, "empty_completion"), (2, "missing_field")]
+    assert [(r["line"], r["reason"]) for r in rejects] == [(2, "empty_completion"), (3, "missing_field")]  # 1-based lines
     assert all(r["file"] == "data/rows.jsonl" for r in rejects)
     assert "thread_id" in rejects[1]["detail"]
 
@@ -74,7 +74,7 @@ def test_too_many_rejects_fail_compile_listing_reasons(project):
     text = str(info.value)
     assert "max_reject_fraction" in text
     assert "empty_completion: 1" in text and "missing_field: 1" in text
-    assert "data/rows.jsonl:1" in text  # an example names file and row
+    assert "data/rows.jsonl:2" in text  # an example names file and 1-based line
     assert project.leftovers() == []
 
 
@@ -92,7 +92,7 @@ def test_split_keeps_incident_together(seed_bundle):
     prompts = read_jsonl(bundle / "eval_prompts.jsonl")
     assert [p["group"] for p in prompts] == ["R550"]
     assert prompts[0]["reference"] == "Escalate privileged-role changes."
-    assert prompts[0]["source"] == "data/rows.jsonl:4"
+    assert prompts[0]["source"] == "data/rows.jsonl:5"  # file:line, 1-based
 
 
 @pytest.mark.parametrize("held_out", [["T102"], ["P771", "R550"]])
@@ -199,7 +199,7 @@ def test_truncation_that_cuts_the_answer_is_rejected(project):
     project.write_jsonl("data/rows.jsonl", _truncation_rows())
     bundle, lock, _ = project.compile(base_spec(tokenize={"max_length": 48}))
     rejects = read_jsonl(bundle / "rejects.jsonl")
-    assert [(r["row"], r["reason"]) for r in rejects] == [(1, "answer_truncated")]
+    assert [(r["line"], r["reason"]) for r in rejects] == [(2, "answer_truncated")]
     assert "max_length 48" in rejects[0]["detail"]
     assert lock.data_manifest.rejected == {"answer_truncated": 1}
     assert lock.tokenize.truncated_rejected == 1
@@ -213,7 +213,7 @@ def test_truncation_that_cuts_the_answer_can_fail_the_compile(project):
     project.write_jsonl("data/rows.jsonl", _truncation_rows())
     with pytest.raises(SftcError) as info:
         project.compile(base_spec(tokenize={"max_length": 48, "on_truncated_answer": "error"}))
-    assert "data/rows.jsonl:1" in str(info.value)
+    assert "data/rows.jsonl:2" in str(info.value)
     assert "on_truncated_answer" in str(info.value)
     assert project.leftovers() == []
 
@@ -231,7 +231,7 @@ def test_bfd_packing_cannot_cut_an_answer_that_tokenization_kept(project):
     project.write_jsonl("data/rows.jsonl", _truncation_rows())
     bundle, lock, _ = project.compile(base_spec(tokenize={"max_length": 1024}, packing={"strategy": "bfd", "seq_length": 48}))
     rejects = read_jsonl(bundle / "rejects.jsonl")
-    assert [(r["row"], r["reason"]) for r in rejects] == [(1, "answer_truncated")]
+    assert [(r["line"], r["reason"]) for r in rejects] == [(2, "answer_truncated")]
     assert lock.packing.overflow_tokens_dropped == 0
     data = load_tokens(bundle)
     for _, ids, labels in segments(data):

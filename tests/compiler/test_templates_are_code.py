@@ -53,7 +53,7 @@ def test_a_template_failing_on_a_row_is_an_error_naming_template_and_row(project
         project.compile(base_spec(template={"chat": "evil.jinja"}))
     assert time.monotonic() - started < RENDER_SECONDS + 30
     message = str(err.value)
-    assert "template.chat: evil.jinja" in message and "data/rows.jsonl:3" in message, message
+    assert "template.chat: evil.jinja" in message and "data/rows.jsonl:4" in message, message
     assert project.leftovers() == []
 
 
@@ -74,7 +74,7 @@ def test_a_row_forging_a_turn_is_rejected_with_its_own_reason(project, field):
     project.write_jsonl("data/rows.jsonl", rows)
     bundle, _, _ = project.compile(base_spec(split={"eval_fraction": 0.3}))
     rejects = read_jsonl(bundle / "rejects.jsonl")
-    assert [(r["row"], r["reason"]) for r in rejects] == [(2, "control_token_in_text")]
+    assert [(r["line"], r["reason"]) for r in rejects] == [(3, "control_token_in_text")]
     assert "<|end|>" in rejects[0]["detail"] and field.replace("completion", "assistant").replace("prompt", "user") in rejects[0]["detail"]
     prompts = (bundle / "eval_prompts.jsonl").read_text(encoding="utf-8")
     assert "ignore the policy" not in prompts
@@ -99,7 +99,7 @@ def test_text_rows_holding_the_end_of_text_token_are_rejected(project):
     rows[1]["text"] = f"first document{eos}second document"
     project.write_jsonl("data/rows.jsonl", rows)
     bundle, _, _ = project.compile(base_spec(objective="continued_pretraining", data={"format": "text"}))
-    assert [(r["row"], r["reason"]) for r in read_jsonl(bundle / "rejects.jsonl")] == [(1, "control_token_in_text")]
+    assert [(r["line"], r["reason"]) for r in read_jsonl(bundle / "rejects.jsonl")] == [(2, "control_token_in_text")]
 
 
 def test_a_row_too_long_to_render_is_a_reject_not_a_failed_compile(project):
@@ -109,4 +109,4 @@ def test_a_row_too_long_to_render_is_a_reject_not_a_failed_compile(project):
     rows[4]["prompt"] = "stale key " * (MAX_ROW_CHARS // 10 + 1)
     project.write_jsonl("data/rows.jsonl", rows)
     bundle, _, _ = project.compile(base_spec())
-    assert [(r["row"], r["reason"]) for r in read_jsonl(bundle / "rejects.jsonl")] == [(4, "text_too_long")]
+    assert [(r["line"], r["reason"]) for r in read_jsonl(bundle / "rejects.jsonl")] == [(5, "text_too_long")]

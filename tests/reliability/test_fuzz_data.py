@@ -177,7 +177,7 @@ def test_compile_of_nasty_rows_accounts_for_every_row(cproject, figures):
     rejects = read_jsonl(bundle / "rejects.jsonl")
     assert manifest["rows_read"] == len(GOOD) + len(NASTY)
     assert manifest["train_examples"] + manifest["eval_examples"] + len(rejects) == manifest["rows_read"]
-    by_row = {r["row"]: r["reason"] for r in rejects}
+    by_row = {r["line"] - 1: r["reason"] for r in rejects}  # rejects.jsonl: 1-based lines; this file has no blank one
     n = len(GOOD)
     assert by_row[n + 0] == "malformed_json"
     assert n + 1 not in by_row  # a NUL inside a JSON string is text, and trains
