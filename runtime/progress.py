@@ -93,6 +93,12 @@ class Progress:
         if self.live:
             from tqdm.auto import tqdm
 
+            # transformers draws its own bar at every save ("Writing model shards"); a second bar
+            # on the terminal breaks this one's in-place redraw, so it is off while this one is live
+            from transformers.utils import logging as hf_logging
+
+            self._hf_bars_were_on = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
             self.bar = tqdm(total=self.total, initial=self.start_step, file=self.stream, unit="step",
                             dynamic_ncols=True, leave=True, desc="sftc")
 
@@ -127,9 +133,18 @@ class Progress:
         reason = f" ({why})" if why and eligible is False else ""
         self.say(f"eval step {record.get('step')}: {metrics or 'no metrics'}{verdict}{reason}")
 
+    def close_bar(self) -> None:
+        """End the live bar (at its last step), so later lines print below it, not into it."""
+        if self.bar is None:
+            return
+        self.bar.close()
+        self.bar = None
+
     def finish(self, summary: str) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        self.close_bar()
+        if getattr(self, "_hf_bars_were_on", False):  # off through the export too; back as they were now
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.enable_progress_bar()
         elapsed = time.perf_counter() - self.started if self.started is not None else None
         self.say(f"{summary} (this session {duration(elapsed)})")

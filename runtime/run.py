@@ -262,6 +262,7 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
                 trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised or turned into a clear error
             raise _ended_badly(d, run_dir, record, run, trainer, exc) from None
+    run.progress.close_bar()  # what follows (export, summary) prints below the finished bar
 
     step = trainer.state.global_step
     record.update(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -38,6 +39,15 @@ class _Group(click.Group):
                 raise  # a bug: keep the traceback
             click.secho(f"error: {message}", fg="red", err=True)
             sys.exit(2)
+
+
+def _shown(path: Path) -> str:
+    """A path for the terminal: relative to the current directory when it lies under it."""
+    path = path.resolve()
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _input_problem(exc: Exception) -> str | None:
@@ -191,7 +201,8 @@ def run(bundle: str, run_dir: str | None, fresh: bool, allow_drift: bool, allow_
             f"refused to load a checkpoint state file: torch's weights_only loader rejected it ({first[:300]}); "
             "sftc never unpickles arbitrary objects. Delete the checkpoint it came from, or run with --fresh"
         ) from None
-    click.echo(f"run finished: {out}")
+    # stdout carries only the run directory, for scripts (`RUN=$(sftc run ...)`); the summary went to stderr
+    click.echo(_shown(Path(out)))
 
 
 @main.command()
