@@ -27,7 +27,7 @@ from sftc.compiler import spec as spec_mod
 from sftc import __version__
 from sftc.errors import BundleError, DataError, SftcError
 from sftc.hashcache import cached_sha256
-from sftc.io import canonical_json, pretty_json, sha256_bytes, sha256_file, staging_dir
+from sftc.io import canonical_json, pretty_json, remove_stale_staging, sha256_bytes, sha256_file, staging_dir
 from sftc.lock import (FORMAT_VERSION, LOCK_NAME, RENDERED_FILES, Lock, Memory, bundle_id_for, load_lock, model_file_names,
                        seal)
 
@@ -217,6 +217,9 @@ def compile_spec(spec_path: str | os.PathLike, bundles_dir: str | os.PathLike | 
         stages.stage("hashing the inputs")
         inputs = resolve_inputs(spec_path)
         out_root = Path(bundles_dir) if bundles_dir else default_bundles_dir(inputs)
+        # a compile killed mid-staging left `.<id>.pidN.*.tmp`; a compile that reuses a bundle
+        # must clean it as much as one that rebuilds (staging_dir does it for those)
+        remove_stale_staging(out_root)
         if not force:
             found = find_existing(out_root, inputs)
             if found is not None:
