@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fuzz-scale", type=int, default=1,
                         help="multiply the hypothesis examples of the fuzz tests (SFTC_FUZZ_EXAMPLES)")
     args = parser.parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    from benchmarks.common import code_state
+
+    measured = code_state()  # before the tests: the tree may be edited while they run
 
     with tempfile.TemporaryDirectory(prefix="sftc-reliability-") as tmp:
         figures_path = Path(tmp) / "figures.json"
@@ -81,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             report[key] += int(campaign[key])
     report["generated"] = {
         "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "code": measured,  # the commit measured, and whether the tree had uncommitted edits then
         "commands": commands,
         "python": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cpu(s), CPU only" ,
