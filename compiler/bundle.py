@@ -326,9 +326,10 @@ def _build(inputs: Inputs, out_root: Path, say=lambda text: None) -> tuple[Path,
     eval_prompts = []
     if template is not None:
         for index, (example, prompt_ids) in enumerate(zip(eval_tok.examples, eval_tok.prompt_ids)):
+            prompt_ids = [int(t) for t in prompt_ids]  # held as int32 arrays; decoded and written as ints
             eval_prompts.append({
                 "index": index, "group": example.group, "source": example.where,
-                "prompt_ids": [int(t) for t in prompt_ids],
+                "prompt_ids": prompt_ids,
                 "prompt_text": tokenizer.decode(prompt_ids),
                 "reference": example.messages[-1]["content"],
                 "fields": example.fields,

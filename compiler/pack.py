@@ -78,7 +78,8 @@ def mask_segment_starts(labels: np.ndarray, row_offsets: np.ndarray, seq_lengths
 def _flat(arrays: list[np.ndarray], dtype) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    flat = np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype=dtype)
+    # copy=False: concatenate already made the one copy (astype's default would make a second)
+    flat = np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype=dtype)
     return flat, offsets
 
 
@@ -129,21 +130,31 @@ def pack(input_ids: list[np.ndarray], labels: list[np.ndarray], strategy: str, s
     # TRL's packing code, run as one batch: SFTTrainer's default map batch of 1000 examples leaves
     # a partly filled bin per batch (measured on OrgAccess: 0.969 efficiency vs 0.98+ in one pass)
     result = pack_dataset(dataset, seq_length, strategy, {"batch_size": max(1, len(dataset))}).with_format("arrow")
+    del dataset  # its flat input columns (a copy of every train token) are not needed past this point
     table = result.data.table if hasattr(result.data, "table") else result.data
+    del result
     ids_col = table.column("input_ids").combine_chunks()
     lab_col = table.column("labels").combine_chunks()
-    flat_ids = ids_col.flatten().to_numpy().astype(np.int32)
+    seq_col = table.column("seq_lengths").combine_chunks() if "seq_lengths" in table.column_names else None
+    del table
+    # the ids stay a read-only view of the packed Arrow buffer where it is int32 already (no copy);
+    # the labels are copied, mask_segment_starts writes into them
+    flat_ids = ids_col.flatten().to_numpy().astype(np.int32, copy=False)
     flat_labels = lab_col.flatten().to_numpy().astype(np.int32)
     row_lengths = ids_col.value_lengths().to_numpy().astype(np.int64)
     row_offsets = np.concatenate([[0], np.cumsum(row_lengths)]).astype(np.int64)
-    if "seq_lengths" in table.column_names:
-        seq_col = table.column("seq_lengths").combine_chunks()
+    if seq_col is not None:
         seq_lengths = seq_col.flatten().to_numpy().astype(np.int32)
         seq_offsets = np.concatenate([[0], np.cumsum(seq_col.value_lengths().to_numpy())]).astype(np.int64)
     else:  # wrapped: no boundaries survive, the whole row is one sequence
         seq_lengths = row_lengths.astype(np.int32)
         seq_offsets = np.arange(len(row_lengths) + 1, dtype=np.int64)
     mask_segment_starts(flat_labels, row_offsets, seq_lengths, seq_offsets)
+    del lab_col, seq_col
+    # Arrow's allocator keeps the pages of TRL's intermediate tables (filtered, sliced, taken: several
+    # copies of every train token) for reuse by Arrow only; the passes after this allocate with
+    # malloc. Measured on 17k rows of ~500 tokens: 250 MB of RSS given back by this call.
+    pa.default_memory_pool().release_unused()
     record = {
         "strategy": strategy,
         "seq_length": seq_length,
