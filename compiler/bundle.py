@@ -322,6 +322,18 @@ def _build(inputs: Inputs, out_root: Path, say=lambda text: None) -> tuple[Path,
         undeclared = spec_mod.undeclared_select_metrics(spec, rules.metric_names, RESERVED_NAMES)
         if undeclared:
             raise spec_mod.SpecError(f"{src}: select names metrics no evaluation reports", [f"{src}: {p}" for p in undeclared])
+        # With rules, every checkpoint generates up to eval.max_new_tokens per held-out prompt, and a
+        # reply that never ends runs all the way: past the model's positions that is not a longer
+        # answer, only a run that seems to hang (32768 on a 512-position model: 10+ minutes for one
+        # step's evaluation, found by tests/reliability/test_fuzz_extremes.py). Refused here.
+        positions = int(getattr(config, "max_position_embeddings", 0) or 0)
+        longest = max((len(p) for p in getattr(eval_tok, "prompt_ids", ())), default=0)
+        if positions and longest + spec.eval.max_new_tokens > positions:
+            room = (f"set eval.max_new_tokens to at most {positions - longest}" if positions > longest
+                    else "the prompts alone fill them: lower tokenize.max_length")
+            raise spec_mod.SpecError(
+                f"{src}: eval.max_new_tokens: {spec.eval.max_new_tokens} generated tokens after the longest held-out "
+                f"prompt ({longest} tokens) exceed the model's {positions} positions (max_position_embeddings); {room}")
 
     eval_prompts = []
     if template is not None:

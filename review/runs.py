@@ -44,8 +44,13 @@ def list_runs(project_root) -> list[dict]:
         kind = param.kind
         if kind in ("lora", "qlora"):
             kind = f"{kind} r={param.rank}"
-        train, _ = read_metrics(run_dir)
-        best = read_best(run_dir) or {}
+        try:
+            train, _ = read_metrics(run_dir)
+            best = read_best(run_dir) or {}
+        except SftcError as exc:  # one run's damaged best.json leaves every other run to list
+            row.update(error=str(exc).splitlines()[0], unreadable="records")
+            rows.append(row)
+            continue
         best_step = best.get("best_step")
         shown_step = best_step if best_step is not None else best.get("fallback_step")
         best_metrics = {}
@@ -90,7 +95,8 @@ def format_runs(rows: list[dict]) -> str:
     table, unreadable = [], []
     for row in rows:
         if "error" in row:
-            unreadable.append(f"{row['run']}: {row.get('status') or '-'}, bundle unreadable ({row['error']})")
+            unreadable.append(f"{row['run']}: {row.get('status') or '-'}, {row.get('unreadable', 'bundle')} unreadable "
+                              f"({row['error']})")
             continue
         best = row.get("best_step")
         if best is None:

@@ -18,17 +18,19 @@ def _live_pid(run_dir: Path) -> int | None:
     import os
     import re
 
-    try:
-        text = (run_dir / "run.lock").read_text(encoding="utf-8")
+    try:  # a damaged run.lock (any bytes) only informs: never a UnicodeDecodeError
+        text = (run_dir / "run.lock").read_bytes().decode("utf-8", errors="replace")
     except OSError:
         return None
     match = re.search(r"pid (\d+)", text)
     if not match:
         return None
     pid = int(match.group(1))
+    if pid <= 0:  # kill(0, 0) would ask about this process group, not a run
+        return None
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: a rotted pid past any C int
         return None
     except PermissionError:
         return pid

@@ -452,7 +452,7 @@ def read_best(run_dir) -> dict | None:
 def run_lock(run_dir: Path):
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "run.lock"
-    handle = open(path, "a+", encoding="utf-8")
+    handle = open(path, "a+", encoding="utf-8", errors="replace")  # a damaged holder line is still shown
     try:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -504,7 +504,10 @@ def bundle_dir_of(run_dir) -> Path:
     tried.append(str(fallback))
     if (fallback / "bundle.lock.json").is_file():
         return fallback
-    raise RunError(f"{run_dir}: cannot find the run's bundle (looked for bundle.lock.json in: {', '.join(tried)})")
+    named_by = (f"; {run_dir / RUN_JSON} names bundle_dir {named!r} and bundle_id {run.get('bundle_id')!r}: if it "
+                "is damaged, delete it (the next `sftc run` of the bundle writes it again)") if run else ""
+    raise RunError(f"{run_dir}: cannot find the run's bundle (looked for bundle.lock.json in: {', '.join(tried)})"
+                   f"{named_by}")
 
 
 def read_lock(run_dir) -> Lock:

@@ -1,13 +1,22 @@
-"""Spec values at their validated extremes, run through compile (issue 14: values that validated,
-then hung or crashed). Every field's bounds are read from the Spec model itself, so a new field or
-a changed bound is fuzzed without editing this file. Each input must end in a bundle or a clear
-SftcError, within a wall-clock bound: no traceback, no hang.
+"""Spec values at their validated extremes, run through compile and a one-step run (issue 14:
+values that validated, then hung or crashed). Every field's bounds are read from the Spec model
+itself, so a new field or a changed bound is fuzzed without editing this file. Each input must end
+in a bundle or a clear SftcError, within a wall-clock bound: no traceback, no hang. Each bundle is
+then trained for one optimizer step the same way: with `schedule.max_steps: 1` added (and a rules
+file, so the step's checkpoint evaluates, generates, selects and exports) where the extreme is not a
+schedule field itself, else the bundle as compiled, stopped after step 1.
+
+Found this way: `eval.max_new_tokens: 32768` on a 512-position model (a checkpoint's generation ran
+past 10 minutes) and `parameterization.rank: 65536` on a 64-wide model (one step 25x slower than
+any other extreme); the compiler now refuses both, naming the bound.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
 import sys
 import time
 import typing
@@ -25,6 +34,13 @@ from tests.compiler.conftest import base_spec, deep_merge
 
 EXAMPLES = int(os.environ.get("SFTC_FUZZ_EXAMPLES", "1"))  # the report script raises it
 SECONDS_PER_INPUT = 60
+RULES = """version: 1
+parse: text
+checks:
+  - {name: says_rotate, kind: regex, pattern: Rotate}
+metrics:
+  rotate_rate: [says_rotate]
+"""
 ROWS = [{"thread_id": f"t{i % 7}", "prompt": f"Key T{i} is stale.", "completion": f"Rotate key T{i} today."}
         for i in range(24)]
 
@@ -74,32 +90,86 @@ def test_every_numeric_field_has_two_extremes():
     assert len(EXTREMES) >= 50
 
 
-def _compile_outcome(cproject, overrides: dict, figures) -> str:
+class _Hang(BaseException):
+    """Raised by the alarm in _bounded: a BaseException, so no `except Exception` in the runtime eats it."""
+
+
+@contextlib.contextmanager
+def _bounded(seconds: float, what: str, figures):
+    """Fail (and count a hang) when the body runs past `seconds`: an in-process run cannot be killed
+    from outside, so SIGALRM interrupts it instead."""
+    def alarm(signum, frame):
+        raise _Hang(what)
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except _Hang:
+        figures["hangs"] += 1
+        pytest.fail(f"{what} ran past {seconds} s")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _compile_outcome(cproject, overrides: dict, figures):
+    """The bundle compiled from the base spec with `overrides`, or None after a clear SftcError."""
     figures["inputs_tried"] += 1
     figures["inputs_tried_extremes"] += 1
     started = time.monotonic()
     try:
-        cproject.compile(deep_merge(base_spec(split={"eval_fraction": 0.2}), overrides), force=True)
-        outcome = "bundle"
+        bundle, _, _ = cproject.compile(deep_merge(base_spec(split={"eval_fraction": 0.2}), overrides), force=True)
     except SftcError as exc:
         assert str(exc).strip()
-        outcome = "error"
+        bundle = None
     except Exception:
         figures["tracebacks"] += 1
         raise
     if time.monotonic() - started > SECONDS_PER_INPUT:
         figures["hangs"] += 1
         pytest.fail(f"compile took more than {SECONDS_PER_INPUT} s with {overrides}")
-    return outcome
+    return bundle
+
+
+def _one_step(cproject, overrides: dict, bundle, figures) -> str:
+    """Train what `overrides` compiled to for one optimizer step: "run", or "error" (a clear SftcError)."""
+    from sftc.runtime.run import run_bundle
+
+    stop_after = None
+    if "schedule" in overrides:  # the extreme is a schedule field: keep it, stop after the first step
+        stop_after = 1
+    else:  # one whole run of one step: checkpoint, evaluation with generation, selection, export
+        (cproject.root / "rules.yaml").write_text(RULES, encoding="utf-8")
+        bundle = _compile_outcome(cproject, deep_merge(overrides, {"schedule": {"max_steps": 1},
+                                                                   "eval": {"rules": "rules.yaml"}}), figures)
+        figures["inputs_tried"] -= 1  # the same input, compiled for its run
+        figures["inputs_tried_extremes"] -= 1
+        if bundle is None:
+            return "error"
+    figures["extremes_run_one_step"] += 1
+    with _bounded(SECONDS_PER_INPUT, f"one step of {overrides}", figures):
+        try:
+            run_bundle(bundle, run_dir=cproject.root / "runs" / bundle.name, fresh=True, stop_after_steps=stop_after)
+            return "run"
+        except SftcError as exc:
+            assert str(exc).strip()
+            return "error"
+        except Exception:
+            figures["tracebacks"] += 1
+            raise
 
 
 @pytest.mark.parametrize("path,value", [e for e in EXTREMES if e[0] in {
     ("seed",), ("split", "seed"), ("schedule", "max_steps"), ("schedule", "epochs"), ("batch", "per_device"),
     ("batch", "grad_accum"), ("parameterization", "rank"), ("tokenize", "max_length"), ("packing", "seq_length"),
-    ("split", "near_duplicates"), ("split", "eval_fraction")}], ids=str)
+    ("split", "near_duplicates"), ("split", "eval_fraction"), ("eval", "max_new_tokens")}], ids=str)
 def test_the_extremes_that_hung_or_crashed_before(cproject, path, value, figures):
     cproject.write_jsonl("data/rows.jsonl", ROWS)
-    _compile_outcome(cproject, _override(path, value), figures)
+    overrides = _override(path, value)
+    bundle = _compile_outcome(cproject, overrides, figures)
+    if bundle is not None:
+        _one_step(cproject, overrides, bundle, figures)
 
 
 @settings(max_examples=10 * EXAMPLES, deadline=None, derandomize=EXAMPLES == 1,
@@ -110,4 +180,19 @@ def test_combined_extremes_end_in_a_bundle_or_a_clear_error(cproject, chosen, fi
     overrides: dict = {}
     for path, value in chosen:
         overrides = deep_merge(overrides, _override(path, value))
-    _compile_outcome(cproject, overrides, figures)
+    bundle = _compile_outcome(cproject, overrides, figures)
+    if bundle is not None:
+        _one_step(cproject, overrides, bundle, figures)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"eval": {"rules": "rules.yaml", "max_new_tokens": 32768}},
+     "eval.max_new_tokens: 32768 generated tokens after the longest held-out prompt"),
+    (_override(("parameterization", "rank"), 65536), "parameterization.rank: 65536 exceeds 64"),
+], ids=["max-new-tokens-past-the-model-positions", "lora-rank-past-the-adapted-matrix"])
+def test_extremes_that_validated_then_hung_are_refused_at_compile(cproject, overrides, needle):
+    cproject.write_jsonl("data/rows.jsonl", ROWS)
+    (cproject.root / "rules.yaml").write_text(RULES, encoding="utf-8")
+    with pytest.raises(SftcError) as err:
+        cproject.compile(deep_merge(base_spec(split={"eval_fraction": 0.2}), overrides), force=True)
+    assert needle in str(err.value) and "at most" in str(err.value), str(err.value)
