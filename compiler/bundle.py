@@ -304,6 +304,12 @@ def _build(inputs: Inputs, out_root: Path, say=lambda text: None) -> tuple[Path,
     from sftc.compiler.vocab import check_vocabulary
 
     check_vocabulary(tokenizer, config, train_tok.input_ids + eval_tok.input_ids, src)
+    # Nothing reads the per-row arrays past here (packed and eval_rows hold the rows): dropped before
+    # the files are built in memory, where the compile peaks (one copy of every token, issue 17)
+    lengths = np.array([len(a) for a in train_tok.input_ids + eval_tok.input_ids])
+    train_examples, eval_examples = len(train_tok.input_ids), len(eval_tok.input_ids)
+    del train_ids, train_labels
+    train_tok.input_ids = train_tok.labels = eval_tok.input_ids = eval_tok.labels = None
     parameters = count_parameters(config, spec)
     memory = estimate_memory(parameters, spec, spec.seq_length)
 
@@ -366,14 +372,13 @@ def _build(inputs: Inputs, out_root: Path, say=lambda text: None) -> tuple[Path,
     data_manifest = {
         "files": data.files,
         "rows_read": rows_read,
-        "train_examples": len(train_tok.input_ids),
-        "eval_examples": len(eval_tok.input_ids),
+        "train_examples": train_examples,
+        "eval_examples": eval_examples,
         "rejected": dict(sorted(reasons.items())),
     }
     data_manifest["hash"] = "sha256:" + sha256_bytes(canonical_json([f["sha256"] for f in data.files]).encode())
     if weighting is not None:  # data.sources only: train examples per source before and after weights
         data_manifest["sources"] = weighting
-    lengths = np.array([len(a) for a in train_tok.input_ids + eval_tok.input_ids])
     root = inputs.root
     payload = {
         "format_version": FORMAT_VERSION,
@@ -416,7 +421,7 @@ def _build(inputs: Inputs, out_root: Path, say=lambda text: None) -> tuple[Path,
         "parameters": parameters,
         "memory": Memory.from_estimate(memory).model_dump(mode="json"),
         "eval_manifest": {
-            "prompts": len(eval_prompts), "examples": len(eval_tok.input_ids),
+            "prompts": len(eval_prompts), "examples": eval_examples,
             "rules_path": _display(inputs.rules_path, root) if inputs.rules_path else None,
             "rules_sha256": rules_info["sha256"] if rules_info else None,
             "metrics": rules_info["metrics"] if rules_info else [],
