@@ -53,3 +53,17 @@ def cproject(tmp_path, tiny_model_dir):
     (root / "pyproject.toml").write_text("[project]\nname = 'rel-compile'\n", encoding="utf-8")
     shutil.copytree(tiny_model_dir, root / "model")
     return CompilerProject(root)
+
+
+def module_project(tmp_path_factory, tiny_model_dir, name: str):
+    """A runtime-test project (tiny model, the runtime tests' rows) for a module-scoped fixture:
+    the runs a module shares are built once, then copied or resumed per case."""
+    from tests.runtime.conftest import Project, _rows
+
+    root = tmp_path_factory.mktemp(name) / "proj"
+    root.mkdir()
+    (root / "pyproject.toml").write_text(f"[project]\nname = '{name}'\n")
+    shutil.copytree(tiny_model_dir, root / "model")
+    (root / "data").mkdir()
+    (root / "data" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    return Project(root)

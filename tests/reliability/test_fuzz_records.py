@@ -50,15 +50,10 @@ RECORDS = {
 def finished(tmp_path_factory, tiny_model_dir):
     """One finished, exported run (checkpoints 2 and 4), copied for every damaged case."""
     from sftc.runtime.run import run_bundle
-    from tests.runtime.conftest import Project, _rows
+    from tests.reliability.conftest import module_project
 
-    root = tmp_path_factory.mktemp("records") / "proj"
-    root.mkdir()
-    (root / "pyproject.toml").write_text("[project]\nname = 'records'\n")
-    shutil.copytree(tiny_model_dir, root / "model")
-    (root / "data").mkdir()
-    (root / "data" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows()))
-    project = Project(root)
+    project = module_project(tmp_path_factory, tiny_model_dir, "records")
+    root = project.root
     bundle = project.compile(schedule={"max_steps": 4}, checkpoint={"every_steps": 2, "keep_last": 2})
     run_dir = project.run_dir(bundle)
     run_bundle(bundle, run_dir=run_dir)

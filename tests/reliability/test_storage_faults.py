@@ -42,17 +42,10 @@ CORRUPTIONS = {
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model_dir):
     """One uninterrupted run and one stopped at step 4 (checkpoints 2 and 4), shared by the cases."""
-    import shutil
+    from tests.reliability.conftest import module_project
 
-    from tests.runtime.conftest import Project, _rows
-
-    root = tmp_path_factory.mktemp("storage") / "proj"
-    root.mkdir()
-    (root / "pyproject.toml").write_text("[project]\nname = 'storage'\n")
-    shutil.copytree(tiny_model_dir, root / "model")
-    (root / "data").mkdir()
-    (root / "data" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows()))
-    project = Project(root)
+    project = module_project(tmp_path_factory, tiny_model_dir, "storage")
+    root = project.root
     bundle = project.compile(schedule={"max_steps": 6}, checkpoint={"every_steps": 2, "keep_last": 3})
     ref = root / "runs" / "reference"
     run_bundle(bundle, run_dir=ref)
