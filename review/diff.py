@@ -57,6 +57,11 @@ def _is_bundle_dir(path: Path) -> bool:
     return path.is_dir() and (path / "bundle.lock.json").is_file()
 
 
+def _not_found(arg: str) -> SftcError:
+    return SftcError(f"{arg}: not found; give a spec file, a bundle directory or a git revision REV:PATH "
+                     "(e.g. HEAD~1:specs/x.yaml)")
+
+
 def load_side(arg: str, bundles_dir: str | os.PathLike | None = None) -> Side:
     """Resolve a spec file, a bundle directory or `REV:PATH` to its lock (compiling if needed)."""
     path = Path(arg)
@@ -73,7 +78,7 @@ def load_side(arg: str, bundles_dir: str | os.PathLike | None = None) -> Side:
         return Side(arg, "spec", lock)
     if ":" in arg:
         return Side(arg, "git", _load_git_side(arg, bundles_dir))
-    raise SftcError(f"{arg}: not found; give a spec file, a bundle directory or a git revision REV:PATH (e.g. HEAD~1:specs/x.yaml)")
+    raise _not_found(arg)
 
 
 def _git(args: list[str], cwd: Path) -> bytes:
@@ -422,6 +427,9 @@ def _notes(diff: Diff) -> list[str]:
 
 def diff_paths(a: str, b: str, bundles_dir: str | os.PathLike | None = None) -> Diff:
     """Compile or read both sides and compare them."""
+    for arg in (a, b):  # a missing second side is said before the first one is compiled
+        if not Path(arg).exists() and ":" not in arg:
+            raise _not_found(arg)
     return compare(load_side(a, bundles_dir), load_side(b, bundles_dir))
 
 

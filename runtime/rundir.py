@@ -486,6 +486,17 @@ def start_over(run_dir: Path) -> None:
 # --- where the run's bundle and inputs are ---------------------------------------------------
 
 
+def require_run_dir(path) -> Path:
+    """`path` as a run directory, or a clear error: the commands that read a run (status, report,
+    export) would otherwise report an empty run, or write a report, for any directory at all."""
+    path = Path(path)
+    marks = (RUN_JSON, "run.lock", METRICS, "checkpoints")
+    if not path.is_dir() or not any((path / name).exists() for name in marks):
+        raise RunError(f"{path}: not a run directory (none of {', '.join(marks)} is there); give the directory "
+                       "`sftc run` wrote, e.g. runs/<bundle id> or the --run-dir it was given (`sftc runs` lists them)")
+    return path
+
+
 def bundle_dir_of(run_dir) -> Path:
     """The bundle a run executed. run.json names it; a relative name is tried against the project
     (the parent of runs/) first, then the working directory."""

@@ -213,8 +213,9 @@ def run(bundle: str, run_dir: str | None, fresh: bool, allow_drift: bool, allow_
 def export(run_dir: str, allow_ineligible: bool, allow_incomplete_history: bool) -> None:
     """Export the selected checkpoint of RUN_DIR to RUN_DIR/export/."""
     from sftc.runtime.export import export_run
-    from sftc.runtime.rundir import rederive_best
+    from sftc.runtime.rundir import rederive_best, require_run_dir
 
+    require_run_dir(run_dir)
     # best.json is an output: select again from the records, so a stale or damaged one is never shipped
     rederive_best(run_dir, allow_incomplete_history)
     click.echo(f"exported: {export_run(run_dir, allow_ineligible=allow_ineligible)}")
@@ -254,7 +255,9 @@ def chat(export_dir: str, system: str | None, max_new_tokens: int) -> None:
 def status(run_dir: str) -> None:
     """List a run's checkpoints, metrics and the selected best."""
     from sftc.review.status import status as run_status
+    from sftc.runtime.rundir import require_run_dir
 
+    require_run_dir(run_dir)
     click.echo(run_status(run_dir))
 
 
@@ -264,7 +267,9 @@ def status(run_dir: str) -> None:
 def report(run_dir: str, out: str | None) -> None:
     """Render loss curves, behaviour metrics and token budget as PNGs and HTML."""
     from sftc.review.report import render_report
+    from sftc.runtime.rundir import require_run_dir
 
+    require_run_dir(run_dir)
     click.echo(f"report: {render_report(run_dir, out)}")
 
 

@@ -343,3 +343,16 @@ def test_a_read_only_run_directory_is_a_clear_error_in_run_and_export(project, m
         assert result.exit_code == 2, (args, result.output)
         assert "Read-only file system" in result.output and "Traceback" not in result.output, result.output
     assert _export_bytes(run_dir) == exported  # the previous export is untouched
+
+
+@pytest.mark.parametrize("command", ["status", "report", "export"])
+def test_a_directory_that_is_not_a_run_is_refused_and_nothing_is_written_there(tmp_path, command):
+    from click.testing import CliRunner
+
+    from sftc.cli import main
+
+    (tmp_path / "notes.txt").write_text("not a run\n")
+    result = CliRunner().invoke(main, [command, str(tmp_path)])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.output, result.exception)
+    assert "not a run directory" in result.output and str(tmp_path) in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"], "a report or export was written anyway"
