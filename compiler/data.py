@@ -371,6 +371,9 @@ def _check_messages(value: Any, key: str, names=None) -> tuple[list[dict] | None
         if not isinstance(message, dict) or set(message) - {role_key, content_key} - {"name"}:
             return None, ("wrong_type", f"{key}[{i}] must be an object with {role_key} and {content_key}")
         role, content = message.get(role_key), message.get(content_key)
+        if not isinstance(role, str):  # before any lookup: a list or mapping is not even hashable
+            found = "missing" if role is None else type(role).__name__
+            return None, ("wrong_type", f"{key}[{i}].{role_key} is {found}, expected a string")
         if role_names is not None:
             if role not in role_names:
                 return None, ("bad_role", f"{key}[{i}].{role_key} is {role!r}; data fields.roles maps {', '.join(map(repr, role_names))}")

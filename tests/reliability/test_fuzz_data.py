@@ -35,6 +35,10 @@ REASONS = {"missing_field", "wrong_type", "empty_completion", "empty_prompt", "m
            "duplicate", "not_an_object", "bad_role", "ends_without_answer", "empty_text"}
 DATA_SPECS = {fmt: parse_spec(base_spec(data={"format": fmt}, **({"objective": "continued_pretraining"} if fmt == "text" else {})), "s").data
               for fmt in ("prompt_completion", "conversational", "text")}
+# ShareGPT/FastChat rows through the declarative role/field mapping (docs/data-formats.md)
+DATA_SPECS["sharegpt"] = parse_spec(base_spec(data={"format": "conversational", "fields": {
+    "messages": "conversations", "role": "from", "content": "value", "group": "id",
+    "roles": {"human": "user", "gpt": "assistant", "system": "system"}}}), "s").data
 
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=30)),
@@ -48,6 +52,10 @@ rowish = st.fixed_dictionaries(
               "messages": st.one_of(json_values, st.lists(st.fixed_dictionaries(
                   {"role": st.sampled_from(["user", "assistant", "system", "robot"]), "content": field_values}),
                   max_size=3)),
+              "id": field_values,
+              "conversations": st.one_of(json_values, st.lists(st.fixed_dictionaries(
+                  {"from": st.one_of(st.sampled_from(["human", "gpt", "system", "bot"]), json_values),
+                   "value": field_values}), max_size=4)),
               "extra": json_values},
 )
 
