@@ -32,13 +32,17 @@ EXAMPLES = int(os.environ.get("SFTC_FUZZ_EXAMPLES", "1"))  # scripts/reliability
 SETTINGS = settings(max_examples=200 * EXAMPLES, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 REASONS = {"missing_field", "wrong_type", "empty_completion", "empty_prompt", "malformed_json", "bad_encoding",
-           "duplicate", "not_an_object", "bad_role", "ends_without_answer", "empty_text"}
+           "duplicate", "not_an_object", "bad_role", "ends_without_answer", "empty_text", "no_turns"}
 DATA_SPECS = {fmt: parse_spec(base_spec(data={"format": fmt}, **({"objective": "continued_pretraining"} if fmt == "text" else {})), "s").data
               for fmt in ("prompt_completion", "conversational", "text")}
 # ShareGPT/FastChat rows through the declarative role/field mapping (docs/data-formats.md)
 DATA_SPECS["sharegpt"] = parse_spec(base_spec(data={"format": "conversational", "fields": {
     "messages": "conversations", "role": "from", "content": "value", "group": "id",
     "roles": {"human": "user", "gpt": "assistant", "system": "system"}}}), "s").data
+# OASST/Guanaco transcripts cut into turns at declared markers
+DATA_SPECS["transcript"] = parse_spec(base_spec(data={"format": "prompt_completion", "fields": {
+    "prompt": "input", "completion": "output", "group": "id",
+    "turn_markers": {"### Human:": "user", "### Assistant:": "assistant"}}}), "s").data
 
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=30)),
@@ -53,6 +57,9 @@ rowish = st.fixed_dictionaries(
                   {"role": st.sampled_from(["user", "assistant", "system", "robot"]), "content": field_values}),
                   max_size=3)),
               "id": field_values,
+              "input": st.one_of(field_values, st.lists(st.sampled_from(
+                  ["### Human:", "### Assistant:", " hi ", "", "\n", "### Human", "###"]), max_size=6).map("".join)),
+              "output": field_values,
               "conversations": st.one_of(json_values, st.lists(st.fixed_dictionaries(
                   {"from": st.one_of(st.sampled_from(["human", "gpt", "system", "bot"]), json_values),
                    "value": field_values}), max_size=4)),
