@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 from sftc.errors import RunError
 from sftc.io import read_json
-from sftc.runtime.export import is_hub_id
+from sftc.runtime.export import is_hub_id, verify_export
 
 
 def _load_failure(what: str, location: str, exc: Exception, hint: str) -> RunError:
@@ -54,6 +54,7 @@ def load_export(export_dir) -> tuple[object, object, list[int]]:
     if not adapter.is_file() and not (export_dir / "config.json").is_file():
         raise RunError(f"{export_dir}: not a model export (no config.json or adapter_config.json)",
                        ["point at runs/<id>/export or runs/<id>/export/merged"])
+    verify_export(export_dir)
     if adapter.is_file():
         from peft import PeftModel
 
@@ -64,13 +65,19 @@ def load_export(export_dir) -> tuple[object, object, list[int]]:
             raise _load_failure("the adapter's base model", location, exc,
                                 f"fetch it first (`hf download {location}`) or load merged/ instead"
                                 if is_hub_id(location) else "check the base model directory") from None
-        model = PeftModel.from_pretrained(base, str(export_dir))
+        try:
+            model = PeftModel.from_pretrained(base, str(export_dir))
+        except Exception as exc:  # noqa: BLE001 - safetensors, peft and json errors alike: the file is named
+            raise _load_failure("the adapter in", str(export_dir), exc, "re-export the run") from None
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(export_dir)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a SafetensorError or a JSON error is not an OSError
             raise _load_failure("the model in", str(export_dir), exc, "re-export the run") from None
-    tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer.json that is not UTF-8
+        raise _load_failure("the tokenizer in", str(export_dir), exc, "re-export the run") from None
     stops: list[int] = []
     if (export_dir / "generation_config.json").is_file():
         eos = GenerationConfig.from_pretrained(export_dir).eos_token_id

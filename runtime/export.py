@@ -267,6 +267,38 @@ def _sha_files(root: Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def verify_export(export_dir) -> str:
+    """Check an export (or its merged/) against the sha256s its provenance.json lists, before any
+    of it is loaded: a damaged or edited file is named, never fed to a loader. Returns what was
+    checked, for the user. Costs one read of the weights (~0.5 GB/s: ~30 s for a 7B model)."""
+    export_dir = Path(export_dir)
+    for root, prefix in ((export_dir, ""), (export_dir.parent, export_dir.name + "/")):
+        provenance = root / "provenance.json"
+        if provenance.is_file():
+            break
+    else:
+        return f"{export_dir}: no provenance.json beside it; its files are not verified (not an sftc export?)"
+    try:
+        listed = read_json(provenance).get("files")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise RunError(f"{provenance}: unreadable ({exc}); re-export the run: sftc export RUN_DIR") from None
+    if not isinstance(listed, dict):
+        raise RunError(f"{provenance}: has no files table; re-export the run: sftc export RUN_DIR")
+    mine = {name[len(prefix):]: digest for name, digest in listed.items()
+            if isinstance(name, str) and name.startswith(prefix) and (prefix or not name.startswith("merged/"))}
+    problems = []
+    for name, digest in sorted(mine.items()):
+        path = export_dir / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+        elif sha256_file(path) != digest:
+            problems.append(f"{name}: sha256 differs from {provenance.name}")
+    if problems:
+        raise RunError(f"{export_dir}: the export does not match its provenance.json; it was damaged or edited",
+                       problems + ["re-export the run (`sftc export RUN_DIR`), or copy the export again"])
+    return f"{export_dir}: {len(mine)} files match provenance.json"
+
+
 def export_run(run_dir, allow_ineligible: bool = False) -> Path:
     """Write `run_dir/export/` from the checkpoint best.json selects; returns its path.
 

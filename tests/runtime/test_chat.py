@@ -77,3 +77,27 @@ def test_generate_adapter_and_merged_exports_from_elsewhere(project, tmp_path):
     proc = _sftc("generate", str(lonely), "--prompt", PROMPT, cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "../../../model" in proc.stderr and "merged/" in proc.stderr
+
+
+def test_a_damaged_export_is_named_before_anything_loads_it(project, tmp_path):
+    """Every file an export lists in provenance.json is checked first; without a provenance (not an
+    sftc export) a file no loader can read is still a clear error, never a traceback."""
+    from click.testing import CliRunner
+
+    from sftc.cli import main
+
+    models: dict = {}
+    run = _make_run(project, {"kind": "full"}, _full_saver(project.root / "model", models), steps=(600,))
+    out = export_run(run)
+    for name, damage in (("model.safetensors", lambda b: b[:1000]), ("config.json", lambda b: b"{\"bad"),
+                         ("tokenizer.json", lambda b: b"\xff\xfe")):
+        copy = tmp_path / f"export-{name}"
+        shutil.copytree(out, copy)
+        (copy / name).write_bytes(damage((copy / name).read_bytes()))
+        result = CliRunner().invoke(main, ["generate", str(copy), "--prompt", PROMPT, "--max-new-tokens", "2"])
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.output, result.exception)
+        assert f"{name}: sha256 differs from provenance.json" in result.output, result.output
+        (copy / "provenance.json").unlink()  # the same damage, nothing to check it against
+        result = CliRunner().invoke(main, ["generate", str(copy), "--prompt", PROMPT, "--max-new-tokens", "2"])
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.output, result.exception)
+        assert "could not be loaded" in result.output and "re-export" in result.output, result.output
