@@ -71,6 +71,7 @@ def run_bundle(bundle_dir, run_dir=None, fresh: bool = False, allow_drift: bool 
     bundle = load_bundle(bundle_dir)
     report = verify_bundle(bundle, allow_drift=allow_drift)
     run_dir = Path(run_dir) if run_dir is not None else bundle.project_root / "runs" / bundle.bundle_id
+    rundir.check_run_target(run_dir, bundle.dir)
     d = dist_.setup(bundle.spec, report["layout"])
     clean = False
     try:

@@ -486,15 +486,35 @@ def start_over(run_dir: Path) -> None:
 # --- where the run's bundle and inputs are ---------------------------------------------------
 
 
+RUN_MARKS = (RUN_JSON, "run.lock", METRICS, "checkpoints")  # a session writes run.lock before anything else
+
+
+def is_run_dir(path) -> bool:
+    path = Path(path)
+    return path.is_dir() and any((path / name).exists() for name in RUN_MARKS)
+
+
 def require_run_dir(path) -> Path:
     """`path` as a run directory, or a clear error: the commands that read a run (status, report,
     export) would otherwise report an empty run, or write a report, for any directory at all."""
     path = Path(path)
-    marks = (RUN_JSON, "run.lock", METRICS, "checkpoints")
-    if not path.is_dir() or not any((path / name).exists() for name in marks):
-        raise RunError(f"{path}: not a run directory (none of {', '.join(marks)} is there); give the directory "
+    if not is_run_dir(path):
+        raise RunError(f"{path}: not a run directory (none of {', '.join(RUN_MARKS)} is there); give the directory "
                        "`sftc run` wrote, e.g. runs/<bundle id> or the --run-dir it was given (`sftc runs` lists them)")
     return path
+
+
+def check_run_target(run_dir: Path, bundle_dir: Path) -> None:
+    """Where `sftc run` may write: a new or empty directory, or a run directory; never inside the
+    bundle (it would add files the seal refuses) and never a directory of other things (`--fresh`
+    removes checkpoints/ and export/ from it)."""
+    run_dir, bundle_dir = Path(run_dir).resolve(), Path(bundle_dir).resolve()
+    if run_dir == bundle_dir or bundle_dir in run_dir.parents:
+        raise RunError(f"--run-dir {run_dir} is inside the bundle {bundle_dir}; a bundle holds only what its lock "
+                       "lists. Give a directory outside it (the default is runs/<bundle id>)")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
+        raise RunError(f"--run-dir {run_dir}: exists, is not empty and is not a run directory (none of "
+                       f"{', '.join(RUN_MARKS)}); give a new directory or an earlier run's")
 
 
 def bundle_dir_of(run_dir) -> Path:

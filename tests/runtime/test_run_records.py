@@ -356,3 +356,21 @@ def test_a_directory_that_is_not_a_run_is_refused_and_nothing_is_written_there(t
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.output, result.exception)
     assert "not a run directory" in result.output and str(tmp_path) in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"], "a report or export was written anyway"
+
+
+def test_run_refuses_to_write_into_its_bundle_or_a_directory_of_other_things(project, tmp_path):
+    from click.testing import CliRunner
+
+    from sftc.cli import main
+
+    bundle = project.compile(schedule={"max_steps": 2}, checkpoint={"every_steps": 2, "keep_last": 1})
+    mine = tmp_path / "my-work"
+    (mine / "export").mkdir(parents=True)
+    (mine / "export" / "notes.txt").write_text("mine\n")
+    for target, words in ((bundle / "run", "inside the bundle"), (mine, "is not a run directory")):
+        result = CliRunner().invoke(main, ["run", str(bundle), "--run-dir", str(target), "--fresh"])
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.output, result.exception)
+        assert words in result.output, result.output
+    assert (mine / "export" / "notes.txt").read_text() == "mine\n", "--fresh removed a directory sftc did not write"
+    assert not (bundle / "run").exists()
+    assert CliRunner().invoke(main, ["verify", str(bundle)]).exit_code == 0
