@@ -329,17 +329,16 @@ def _build(inputs: Inputs, out_root: Path, say=lambda text: None) -> tuple[Path,
         if undeclared:
             raise spec_mod.SpecError(f"{src}: select names metrics no evaluation reports", [f"{src}: {p}" for p in undeclared])
         # With rules, every checkpoint generates up to eval.max_new_tokens per held-out prompt, and a
-        # reply that never ends runs all the way: past the model's positions that is not a longer
-        # answer, only a run that seems to hang (32768 on a 512-position model: 10+ minutes for one
-        # step's evaluation, found by tests/reliability/test_fuzz_extremes.py). Refused here.
+        # reply that never ends runs all the way: at the model's positions or past them that is not
+        # a longer answer, only a run that seems to hang (32768 on a 512-position model: 10+ minutes
+        # for one step's evaluation, found by tests/reliability/test_fuzz_extremes.py). Refused here;
+        # below it, generation stops each batch at the model's positions (runtime/evaluate/generate.py).
         positions = int(getattr(config, "max_position_embeddings", 0) or 0)
-        longest = max((len(p) for p in getattr(eval_tok, "prompt_ids", ())), default=0)
-        if positions and longest + spec.eval.max_new_tokens > positions:
-            room = (f"set eval.max_new_tokens to at most {positions - longest}" if positions > longest
-                    else "the prompts alone fill them: lower tokenize.max_length")
+        if positions and spec.eval.max_new_tokens >= positions:
             raise spec_mod.SpecError(
-                f"{src}: eval.max_new_tokens: {spec.eval.max_new_tokens} generated tokens after the longest held-out "
-                f"prompt ({longest} tokens) exceed the model's {positions} positions (max_position_embeddings); {room}")
+                f"{src}: eval.max_new_tokens: {spec.eval.max_new_tokens} generated tokens would fill the model's "
+                f"{positions} positions (max_position_embeddings) before any prompt; set it below {positions}, "
+                "to the length of the longest answer the rules need")
 
     eval_prompts = []
     if template is not None:

@@ -181,10 +181,12 @@ def hub_dataset_inputs(repo_id: str, revision: str | None, key: str, source: int
                             f"(a folder or file name starting with it); files: {listed}")
         files = chosen
     else:
-        splits = [name for name in _SPLIT_NAMES if any(_in_split(f, name) for f in files)]
-        if len(splits) > 1:
-            raise DataError(f"data.sources[{source}].split: {at} holds files of splits {splits}; no split given "
-                            "(set split, so eval or test rows do not end up in training)")
+        # with no split named, only train files (or files of no named split) are read as training
+        # rows: a lone test.jsonl beside data.jsonl must not end up in training either
+        held_out = [name for name in _SPLIT_NAMES if name != "train" and any(_in_split(f, name) for f in files)]
+        if held_out:
+            raise DataError(f"data.sources[{source}].split: {at} holds files of the split(s) {held_out}; no split given "
+                            "(set split, e.g. split: train, so eval or test rows do not end up in training)")
     return [DataInput(snapshot / rel, f"hf://datasets/{repo_id}/{rel}", source, repo=repo_id, revision=commit)
             for rel in files]
 

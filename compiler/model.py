@@ -65,24 +65,22 @@ def count_parameters(config, spec) -> dict:
     else:
         from peft import get_peft_model
 
+        # B @ A has rank at most min(in, out) of the matrix it adapts: past the largest such bound
+        # of any linear layer a rank adds parameters and time, never expressiveness (rank 65536 on a
+        # 64-wide model made one step 25x slower than any other spec extreme in
+        # tests/reliability/test_fuzz_extremes.py). Checked before peft builds the adapters, which
+        # it allocates on the CPU even under the meta device: minutes and gigabytes on a 7B model.
+        bound = max((min(m.in_features, m.out_features) for m in quantizable), default=0)
+        if bound and spec.parameterization.rank > bound:
+            raise SpecError(f"parameterization.rank: {spec.parameterization.rank} exceeds {bound}, the largest rank a "
+                            "LoRA update of any linear layer of this model can have (the smaller dimension of its "
+                            f"largest matrix). Set rank to at most {bound}")
         try:
             trained = get_peft_model(model, lora_config(spec.parameterization))
         except ValueError as exc:  # peft's NoMatchingPeftModuleError and config checks: the spec's to fix
             first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
             raise SpecError(f"parameterization.target_modules: {spec.parameterization.target_modules!r} cannot be "
                             f"adapted in this model: {first[:300]}") from None
-        # B @ A has rank at most min(in, out) of the matrix it adapts: a larger rank adds parameters
-        # and time, never expressiveness (rank 65536 on a 64-wide model made one step 25x slower than
-        # any other spec extreme in tests/reliability/test_fuzz_extremes.py). Refused, naming the bound.
-        from peft.tuners.lora import LoraLayer
-
-        dims = {name: min(int(m.in_features), int(m.out_features)) for name, m in trained.named_modules()
-                if isinstance(m, LoraLayer) and getattr(m, "in_features", None) and getattr(m, "out_features", None)}
-        if dims and spec.parameterization.rank > min(dims.values()):
-            where = min(dims, key=dims.get)
-            raise SpecError(f"parameterization.rank: {spec.parameterization.rank} exceeds {dims[where]}, the smaller "
-                            f"dimension of the adapted matrix {where.removeprefix('base_model.model.')}; a LoRA "
-                            f"update cannot have a higher rank than that. Set rank to at most {dims[where]}")
         trainable, total = trained.get_nb_trainable_parameters()
     shapes = [tuple(p.shape) for p in trained.parameters() if p.requires_grad]
     attention_heads = int(getattr(config, "num_attention_heads", 0) or 0)

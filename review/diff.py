@@ -62,8 +62,15 @@ def _not_found(arg: str) -> SftcError:
                      "(e.g. HEAD~1:specs/x.yaml)")
 
 
+def _require_side(arg: str) -> None:
+    """A side names something on disk or a git revision (REV:PATH); said before any compile."""
+    if not Path(arg).exists() and ":" not in arg:
+        raise _not_found(arg)
+
+
 def load_side(arg: str, bundles_dir: str | os.PathLike | None = None) -> Side:
     """Resolve a spec file, a bundle directory or `REV:PATH` to its lock (compiling if needed)."""
+    _require_side(arg)
     path = Path(arg)
     if path.is_dir():
         if not _is_bundle_dir(path):
@@ -78,7 +85,7 @@ def load_side(arg: str, bundles_dir: str | os.PathLike | None = None) -> Side:
         return Side(arg, "spec", lock)
     if ":" in arg:
         return Side(arg, "git", _load_git_side(arg, bundles_dir))
-    raise _not_found(arg)
+    raise SftcError(f"{arg}: neither a file nor a directory; give a spec file, a bundle directory or REV:PATH")
 
 
 def _git(args: list[str], cwd: Path) -> bytes:
@@ -428,8 +435,7 @@ def _notes(diff: Diff) -> list[str]:
 def diff_paths(a: str, b: str, bundles_dir: str | os.PathLike | None = None) -> Diff:
     """Compile or read both sides and compare them."""
     for arg in (a, b):  # a missing second side is said before the first one is compiled
-        if not Path(arg).exists() and ":" not in arg:
-            raise _not_found(arg)
+        _require_side(arg)
     return compare(load_side(a, bundles_dir), load_side(b, bundles_dir))
 
 

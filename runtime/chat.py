@@ -11,6 +11,7 @@ It lives in the runtime, not in review/, because it loads weights and runs the m
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -54,7 +55,9 @@ def load_export(export_dir) -> tuple[object, object, list[int]]:
     if not adapter.is_file() and not (export_dir / "config.json").is_file():
         raise RunError(f"{export_dir}: not a model export (no config.json or adapter_config.json)",
                        ["point at runs/<id>/export or runs/<id>/export/merged"])
-    verify_export(export_dir)
+    if not verify_export(export_dir):
+        print(f"sftc: warning: {export_dir} has no provenance.json (not an sftc export?); its files are loaded "
+              "unverified", file=sys.stderr)
     if adapter.is_file():
         from peft import PeftModel
 

@@ -267,17 +267,18 @@ def _sha_files(root: Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def verify_export(export_dir) -> str:
+def verify_export(export_dir) -> bool:
     """Check an export (or its merged/) against the sha256s its provenance.json lists, before any
-    of it is loaded: a damaged or edited file is named, never fed to a loader. Returns what was
-    checked, for the user. Costs one read of the weights (~0.5 GB/s: ~30 s for a 7B model)."""
-    export_dir = Path(export_dir)
+    of it is loaded: a damaged or edited file is named, never fed to a loader. False when there is
+    no provenance.json to check against (not an sftc export). Costs one read of the weights
+    (~0.5 GB/s: ~30 s for a 7B model)."""
+    export_dir = Path(export_dir).resolve()  # `sftc chat .` inside merged/ must still find ../provenance.json
     for root, prefix in ((export_dir, ""), (export_dir.parent, export_dir.name + "/")):
         provenance = root / "provenance.json"
         if provenance.is_file():
             break
     else:
-        return f"{export_dir}: no provenance.json beside it; its files are not verified (not an sftc export?)"
+        return False
     try:
         listed = read_json(provenance).get("files")
     except (OSError, ValueError, AttributeError) as exc:
@@ -296,7 +297,7 @@ def verify_export(export_dir) -> str:
     if problems:
         raise RunError(f"{export_dir}: the export does not match its provenance.json; it was damaged or edited",
                        problems + ["re-export the run (`sftc export RUN_DIR`), or copy the export again"])
-    return f"{export_dir}: {len(mine)} files match provenance.json"
+    return True
 
 
 def export_run(run_dir, allow_ineligible: bool = False) -> Path:

@@ -12,6 +12,7 @@ dict per log) are turned off by the trainer so this is the only display.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -94,10 +95,10 @@ class Progress:
             from tqdm.auto import tqdm
 
             # transformers draws its own bar at every save ("Writing model shards"); a second bar
-            # on the terminal breaks this one's in-place redraw, so it is off while this one is live
+            # on the terminal breaks this one's in-place redraw, so it is off from here to the end
+            # of the run (run_bundle puts it back as it was, however the run ends)
             from transformers.utils import logging as hf_logging
 
-            self._hf_bars_were_on = hf_logging.is_progress_bar_enabled()
             hf_logging.disable_progress_bar()
             self.bar = tqdm(total=self.total, initial=self.start_step, file=self.stream, unit="step",
                             dynamic_ncols=True, leave=True, desc="sftc")
@@ -142,9 +143,19 @@ class Progress:
 
     def finish(self, summary: str) -> None:
         self.close_bar()
-        if getattr(self, "_hf_bars_were_on", False):  # off through the export too; back as they were now
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.enable_progress_bar()
         elapsed = time.perf_counter() - self.started if self.started is not None else None
         self.say(f"{summary} (this session {duration(elapsed)})")
+
+
+@contextlib.contextmanager
+def third_party_bars_kept():
+    """transformers' progress bars as they were before the run, however it ends (Progress.start
+    turns them off under its live bar)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()

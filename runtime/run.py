@@ -26,6 +26,7 @@ from sftc.errors import RunError
 from sftc.io import remove_stale_staging
 from sftc.runtime import checkpoint as ckpt
 from sftc.runtime import rundir
+from sftc.runtime.progress import third_party_bars_kept
 from sftc.runtime.batching import LockedOrderSampler, RowCollator, choose_layout, plan_updates
 from sftc.runtime.bundle import Bundle, load_bundle
 from sftc.runtime.model import load_model, load_tokenizer, pad_token_id, restore_adapter_dtype
@@ -69,13 +70,13 @@ def run_bundle(bundle_dir, run_dir=None, fresh: bool = False, allow_drift: bool 
     if dist_.env_ranks()[0] > 1:  # a torchrun worker: die with the agent even while verifying (minutes)
         dist_.die_with_launcher()
     bundle = load_bundle(bundle_dir)
-    report = verify_bundle(bundle, allow_drift=allow_drift)
     run_dir = Path(run_dir) if run_dir is not None else bundle.project_root / "runs" / bundle.bundle_id
-    rundir.check_run_target(run_dir, bundle.dir)
+    rundir.check_run_target(run_dir, bundle.dir)  # before verifying: a wrong --run-dir costs no hashing
+    report = verify_bundle(bundle, allow_drift=allow_drift)
     d = dist_.setup(bundle.spec, report["layout"])
     clean = False
     try:
-        with contextlib.ExitStack() as stack, _signals_as_interrupts():
+        with contextlib.ExitStack() as stack, _signals_as_interrupts(), third_party_bars_kept():
             error = None
             if d.is_main:  # one holder of the run lock, one writer of the run directory
                 try:

@@ -475,8 +475,9 @@ def run_lock(run_dir: Path):
 def start_over(run_dir: Path) -> None:
     import shutil
 
-    for name in ("checkpoints", "export"):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # only in a directory is_run_dir accepted
+    if (run_dir / "export" / "provenance.json").is_file():  # an export sftc wrote, not a folder of the user's
+        shutil.rmtree(run_dir / "export", ignore_errors=True)
     for path in [run_dir / METRICS, run_dir / BEST_JSON, run_dir / RUN_JSON, run_dir / TIMINGS, run_dir / TIMINGS_LOG,
                  *run_dir.glob(METRICS + ".*")]:
         with contextlib.suppress(FileNotFoundError):
@@ -490,8 +491,27 @@ RUN_MARKS = (RUN_JSON, "run.lock", METRICS, "checkpoints")  # a session writes r
 
 
 def is_run_dir(path) -> bool:
+    """Whether sftc wrote this directory: a file of the right name is not enough (another tool's
+    checkpoints/ or metrics.jsonl), its content must be sftc's. One piece of evidence suffices, so
+    a run with one damaged record is still recognised."""
     path = Path(path)
-    return path.is_dir() and any((path / name).exists() for name in RUN_MARKS)
+    if not path.is_dir():
+        return False
+    with contextlib.suppress(OSError, ValueError):
+        record = json.loads((path / RUN_JSON).read_bytes())
+        if isinstance(record, dict) and "bundle_id" in record:
+            return True
+    with contextlib.suppress(OSError):
+        holder = (path / "run.lock").read_bytes()
+        if holder == b"" or holder.startswith(b"pid "):
+            return True
+    if any((path / "checkpoints").glob("checkpoint-*/" + ckpt.MANIFEST)):
+        return True
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open(path / METRICS, "rb") as handle:
+            first = json.loads(next(handle))
+        return isinstance(first, dict) and first.get("kind") in ("train", "eval")
+    return False
 
 
 def require_run_dir(path) -> Path:

@@ -293,8 +293,9 @@ def compile_fault(spec: Path, bundle: Path, log: Path) -> dict:
         killed = subprocess.run(command, cwd=REPO, env=session_env({KILL_IN_STAGING_ENV: bundle.name}),
                                 stdout=out, stderr=subprocess.STDOUT, timeout=600)
     if killed.returncode != -signal.SIGKILL:  # it staged some other bundle (the code changed?), or failed
-        tail = log.read_text(encoding="utf-8", errors="replace")[-300:].strip()
-        return {"injected": False, "why": f"rc {killed.returncode}, {tail!r}", "leaks": [], "traceback": False}
+        text = log.read_text(encoding="utf-8", errors="replace")
+        return {"injected": False, "why": f"rc {killed.returncode}, {text[-300:].strip()!r}", "leaks": [],
+                "traceback": "Traceback (most recent call last)" in text}
     staging_left = compile_staging(bundle)
     again_log = log.with_name(log.stem + "-again.log")
     with open(again_log, "w", encoding="utf-8") as out:
@@ -463,7 +464,13 @@ def campaign(faults: int, seed: int, size_name: str, work: Path, log=print, kind
                         report["tracebacks"] += 1
                     compile_leaks += what["leaks"]
                     if not what["injected"]:
-                        log(f"trial {trial}: {kind} did not land (the compile ended first: {what['why']})")
+                        # it will not land on a later try either (the compile stages another bundle id):
+                        # drop the kind rather than loop on it
+                        log(f"trial {trial}: {kind} did not land (the compile ended first: {what['why']}); "
+                            "not tried again")
+                        kinds = [k for k in kinds if k != kind]
+                        if not kinds:
+                            raise RuntimeError(f"no fault kind left to inject: {kind} did not land ({what['why']})")
                         continue
                     trial_faults.append(fault)
                     if what["problems"] or what["traceback"]:

@@ -94,6 +94,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 # SFTC_FAULT_KILL_IN_STAGING=<final dir name or fnmatch glob> SIGKILLs this process in staging_dir
 # once a matching directory is staged and fsynced, before its rename: a kill mid-compile
 # (bundles/<id>) or mid-export (RUN/export). The staging dir must be removed by the next writer.
+# `<name>.aside` kills between moving an existing `name` aside and renaming the new one in: the
+# next writer must put the old one back.
 KILL_IN_STAGING_ENV = "SFTC_FAULT_KILL_IN_STAGING"
 
 _OWNER = re.compile(r"\.pid(\d+)(?:[.-]|$)")
@@ -129,9 +131,22 @@ def remove_stale_staging(parent: str | os.PathLike) -> list[str]:
         return removed
     for child in parent.iterdir():
         if _STAGING.match(child.name) and child.is_dir() and not owner_alive(child.name):
+            _restore_set_aside(child)
             shutil.rmtree(child, ignore_errors=True)
             removed.append(child.name)
     return sorted(removed)
+
+
+def _restore_set_aside(aside: Path) -> None:
+    """A `.old` dir holds the previous `final` moved aside by staging_dir(replace=True). A writer
+    killed between that move and the new one's rename left no `final`: the old one goes back, so
+    a kill never loses the export or bundle that was there before."""
+    if not aside.name.endswith(".old"):
+        return
+    for kept in list(aside.iterdir()):
+        target = aside.parent / kept.name
+        if kept.is_dir() and not target.exists():
+            os.rename(kept, target)
 
 
 @contextlib.contextmanager
@@ -161,7 +176,14 @@ def staging_dir(final: str | os.PathLike, replace: bool = False) -> Iterator[Pat
         if replace and final.exists():
             aside = Path(tempfile.mkdtemp(prefix=owner, suffix=".old", dir=final.parent))
             os.rename(final, aside / final.name)
-            os.rename(tmp, final)
+            try:
+                if kill and fnmatch.fnmatchcase(final.name + ".aside", kill):
+                    os.kill(os.getpid(), signal.SIGKILL)  # the fault campaign: between the two renames
+                os.rename(tmp, final)
+            except BaseException:
+                _restore_set_aside(aside)
+                shutil.rmtree(aside, ignore_errors=True)
+                raise
             shutil.rmtree(aside, ignore_errors=True)
             fsync_path(final.parent)
             return

@@ -75,6 +75,10 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: 
         min_new_tokens=0,
     )
     device = _device_of(model)
+    # A prompt and its reply must fit the model's positions (compile refuses a max_new_tokens that
+    # fills them alone); a batch whose longest prompt leaves less room generates what fits, and
+    # those replies count as unfinished (`stopped` False), like any reply cut at max_new_tokens.
+    positions = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 0)
     # Sorting by length keeps padding (wasted compute) small; results go back in the given order.
     order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
     out: list[dict | None] = [None] * len(prompt_ids)
@@ -94,8 +98,14 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: 
                         raise ValueError(f"prompt {i} is empty")
                     input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
                     attention[row, width - len(ids):] = 1
+                room = min(max_new_tokens, positions - width) if positions else max_new_tokens
+                if room < 1:
+                    for i in chunk:
+                        out[i] = {"ids": [], "stopped": False}
+                    continue
                 generated = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config
+                    input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config,
+                    **({"max_new_tokens": room} if room != max_new_tokens else {}),
                 )
                 new = generated[:, width:].tolist()
                 for row, i in enumerate(chunk):

@@ -392,8 +392,13 @@ def test_a_hub_dataset_with_splits_needs_split(project, hub_cache):
     shutil.copyfile(hub_cache / "data" / "train.jsonl", hub_cache / "data" / "test-00000-of-00001.jsonl")
     from sftc.errors import SftcError
 
-    with pytest.raises(SftcError, match=r"holds files of splits \['train', 'test'\]; no split given"):
+    with pytest.raises(SftcError, match=r"holds files of the split\(s\) \['test'\]; no split given"):
         project.compile(_hub_spec())
+    # a test file beside one of no named split is refused too: it must not be read as training rows
+    (hub_cache / "data" / "train.jsonl").rename(hub_cache / "data" / "rows.jsonl")
+    with pytest.raises(SftcError, match=r"holds files of the split\(s\) \['test'\]; no split given"):
+        project.compile(_hub_spec())
+    (hub_cache / "data" / "rows.jsonl").rename(hub_cache / "data" / "train.jsonl")
     _, lock = _compile(project, _hub_spec(split="train"))
     assert [f["path"] for f in lock["data_manifest"]["files"]] == [f"hf://datasets/{HUB_ID}/data/train.jsonl"]
     with pytest.raises(SftcError, match="no file of .* belongs to split 'validation'"):

@@ -167,3 +167,29 @@ def test_leftover_staging_dirs_are_removed_on_resume(tmp_path):
     (root / "notes.txt").write_text("not ours")
     assert ckpt.find_resume(root, {"bundle_id": "b", "data_manifest": {}, "eval_manifest": {}})[0] is None
     assert sorted(p.name for p in root.iterdir()) == ["notes.txt"]
+
+
+def test_a_kill_between_the_two_renames_of_a_replace_loses_nothing(tmp_path):
+    """staging_dir(replace=True) moves the old directory aside, then renames the new one in. A
+    SIGKILL between the two leaves no `final`; the next writer puts the old one back instead of
+    deleting it with the dead writer's staging."""
+    import subprocess
+    import sys
+
+    from sftc.io import KILL_IN_STAGING_ENV, remove_stale_staging
+    from tests.reliability.conftest import subprocess_env
+
+    final = tmp_path / "export"
+    final.mkdir()
+    (final / "weights").write_text("the old export\n")
+    code = ("import sys; from sftc.io import staging_dir\n"
+            "with staging_dir(sys.argv[1], replace=True) as stage:\n"
+            "    (stage / 'weights').write_text('the new export\\n')\n")
+    env = subprocess_env(**{KILL_IN_STAGING_ENV: "export.aside"})
+    proc = subprocess.run([sys.executable, "-c", code, str(final)], env=env, timeout=120)
+    assert proc.returncode == -9, "the hook did not kill the writer between the renames"
+    assert not final.exists() and any(p.name.endswith(".old") for p in tmp_path.iterdir())
+
+    removed = remove_stale_staging(tmp_path)
+    assert removed and (final / "weights").read_text() == "the old export\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]

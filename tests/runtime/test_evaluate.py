@@ -243,3 +243,18 @@ def test_behaviour_metrics_scores_generated_replies(tiny, rules):
     assert sample["reply"] == replies[0]
     capped = behaviour_metrics(model, tokenizer, prompts, rules, 8, 4, [end_id], max_prompts=2)
     assert capped["n_prompts"] == 2
+
+
+def test_generation_stops_at_the_models_positions(tiny):
+    """A prompt near the model's positions generates only what fits, as an unfinished reply,
+    rather than running past them; a prompt that fills them generates nothing."""
+    model, tokenizer, prompts, end_id = tiny
+    positions = model.config.max_position_embeddings
+    filler = prompts[0]["prompt_ids"][0]
+    near = [filler] * (positions - 3)
+    full = [filler] * positions
+    short = prompts[0]["prompt_ids"]
+    out = generate_ids(model, tokenizer, [near, full, short], max_new_tokens=32, batch_size=1, eos_token_ids=[])
+    assert len(out[0]["ids"]) <= 3 and not out[0]["stopped"]
+    assert out[1] == {"ids": [], "stopped": False}
+    assert out[2] == generate_ids(model, tokenizer, [short], max_new_tokens=32, batch_size=1, eos_token_ids=[])[0]

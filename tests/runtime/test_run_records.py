@@ -364,13 +364,16 @@ def test_run_refuses_to_write_into_its_bundle_or_a_directory_of_other_things(pro
     from sftc.cli import main
 
     bundle = project.compile(schedule={"max_steps": 2}, checkpoint={"every_steps": 2, "keep_last": 1})
-    mine = tmp_path / "my-work"
+    mine = tmp_path / "my-work"  # another tool's output: names sftc also uses, content it did not write
     (mine / "export").mkdir(parents=True)
     (mine / "export" / "notes.txt").write_text("mine\n")
+    (mine / "checkpoints" / "checkpoint-500").mkdir(parents=True)
+    (mine / "metrics.jsonl").write_text('{"loss": 1.0}\n')
     for target, words in ((bundle / "run", "inside the bundle"), (mine, "is not a run directory")):
         result = CliRunner().invoke(main, ["run", str(bundle), "--run-dir", str(target), "--fresh"])
         assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.output, result.exception)
         assert words in result.output, result.output
     assert (mine / "export" / "notes.txt").read_text() == "mine\n", "--fresh removed a directory sftc did not write"
+    assert (mine / "checkpoints" / "checkpoint-500").is_dir()
     assert not (bundle / "run").exists()
     assert CliRunner().invoke(main, ["verify", str(bundle)]).exit_code == 0
