@@ -9,6 +9,7 @@ layer is neither loaded nor hashed.
 
 from __future__ import annotations
 
+import copy as copy_module
 import json
 import subprocess
 import sys
@@ -47,10 +48,15 @@ def test_code_hash_changes_with_hashed_code_only(tmp_path, monkeypatch):
     def patched(name, *args, **kwargs):
         spec = original_find(name, *args, **kwargs)
         if name == "sftc.compiler.pack":
-            copy = tmp_path / "pack.py"
-            copy.write_bytes(real + b"\n# a changed packing pass\n")
-            spec.origin = str(copy)
+            # a copy: for an imported module find_spec returns its own __spec__, and changing that
+            # would change the code hash of every later compile in this process
+            spec = copy_module.copy(spec)
+            changed = tmp_path / "pack.py"
+            changed.write_bytes(real + b"\n# a changed packing pass\n")
+            spec.origin = str(changed)
         return spec
 
     monkeypatch.setattr(importlib.util, "find_spec", patched)
     assert bundle_mod.code_hash() != before
+    monkeypatch.undo()
+    assert bundle_mod.code_hash() == before, "the test changed the code hash of later compiles in this process"
