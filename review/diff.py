@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator
 
 from sftc.errors import SftcError
 from sftc.lock import Lock, load_lock
+from sftc.yaml import MAX_BYTES, read_text_file
 
 # The kinds of change `--fail-on` can name. "spec" is any effective spec field (defaults filled
 # in, so writing out a default is not a change); the others are facts of the compiled run.
@@ -714,7 +715,8 @@ def _textconv_lock(path: Path) -> Lock:
 
         _, lock, _ = compile_spec(path, progress=True)
         return lock
-    with _spec_copy_in_project(path.read_bytes(), Path.cwd().resolve() / path.name, "textconv") as temp:
+    _, data = read_text_file(path)  # a regular file of spec size: git hands us blobs, a device never ends
+    with _spec_copy_in_project(data, Path.cwd().resolve() / path.name, "textconv") as temp:
         try:
             return compile_transient(temp)
         except SftcError as exc:
@@ -764,7 +766,10 @@ def textconv(path: str | os.PathLike) -> str:
     try:
         lock = _textconv_lock(path)
     except SftcError as exc:
-        raw = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+        raw = ""
+        if path.is_file():  # shown as it is, up to the size a spec can have
+            with open(path, "rb") as handle:
+                raw = handle.read(MAX_BYTES).decode("utf-8", errors="replace")
         return "\n".join([f"# sftc: does not compile: {exc}".replace("\n", "\n# "), raw]).rstrip("\n") + "\n"
     lines = ["# compiled (sftc textconv)", *summary_facts(lock), "# spec (defaults filled in)"]
     order = _spec_order()

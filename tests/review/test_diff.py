@@ -237,3 +237,15 @@ def test_ratio_and_fail_on_parsing():
     assert parse_fail_on(("data,budget", " split ")) == ["data", "budget", "split"]
     assert parse_fail_on("any") == list(CATEGORIES)
     assert parse_fail_on(()) == []
+
+
+def test_textconv_of_a_device_or_a_huge_file_ends_with_its_error(tmp_path):
+    """git hands textconv blob files, but a device would never end and a huge file fill memory:
+    both are shown as a spec that does not compile, at once."""
+    from sftc.review.diff import textconv
+
+    assert textconv("/dev/zero").startswith("# sftc: does not compile: /dev/zero: the spec file is not a regular file")
+    huge = tmp_path / "huge.yaml"
+    huge.write_bytes(b"a" * (3 << 20))
+    out = textconv(huge)
+    assert out.startswith("# sftc: does not compile:") and "at most" in out and len(out) < (2 << 20)
