@@ -18,9 +18,10 @@ import sys
 import time
 from typing import Any, TextIO
 
+from sftc.runtime.rundir import DIAGNOSTICS
+
 # Keys of an evaluation record that describe the evaluation itself, not the model.
-_NOT_METRICS = {"kind", "step", "eligible", "failed", "rank", "on_disk", "checkpoint", "n_prompts", "eval_tokens",
-                "generated_tokens", "generation_seconds", "replies_truncated", "epoch", "why"}
+_NOT_METRICS = DIAGNOSTICS | {"why"}
 
 
 def number(value: Any) -> str:
@@ -67,7 +68,6 @@ class Progress:
         self.enabled = enabled
         self.bar = None
         self.started = None
-        self.last_printed_step = None
 
     @classmethod
     def silent(cls) -> "Progress":
@@ -124,7 +124,6 @@ class Progress:
             percent = 100 * step / self.total if self.total else 100
             parts = " ".join(f"{k} {number(v)}" for k, v in fields.items() if v is not None)
             self.say(f"step {step}/{self.total} ({percent:.0f}%) {parts} eta {duration(self.eta(step))}")
-            self.last_printed_step = step
 
     def evaluation(self, record: dict, eligible: bool | None = None, why: str | None = None) -> None:
         """An eval line of metrics.jsonl: the metrics, and whether the checkpoint may be selected."""

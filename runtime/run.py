@@ -239,13 +239,7 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
         "started_at": rundir.now(),
         "status": "running",
     }
-    sessions = []
-    if d.is_main and resume is not None:
-        with contextlib.suppress(RunError):  # a damaged run.json is rewritten, its sessions are not state
-            sessions = rundir.read_run_json(run_dir).get("sessions", [])
-        clocks = rundir.read_timings(run_dir).get("sessions") or []
-        if len(clocks) == len(sessions):  # each session's wall clock lives in timings.json
-            sessions = [{**s, **c} for s, c in zip(sessions, clocks) if isinstance(c, dict)]
+    sessions = rundir.earlier_sessions(run_dir) if d.is_main and resume is not None else []
     record["sessions"] = sessions + [{"started_at": record["started_at"], "resumed_step": start_step}]
     _record(d, run_dir, record)
     if d.is_main:

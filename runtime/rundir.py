@@ -120,6 +120,23 @@ def read_timings(run_dir) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def earlier_sessions(run_dir) -> list[dict]:
+    """The sessions an earlier run.json lists, each with its wall clock from timings.json. Either
+    file damaged, or the two out of step, leaves what it cannot vouch for out: run.json's sessions
+    are kept only as a list of records, and a clock is added only from a matching list of records,
+    its clock keys alone (timings.json informs, it never changes what run.json says)."""
+    try:
+        sessions = read_run_json(run_dir).get("sessions")
+    except RunError:  # a damaged run.json is rewritten; its sessions are not state
+        return []
+    if not isinstance(sessions, list) or not all(isinstance(s, dict) for s in sessions):
+        return []
+    clocks = read_timings(run_dir).get("sessions")
+    if not isinstance(clocks, list) or len(clocks) != len(sessions) or not all(isinstance(c, dict) for c in clocks):
+        return sessions
+    return [{**s, **{k: c[k] for k in CLOCK_RECORD_KEYS if k in c}} for s, c in zip(sessions, clocks)]
+
+
 def write_run_json(run_dir, record: dict, tolerate_storage_errors: bool = False) -> bool:
     """Write run.json (and its clock readings to timings.json) atomically. With
     `tolerate_storage_errors` (the failure paths, where the disk may be the very thing that failed)
@@ -292,21 +309,6 @@ def append_metrics(run_dir, record: dict) -> None:
             handle.write(json.dumps(line, sort_keys=True) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
-
-
-def read_timings_log(run_dir) -> dict[tuple[str, int], dict]:
-    """{(kind, step): clock readings} from timings.jsonl; damaged lines are skipped (they inform only)."""
-    out: dict[tuple[str, int], dict] = {}
-    path = Path(run_dir) / TIMINGS_LOG
-    if not path.is_file():
-        return out
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-            out[(str(row["kind"]), int(row["step"]))] = {k: row[k] for k in CLOCK_METRIC_KEYS if k in row}
-        except (ValueError, KeyError, TypeError):
-            continue
-    return out
 
 
 def latest_by_step(rows: list[dict]) -> list[dict]:

@@ -92,8 +92,10 @@ def log_metrics(trainer, metrics: dict[str, Any], prefix: str = "eval") -> None:
     """Numbers of one checkpoint's evaluation to every tracker, at the trainer's global step."""
     if trainer is None:
         return
+    from sftc.runtime.rundir import DIAGNOSTICS  # counts and flags of the evaluation, not the model's metrics
+
     logs = {f"{prefix}_{k}": float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
+            if k not in DIAGNOSTICS and isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
     if not logs:
         return
     for cb in _tracker_callbacks(trainer):

@@ -377,3 +377,20 @@ def test_run_refuses_to_write_into_its_bundle_or_a_directory_of_other_things(pro
     assert (mine / "checkpoints" / "checkpoint-500").is_dir()
     assert not (bundle / "run").exists()
     assert CliRunner().invoke(main, ["verify", str(bundle)]).exit_code == 0
+
+
+@pytest.mark.parametrize("timings", ['{"sessions": 5}', '{"sessions": [1, 2]}', '{"sessions": [{"resumed_step": 99}, 3]}',
+                                     '{"sessions": [{"started_at": "t0", "resumed_step": 99}, {"started_at": "t1"}]}'])
+def test_a_damaged_timings_json_never_changes_the_sessions_run_json_lists(tmp_path, timings):
+    """timings.json only informs: a damaged one adds no clock, drops no session and rewrites no
+    field of run.json's sessions (a resume merges the two)."""
+    from sftc.runtime import rundir
+
+    record = {"bundle_id": "b", "bundle_dir": "bundles/b", "status": "stopped",
+              "sessions": [{"started_at": "a", "resumed_step": 0}, {"started_at": "b", "resumed_step": 4}]}
+    rundir.write_run_json(tmp_path, record)
+    assert rundir.earlier_sessions(tmp_path) == record["sessions"]  # the clocks come back from timings.json
+    (tmp_path / rundir.TIMINGS).write_text(timings)
+    got = rundir.earlier_sessions(tmp_path)
+    assert [s["resumed_step"] for s in got] == [0, 4]
+    assert all(set(s) <= {"resumed_step", "started_at", "finished_at"} for s in got)
