@@ -40,7 +40,7 @@ RECORDED_LIBRARIES = TOKEN_STREAM_LIBRARIES + ("torch", "peft", "accelerate", "d
 HASHED_CODE = (
     "sftc.io", "sftc.errors", "sftc.lock", "sftc.hashcache", "sftc.yaml",
     "sftc.compiler.spec", "sftc.compiler.data", "sftc.compiler.split", "sftc.compiler.template",
-    "sftc.compiler.tokens", "sftc.compiler.pack", "sftc.compiler.budget", "sftc.compiler.model",
+    "sftc.compiler.tokens", "sftc.compiler.store", "sftc.compiler.workers", "sftc.compiler.pack", "sftc.compiler.budget", "sftc.compiler.model",
     "sftc.compiler.vocab", "sftc.compiler.report", "sftc.compiler.bundle",
     # the runtime code a compile runs: the rules file's model (its metric names are locked) and the
     # selection rule's parser (it decides which select.require values compile)
@@ -208,9 +208,11 @@ def find_existing(out_root: Path, inputs: Inputs) -> tuple[Path, Lock] | None:
 
 
 def compile_spec(spec_path: str | os.PathLike, bundles_dir: str | os.PathLike | None = None, force: bool = False,
-                 progress: bool = False) -> tuple[Path, Lock, bool]:
+                 progress: bool = False, workers: int | None = None) -> tuple[Path, Lock, bool]:
     """Compile a spec; returns (bundle dir, lock, reused). Reuses an identical earlier bundle.
-    With `progress`, a compile that takes more than a second says which pass is running (stderr)."""
+    With `progress`, a compile that takes more than a second says which pass is running (stderr).
+    `workers` processes tokenize (default: the usable cores, compiler/workers.py); the bundle's
+    bytes are the same for any number."""
     from sftc.stages import Stages
 
     with Stages("compile", enabled=progress) as stages:
@@ -224,16 +226,36 @@ def compile_spec(spec_path: str | os.PathLike, bundles_dir: str | os.PathLike | 
             found = find_existing(out_root, inputs)
             if found is not None:
                 return found[0], found[1], True
-        final, lock = _build(inputs, out_root, stages.stage)
+        final, lock = _build(inputs, out_root, stages.stage, workers)
     return final, lock, False
 
 
-def _build(inputs: Inputs, out_root: Path, say=lambda text: None) -> tuple[Path, Lock]:
+def _build(inputs: Inputs, out_root: Path, say=lambda text: None, workers: int | None = None) -> tuple[Path, Lock]:
+    """Run every pass in a work directory beside the bundles (`.<name>-work.pid<N>.<random>.tmp`:
+    the token store and the streamed token files, compiler/store.py), removed however the compile
+    ends; one left by a killed compile is removed by the next compile into the same directory."""
+    import shutil
+    import tempfile
+
+    Path(out_root).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{inputs.spec.name}-work.pid{os.getpid()}.", suffix=".tmp", dir=out_root))
+    if workers is None:
+        from sftc.compiler.workers import default_workers
+
+        workers = default_workers()
+    try:
+        return _build_in(inputs, Path(out_root), work, say, workers)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _build_in(inputs: Inputs, out_root: Path, work: Path, say, workers: int) -> tuple[Path, Lock]:
     from sftc.compiler.budget import compute_budget
     from sftc.compiler.data import read_data
     from sftc.compiler.model import count_parameters, estimate_memory, load_config
     from sftc.compiler.pack import pack, unpacked
     from sftc.compiler.split import split_examples
+    from sftc.compiler.store import Tensor, TokenStore, write_safetensors
     from sftc.compiler.template import load_template, load_tokenizer, tokenizer_version
     from sftc.compiler.tokens import check_mask, tokenize_chat, tokenize_text
 
@@ -260,16 +282,18 @@ def _build(inputs: Inputs, out_root: Path, say=lambda text: None) -> tuple[Path,
     template = load_template(spec, tokenizer, inputs.chat_path, _display(inputs.chat_path, inputs.root) if inputs.chat_path else None)
     if template is None:
         allow = spec.data.allow_control_tokens
-        train_tok, eval_tok = tokenize_text(split.train, tokenizer, allow), tokenize_text(split.eval, tokenizer, allow)
+        train_tok = tokenize_text(split.train, tokenizer, TokenStore(work, "train"), allow, workers)
+        eval_tok = tokenize_text(split.eval, tokenizer, TokenStore(work, "eval"), allow, workers)
     else:
         # bfd cuts every example to one packed row: check the answer against that cut too, so packing
         # can never drop an answer that tokenization let through (it becomes an answer_truncated reject)
         train_limit = spec.tokenize.max_length
         if spec.packing.strategy == "bfd":
             train_limit = min(train_limit, spec.seq_length)
-        train_tok = tokenize_chat(split.train, template, tokenizer, train_limit, spec.tokenize.on_truncated_answer)
+        train_tok = tokenize_chat(split.train, template, tokenizer, train_limit, spec.tokenize.on_truncated_answer,
+                                  TokenStore(work, "train"), workers=workers)
         eval_tok = tokenize_chat(split.eval, template, tokenizer, spec.tokenize.max_length, spec.tokenize.on_truncated_answer,
-                                 with_prompts=True)
+                                 TokenStore(work, "eval"), with_prompts=True, workers=workers)
         check_mask(train_tok, template, tokenizer)
         check_mask(eval_tok, template, tokenizer)
 
@@ -286,30 +310,26 @@ def _build(inputs: Inputs, out_root: Path, say=lambda text: None) -> tuple[Path,
             [f"{reason}: {n}" for reason, n in sorted(reasons.items())]
             + [f"e.g. {r.where}: {r.reason}: {r.detail}" for r in rejects[:5]],
         )
-    if not train_tok.input_ids:
+    train_examples, eval_examples = len(train_tok.tokens), len(eval_tok.tokens)
+    if not train_examples:
         raise DataError(f"{src}: no train example survived tokenization")
-    accounted = len(train_tok.input_ids) + len(eval_tok.input_ids) + len(rejects)
+    accounted = train_examples + eval_examples + len(rejects)
     assert accounted == rows_read, f"row accounting bug: {accounted} accounted for, {rows_read} read"
 
     from sftc.compiler.data import weigh_sources
 
-    train_ids, train_labels, weighting = weigh_sources(train_tok.input_ids, train_tok.labels, train_tok.examples, spec.data, spec.seed)
+    picks, weighting = weigh_sources(train_tok.examples, spec.data, spec.seed)
     say(f"packing ({spec.packing.strategy} @ {spec.seq_length}) and computing the budget")
-    packed = pack(train_ids, train_labels, spec.packing.strategy, spec.seq_length, spec.seed)
+    packed = pack(train_tok.tokens, picks, spec.packing.strategy, spec.seq_length, spec.seed)
     budget, order = compute_budget(spec, packed)
-    eval_rows = unpacked(eval_tok.input_ids, eval_tok.labels) if eval_tok.input_ids else None
+    eval_rows = unpacked(eval_tok.tokens) if eval_examples else None
 
     say("counting parameters and estimating memory")
     config = load_config(inputs.model_dir, spec)
     from sftc.compiler.vocab import check_vocabulary
 
-    check_vocabulary(tokenizer, config, train_tok.input_ids + eval_tok.input_ids, src)
-    # Nothing reads the per-row arrays past here (packed and eval_rows hold the rows): dropped before
-    # the files are built in memory, where the compile peaks (one copy of every token, issue 17)
-    lengths = np.array([len(a) for a in train_tok.input_ids + eval_tok.input_ids])
-    train_examples, eval_examples = len(train_tok.input_ids), len(eval_tok.input_ids)
-    del train_ids, train_labels
-    train_tok.input_ids = train_tok.labels = eval_tok.input_ids = eval_tok.labels = None
+    check_vocabulary(tokenizer, config, max(train_tok.tokens.max_id, eval_tok.tokens.max_id), src)
+    lengths = np.concatenate([train_tok.tokens.lengths(), eval_tok.tokens.lengths()])
     parameters = count_parameters(config, spec)
     memory = estimate_memory(parameters, spec, spec.seq_length)
 
@@ -352,13 +372,15 @@ def _build(inputs: Inputs, out_root: Path, say=lambda text: None) -> tuple[Path,
                 "fields": example.fields,
             })
 
-    from safetensors.numpy import save
-
-    # Every file is built in memory first: its sha256 is part of the lock, the lock's content hash
-    # names the bundle directory, and the hashed bytes are the written bytes.
-    contents: dict[str, bytes] = {"train.safetensors": save({**packed.tensors(), "order": order})}
+    # The token files are streamed to the work directory, hashed as written; every other file is
+    # built in memory. Each sha256 is part of the lock, the lock's content hash names the bundle
+    # directory, and the hashed bytes are the written bytes.
+    say("writing the token files")
+    streamed: dict[str, str] = {
+        "train.safetensors": write_safetensors(work / "train.safetensors", {**packed.token_tensors(), "order": Tensor.of(order)})}
     if eval_rows is not None:
-        contents["eval.safetensors"] = save(eval_rows.tensors())
+        streamed["eval.safetensors"] = write_safetensors(work / "eval.safetensors", eval_rows.token_tensors())
+    contents: dict[str, bytes] = {}
     contents["eval_prompts.jsonl"] = "".join(
         json.dumps(p, ensure_ascii=False, sort_keys=True, default=str) + "\n" for p in eval_prompts).encode("utf-8")
     contents["rejects.jsonl"] = "".join(
@@ -430,7 +452,7 @@ def _build(inputs: Inputs, out_root: Path, say=lambda text: None) -> tuple[Path,
                 "rules": rules_info["sha256"] if rules_info else None,
             }).encode()),
         },
-        "files": {name: sha256_bytes(data) for name, data in sorted(contents.items())},
+        "files": _file_hashes(contents, streamed),
     }
     # Validated before anything is rendered or written (a pass that produced a record the Lock does
     # not describe is a compiler bug, caught here with the field named), then taken back as the
@@ -446,7 +468,7 @@ def _build(inputs: Inputs, out_root: Path, say=lambda text: None) -> tuple[Path,
     contents["launch.sh"] = render_launch(draft).encode("utf-8")
     contents["REPORT.md"] = render_report(draft, packed, tokenizer).encode("utf-8")
     assert set(contents) - set(payload["files"]) <= set(RENDERED_FILES), "a rendered file must be listed in RENDERED_FILES"
-    payload["files"] = {name: sha256_bytes(data) for name, data in sorted(contents.items())}
+    payload["files"] = _file_hashes(contents, streamed)
     payload["seal"] = seal(payload)
     lock = Lock.model_validate(payload)
     assert lock.model_dump(mode="json") == payload, "the Lock must dump to exactly the sealed payload"
@@ -457,10 +479,19 @@ def _build(inputs: Inputs, out_root: Path, say=lambda text: None) -> tuple[Path,
     # or --force was given, so it is replaced
     say("writing the bundle")
     with staging_dir(final, replace=final.exists()) as stage:
+        for name in streamed:
+            os.replace(work / name, stage / name)
         for name, data in contents.items():
             (stage / name).write_bytes(data)
         os.chmod(stage / "launch.sh", 0o755)
+    train_tok.tokens.close()
+    eval_tok.tokens.close()
     return final, lock
+
+
+def _file_hashes(contents: dict[str, bytes], streamed: dict[str, str]) -> dict[str, str]:
+    """The lock's `files`: every bundle file's sha256, by name."""
+    return dict(sorted({**{name: sha256_bytes(data) for name, data in contents.items()}, **streamed}.items()))
 
 
 def _json_default(value):

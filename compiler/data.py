@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
+import numpy as np
+
 from sftc.errors import DataError, SftcError
 from sftc.io import sha256_file
 
@@ -530,15 +532,16 @@ def read_data(files: list, data_spec) -> DataResult:
     return result
 
 
-def weigh_sources(input_ids: list, labels: list, examples: list[Example], data_spec, seed: int):
-    """Apply data.sources weights to the tokenized train examples: (input_ids, labels, record or None).
+def weigh_sources(examples: list[Example], data_spec, seed: int):
+    """Apply data.sources weights to the tokenized train examples: (the examples' indices, each
+    repeated as often as it is used, or None for all once; the record or None).
 
     A weight w repeats every example floor(w) times and adds a seeded choice of round(frac(w) * n)
     more (w < 1 keeps that many, none repeated), so a mixture is reproducible from the spec alone
     and eval is never reweighted. Examples keep their order; packing shuffles them later.
     """
     if data_spec.sources is None:
-        return input_ids, labels, None
+        return None, None
     by_source: dict[int, list[int]] = {}
     for index, example in enumerate(examples):
         by_source.setdefault(example.source, []).append(index)
@@ -555,8 +558,4 @@ def weigh_sources(input_ids: list, labels: list, examples: list[Example], data_s
                        "used": sum(copies[i] for i in members)})
     if not any(copies):
         raise DataError(f"data.sources: the weights {[s.weight for s in data_spec.sources]} leave no train example")
-    out_ids, out_labels = [], []
-    for ids, lab, n in zip(input_ids, labels, copies):
-        out_ids.extend([ids] * n)
-        out_labels.extend([lab] * n)
-    return out_ids, out_labels, record
+    return np.repeat(np.arange(len(examples), dtype=np.int64), copies), record

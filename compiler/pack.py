@@ -26,17 +26,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sftc.compiler.tokens import IGNORE_INDEX
+from sftc.compiler.store import IGNORE_INDEX, Tensor, TokenStore
+
+# rows read back from the token store per batch while a token file is written: a few MB of tokens
+_SEGMENTS_PER_CHUNK = 4096
 
 
 @dataclass
 class Packed:
-    input_ids: np.ndarray  # int32 [T]
-    labels: np.ndarray  # int32 [T]
+    """Packed rows. bfd and strategy none keep them as references: segment k is the first
+    seq_lengths[k] tokens of example segment_examples[k] in `store` (issue 17: the token stream is
+    read back from disk only as the token file is written). bfd_split and wrapped cut examples
+    apart, so their rows are flat arrays (input_ids, labels) as TRL built them."""
+
     row_offsets: np.ndarray  # int64 [R+1]
     seq_lengths: np.ndarray  # int32 [S]
     seq_offsets: np.ndarray  # int64 [R+1]
     record: dict
+    store: TokenStore | None = None
+    segment_examples: np.ndarray | None = None  # int64 [S]
+    input_ids: np.ndarray | None = None  # int32 [T], flat rows only
+    labels: np.ndarray | None = None
 
     @property
     def rows(self) -> int:
@@ -45,19 +55,64 @@ class Packed:
     def row_lengths(self) -> np.ndarray:
         return np.diff(self.row_offsets)
 
-    def row_supervised(self) -> np.ndarray:
-        mask = (self.labels != IGNORE_INDEX).astype(np.int64)
-        cumulative = np.concatenate([[0], np.cumsum(mask)])
-        return cumulative[self.row_offsets[1:]] - cumulative[self.row_offsets[:-1]]
-
     def row_segments(self) -> np.ndarray:
         return np.diff(self.seq_offsets)
 
+    def row_supervised(self) -> np.ndarray:
+        if self.store is None:
+            mask = (self.labels != IGNORE_INDEX).astype(np.int64)
+            cumulative = np.concatenate([[0], np.cumsum(mask)])
+            return cumulative[self.row_offsets[1:]] - cumulative[self.row_offsets[:-1]]
+        # the store counts each example's supervised labels past its first token (the one masked at
+        # a segment start); a segment cut short of its example is counted from its tokens
+        per_segment = self.store.supervised()[self.segment_examples]
+        cut = np.flatnonzero(self.seq_lengths != self.store.lengths()[self.segment_examples])
+        for k in cut:
+            n = int(self.seq_lengths[k])
+            per_segment[k] = int(np.count_nonzero(self.store.labels(int(self.segment_examples[k]), n)[1:] != IGNORE_INDEX))
+        cumulative = np.concatenate([[0], np.cumsum(per_segment)])
+        return cumulative[self.seq_offsets[1:]] - cumulative[self.seq_offsets[:-1]]
+
+    def _segment_chunks(self, labels: bool, lo: int = 0, hi: int | None = None):
+        """The segments' tokens in row order, a batch at a time, each segment's first label masked."""
+        hi = len(self.seq_lengths) if hi is None else hi
+        read = self.store.labels if labels else self.store.ids
+        for at in range(lo, hi, _SEGMENTS_PER_CHUNK):
+            upto = min(at + _SEGMENTS_PER_CHUNK, hi)
+            lengths = self.seq_lengths[at:upto]
+            parts = [read(int(e), int(n)) for e, n in zip(self.segment_examples[at:upto], lengths)]
+            flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+            if labels:
+                flat = flat.copy()
+                starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]]) if len(lengths) else lengths
+                flat[starts[lengths > 0]] = IGNORE_INDEX
+            yield flat
+
+    def row(self, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(input_ids, labels, seq_lengths) of row r, as the token file holds it."""
+        s, t = int(self.seq_offsets[r]), int(self.seq_offsets[r + 1])
+        if self.store is None:
+            a, b = int(self.row_offsets[r]), int(self.row_offsets[r + 1])
+            return self.input_ids[a:b], self.labels[a:b], self.seq_lengths[s:t]
+        ids = np.concatenate([*self._segment_chunks(False, s, t), np.zeros(0, np.int32)])
+        labels = np.concatenate([*self._segment_chunks(True, s, t), np.zeros(0, np.int32)])
+        return ids, labels, self.seq_lengths[s:t]
+
+    def token_tensors(self) -> dict[str, Tensor]:
+        """The token file's tensors, streamed (compiler/store.write_safetensors)."""
+        tokens = int(self.row_offsets[-1])
+        if self.store is None:
+            ids, labels = Tensor.of(self.input_ids), Tensor.of(self.labels)
+        else:
+            ids = Tensor(np.int32, (tokens,), lambda: self._segment_chunks(False))
+            labels = Tensor(np.int32, (tokens,), lambda: self._segment_chunks(True))
+        return {"input_ids": ids, "labels": labels, "row_offsets": Tensor.of(self.row_offsets),
+                "seq_lengths": Tensor.of(self.seq_lengths), "seq_offsets": Tensor.of(self.seq_offsets)}
+
     def tensors(self) -> dict[str, np.ndarray]:
-        return {
-            "input_ids": self.input_ids, "labels": self.labels, "row_offsets": self.row_offsets,
-            "seq_lengths": self.seq_lengths, "seq_offsets": self.seq_offsets,
-        }
+        """The same tensors in memory (tests, small files)."""
+        return {name: np.concatenate([*t.chunks(), np.zeros(0, t.dtype)]).astype(t.dtype, copy=False).reshape(t.shape)
+                for name, t in self.token_tensors().items()}
 
 
 def mask_segment_starts(labels: np.ndarray, row_offsets: np.ndarray, seq_lengths: np.ndarray, seq_offsets: np.ndarray) -> None:
@@ -83,89 +138,138 @@ def _flat(arrays: list[np.ndarray], dtype) -> tuple[np.ndarray, np.ndarray]:
     return flat, offsets
 
 
-def unpacked(input_ids: list[np.ndarray], labels: list[np.ndarray]) -> Packed:
-    """One example per row (strategy none, and the eval set)."""
-    ids, offsets = _flat(input_ids, np.int32)
-    lab, _ = _flat(labels, np.int32)
-    seq_lengths = np.diff(offsets).astype(np.int32)
-    seq_offsets = np.arange(len(input_ids) + 1, dtype=np.int64)
-    lab[offsets[:-1][seq_lengths > 0]] = IGNORE_INDEX  # nothing predicts an example's first token
-    record = {"strategy": "none", "rows": len(input_ids), "examples": len(input_ids),
+def _all(store: TokenStore, picks: np.ndarray | None) -> np.ndarray:
+    return np.arange(len(store), dtype=np.int64) if picks is None else np.asarray(picks, dtype=np.int64)
+
+
+def unpacked(store: TokenStore, picks: np.ndarray | None = None) -> Packed:
+    """One example per row (strategy none, and the eval set); `picks` are the examples in order
+    (with data.sources weights applied), all of the store's by default."""
+    picks = _all(store, picks)
+    seq_lengths = store.lengths()[picks].astype(np.int32)
+    row_offsets = np.concatenate([[0], np.cumsum(seq_lengths, dtype=np.int64)]).astype(np.int64)
+    seq_offsets = np.arange(len(picks) + 1, dtype=np.int64)
+    record = {"strategy": "none", "rows": len(picks), "examples": len(picks),
               "overflow_tokens_dropped": 0, "orphaned_supervised_tokens": 0, "boundary_safe": True}
-    return Packed(ids, lab, offsets, seq_lengths, seq_offsets, record)
+    return Packed(row_offsets, seq_lengths, seq_offsets, record, store=store, segment_examples=picks)
 
 
-def pack(input_ids: list[np.ndarray], labels: list[np.ndarray], strategy: str, seq_length: int, seed: int) -> Packed:
+def bfd_bins(lengths: np.ndarray, seq_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """TRL's best-fit-decreasing placement (trl.data_utils._pack_bfd, truncate mode) from the
+    lengths alone: (segment positions into `lengths`, their lengths cut to seq_length, segments per
+    row), in TRL's row and segment order.
+
+    Written out because TRL's function takes the token columns themselves and copies them through
+    ~5 Arrow tables (filter, slice, take, the dataset writer): at a few million rows that is tens of
+    GB. Its placement depends on the lengths only, so this runs the same loop over TRL's own segment
+    tree on one int per example. tests/compiler/test_pack_by_name.py checks the rows are TRL's.
+    """
+    from collections import defaultdict, deque
+
+    from trl.data_utils import _SegmentTree
+
+    kept = np.flatnonzero(lengths > 0)  # TRL drops empty sequences
+    cut = np.minimum(lengths[kept], seq_length)
+    # TRL sorts (length, id) descending by length with Arrow's stable sort: ties keep their order
+    by_length = np.argsort(-cut, kind="stable")
+    tree = _SegmentTree(seq_length)
+    tree.add(seq_length)
+    space_to_bin: dict[int, deque] = defaultdict(deque)
+    bins: list[list] = []  # [ids, length]
+    for length, idx in zip(cut[by_length].tolist(), by_length.tolist()):
+        space = tree.search(length)
+        if space < seq_length:
+            found = space_to_bin[space].popleft()
+        else:
+            found = [[], 0]
+            bins.append(found)
+        found[0].append(idx)
+        found[1] += length
+        if space < seq_length and not space_to_bin[space]:
+            tree.remove(space)
+        space -= length
+        space_to_bin[space].append(found)
+        if space > 0:
+            tree.add(space)
+    placed = np.fromiter((i for b in bins for i in b[0]), dtype=np.int64, count=len(kept))
+    per_row = np.fromiter((len(b[0]) for b in bins), dtype=np.int64, count=len(bins))
+    return kept[placed], cut[placed], per_row
+
+
+def pack(store: TokenStore, picks: np.ndarray | None, strategy: str, seq_length: int, seed: int) -> Packed:
+    """Pack the store's examples `picks` (all by default) into rows of seq_length tokens."""
+    picks = _all(store, picks)
     if strategy == "none":
-        packed = unpacked(input_ids, labels)
+        packed = unpacked(store, picks)
         packed.record["seq_length"] = seq_length
         return packed
+    # TRL shuffles before packing so unrelated examples share rows; a seeded permutation does the
+    # same here and keeps the result a pure function of the inputs
+    order = np.random.default_rng(seed).permutation(len(picks))
+    lengths = store.lengths()[picks]
+    if strategy == "bfd":
+        positions, seq_lengths, per_row = bfd_bins(lengths[order], seq_length)
+        row_lengths = np.add.reduceat(seq_lengths, np.concatenate([[0], np.cumsum(per_row)[:-1]])) if len(per_row) else per_row
+        row_offsets = np.concatenate([[0], np.cumsum(row_lengths)]).astype(np.int64)
+        seq_offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64)
+        packed = Packed(row_offsets, seq_lengths.astype(np.int32), seq_offsets, {}, store=store,
+                        segment_examples=picks[order[positions]])
+        overflow = int(np.maximum(lengths - seq_length, 0).sum())
+    else:
+        packed = _pack_with_trl([store.ids(int(i)) for i in picks[order]], [store.labels(int(i)) for i in picks[order]],
+                                strategy, seq_length)
+        overflow = 0
+    orphaned = 0
+    if strategy == "bfd_split":
+        # TRL splits a long sequence into seq_length fragments; every fragment after the first has
+        # lost its prompt, so the answer tokens in it are trained without their context
+        orphaned = int(sum(int(np.sum(store.labels(int(i))[seq_length:] != IGNORE_INDEX))
+                           for i in picks[lengths > seq_length]))
+    packed.record = {
+        "strategy": strategy,
+        "seq_length": seq_length,
+        "rows": packed.rows,
+        "examples": len(picks),
+        "ideal_rows": int(-(-int(lengths.sum()) // seq_length)),
+        "overflow_tokens_dropped": overflow,
+        "orphaned_supervised_tokens": orphaned,
+        "boundary_safe": strategy != "wrapped",
+    }
+    return packed
+
+
+def _pack_with_trl(input_ids: list[np.ndarray], labels: list[np.ndarray], strategy: str, seq_length: int) -> Packed:
+    """bfd_split and wrapped cut examples into fragments: TRL's pack_dataset over the shuffled ids
+    and labels, its rows kept as flat arrays (continued pretraining's corpora)."""
     import pyarrow as pa
     from datasets import Dataset, disable_progress_bars
     from trl.data_utils import pack_dataset
 
     disable_progress_bars()
-    # TRL shuffles before packing so unrelated examples share rows; a seeded permutation does the
-    # same here and keeps the result a pure function of the inputs
-    order = np.random.default_rng(seed).permutation(len(input_ids))
 
-    def list_column(flat: np.ndarray, offsets: np.ndarray):
+    def column(arrays: list[np.ndarray]):
         # Arrow list column straight from one flat buffer: the same column Dataset.from_dict
-        # builds from Python lists, without converting every token to a Python int (1 s of a
-        # 27 s OrgAccess compile). int32 list offsets, as from_dict makes; a single column past
-        # 2**31 tokens becomes a large_list.
+        # builds from Python lists, without converting every token to a Python int. int32 list
+        # offsets, as from_dict makes; a single column past 2**31 tokens becomes a large_list.
+        flat, offsets = _flat(arrays, np.int32)
         if offsets[-1] < 2**31:
             return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat))
         return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
-    def column(arrays: list[np.ndarray]):
-        return list_column(*_flat([arrays[i] for i in order], np.result_type(*arrays) if arrays else np.int64))
-
-    lengths = np.fromiter((len(a) for a in input_ids), dtype=np.int64, count=len(input_ids))
-    # bfd places examples by their lengths alone (sorted longest first, best fit), and its rows are
-    # the examples it placed, each cut to seq_length. So TRL packs one int32 column of the same
-    # lengths whose values name each token's example (its place in `order`), not the ids and labels,
-    # and the rows are then built from the examples' own arrays: TRL's intermediate tables (filtered,
-    # sliced, taken, written: ~5 copies) hold 4 bytes a token instead of 8, and the shuffled copy of
-    # the ids and labels is never made. Same rows, same bytes (compared on the scaling mixes).
-    by_name = strategy == "bfd"
-    if by_name:
-        shuffled = lengths[order]
-        names = np.repeat(np.arange(len(order), dtype=np.int32), shuffled)
-        dataset = Dataset(pa.table({"input_ids": list_column(names, np.concatenate([[0], np.cumsum(shuffled)]))}))
-        del names
-    else:
-        dataset = Dataset(pa.table({"input_ids": column(input_ids), "labels": column(labels)}))
-    overflow = int(np.maximum(lengths - seq_length, 0).sum()) if strategy == "bfd" else 0
-    orphaned = 0
-    if strategy == "bfd_split":
-        # TRL splits a long sequence into seq_length fragments; every fragment after the first has
-        # lost its prompt, so the answer tokens in it are trained without their context
-        orphaned = int(sum(int(np.sum(lab[seq_length:] != IGNORE_INDEX)) for lab in labels if len(lab) > seq_length))
+    dataset = Dataset(pa.table({"input_ids": column(input_ids), "labels": column(labels)}))
+    del input_ids, labels
     # TRL's packing code, run as one batch: SFTTrainer's default map batch of 1000 examples leaves
     # a partly filled bin per batch (measured on OrgAccess: 0.969 efficiency vs 0.98+ in one pass)
     result = pack_dataset(dataset, seq_length, strategy, {"batch_size": max(1, len(dataset))}).with_format("arrow")
-    del dataset  # its flat input columns (a copy of every train token) are not needed past this point
+    del dataset
     table = result.data.table if hasattr(result.data, "table") else result.data
     del result
     ids_col = table.column("input_ids").combine_chunks()
-    lab_col = None if by_name else table.column("labels").combine_chunks()
+    lab_col = table.column("labels").combine_chunks()
     seq_col = table.column("seq_lengths").combine_chunks() if "seq_lengths" in table.column_names else None
     del table
-    if by_name:
-        # a segment's first value names its example; its length is the example's, cut to seq_length
-        placed = ids_col.flatten().to_numpy()
-        segments = seq_col.flatten().to_numpy().astype(np.int64)
-        starts = np.concatenate([[0], np.cumsum(segments)[:-1]]).astype(np.int64)
-        picked = order[placed[starts]] if len(segments) else np.zeros(0, dtype=np.int64)
-        del placed
-        flat_ids = np.concatenate([input_ids[i][:n] for i, n in zip(picked, segments)]).astype(np.int32, copy=False)
-        flat_labels = np.concatenate([labels[i][:n] for i, n in zip(picked, segments)]).astype(np.int32, copy=False)
-    else:
-        # the ids stay a read-only view of the packed Arrow buffer where it is int32 already (no
-        # copy); the labels are copied, mask_segment_starts writes into them
-        flat_ids = ids_col.flatten().to_numpy().astype(np.int32, copy=False)
-        flat_labels = lab_col.flatten().to_numpy().astype(np.int32)
+    flat_ids = ids_col.flatten().to_numpy().astype(np.int32, copy=False)
+    flat_labels = lab_col.flatten().to_numpy().astype(np.int32)  # a copy: mask_segment_starts writes into it
     row_lengths = ids_col.value_lengths().to_numpy().astype(np.int64)
     row_offsets = np.concatenate([[0], np.cumsum(row_lengths)]).astype(np.int64)
     if seq_col is not None:
@@ -175,22 +279,10 @@ def pack(input_ids: list[np.ndarray], labels: list[np.ndarray], strategy: str, s
         seq_lengths = row_lengths.astype(np.int32)
         seq_offsets = np.arange(len(row_lengths) + 1, dtype=np.int64)
     mask_segment_starts(flat_labels, row_offsets, seq_lengths, seq_offsets)
-    del lab_col, seq_col
-    # Arrow's allocator keeps the pages of TRL's intermediate tables (filtered, sliced, taken: several
-    # copies of every train token) for reuse by Arrow only; the passes after this allocate with
-    # malloc. Measured on 17k rows of ~500 tokens: 250 MB of RSS given back by this call.
+    # Arrow's allocator keeps the pages of TRL's intermediate tables for reuse by Arrow only; the
+    # passes after this allocate with malloc (measured: 250 MB given back on 17k rows)
     pa.default_memory_pool().release_unused()
-    record = {
-        "strategy": strategy,
-        "seq_length": seq_length,
-        "rows": int(len(row_lengths)),
-        "examples": len(input_ids),
-        "ideal_rows": int(-(-int(lengths.sum()) // seq_length)),
-        "overflow_tokens_dropped": overflow,
-        "orphaned_supervised_tokens": orphaned,
-        "boundary_safe": strategy != "wrapped",
-    }
-    return Packed(flat_ids, flat_labels, row_offsets, seq_lengths, seq_offsets, record)
+    return Packed(row_offsets, seq_lengths, seq_offsets, {}, input_ids=flat_ids, labels=flat_labels)
 
 
 def position_ids(seq_lengths) -> np.ndarray:

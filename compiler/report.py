@@ -107,8 +107,7 @@ def render_report(lock, packed, tokenizer) -> str:
         "(position ids restart there). Everything else is context with label -100.",
         "",
     ]
-    lo, hi = packed.row_offsets[0], packed.row_offsets[1]
-    seg = packed.seq_lengths[packed.seq_offsets[0] : packed.seq_offsets[1]]
-    text = marked_row(tokenizer, packed.input_ids[lo:hi], packed.labels[lo:hi], seg, color=False)
+    ids, labels, seg = packed.row(0)
+    text = marked_row(tokenizer, ids, labels, seg, color=False)
     lines += ["```text", text[:4000] + (" ..." if len(text) > 4000 else ""), "```", ""]
     return "\n".join(lines)

@@ -20,23 +20,24 @@ fails the compile) and counted, never trained on with its answer cut away.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from sftc.compiler.data import Example, Reject
+from sftc.compiler.store import IGNORE_INDEX, TokenStore
 from sftc.compiler.template import MAX_RENDERED_CHARS, render_limits
 from sftc.errors import DataError
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "Tokenized", "tokenize_chat", "tokenize_text", "check_mask"]
 MAX_ROW_CHARS = MAX_RENDERED_CHARS // 4  # a multi-turn row renders once per answer prefix and whole
 
 
 @dataclass
 class Tokenized:
-    input_ids: list[np.ndarray] = field(default_factory=list)
-    labels: list[np.ndarray] = field(default_factory=list)
+    tokens: TokenStore  # ids and labels of each kept example, on disk (compiler/store.py)
     examples: list[Example] = field(default_factory=list)  # source row of each entry
     prompt_ids: list[np.ndarray] = field(default_factory=list)  # last prompt (for behaviour eval)
     rejects: list[Reject] = field(default_factory=list)
@@ -68,16 +69,52 @@ def answer_spans(example: Example, template, tokenizer) -> tuple[str, list[tuple
 
 
 def tokenize_chat(examples: list[Example], template, tokenizer, max_length: int, on_truncated: str,
-                  with_prompts: bool = False) -> Tokenized:
-    """Tokenize and mask chat rows; `with_prompts` also keeps the last prompt's ids (eval only)."""
-    out = Tokenized()
+                  store: TokenStore, with_prompts: bool = False, workers: int = 1) -> Tokenized:
+    """Tokenize and mask chat rows into `store`; `with_prompts` also keeps the last prompt's ids (eval only)."""
     controls = control_token_pattern(template.control_tokens)
-    for start in range(0, len(examples), _CHUNK):
-        # rendered text is tokenized and dropped a chunk at a time, never held for every row
-        _render_chunk(examples[start : start + _CHUNK], template, tokenizer, controls, max_length, on_truncated, out,
-                      with_prompts)
-    # out.rejects holds the render rejects of each chunk before its tokenizer rejects, not all render
-    # rejects first: the bundle sorts rejects by (file, row), so its bytes do not depend on the chunking
+
+    def serial(rows: list[Example], out: Tokenized) -> None:
+        for start in range(0, len(rows), _CHUNK):
+            # rendered text is tokenized and dropped a chunk at a time, never held for every row
+            _render_chunk(rows[start : start + _CHUNK], template, tokenizer, controls, max_length, on_truncated, out,
+                          with_prompts)
+        # out.rejects holds the render rejects of each chunk before its tokenizer rejects, not all render
+        # rejects first: the bundle sorts rejects by (file, row), so its bytes do not depend on the chunking
+
+    return _tokenize(examples, store, serial, workers)
+
+
+def _tokenize(examples: list[Example], store: TokenStore, serial, workers: int) -> Tokenized:
+    """`serial(rows, out)` over the examples: in this process, or over contiguous ranges in worker
+    processes (compiler/workers.py), each range's examples appended to `store` in order."""
+    from sftc.compiler.workers import map_ranges
+
+    out = Tokenized(store)
+    store.flush()  # a forked worker must not inherit buffered writes
+    parent = os.getpid()
+
+    def task(k: int, lo: int, hi: int):
+        rows = examples[lo:hi]
+        if os.getpid() == parent:  # one range, run here
+            serial(rows, out)
+            return None
+        part = Tokenized(store.part(k))
+        serial(rows, part)
+        part.tokens.finish()
+        # the parent holds the same Example objects: it gets back their positions, not copies
+        index = {id(example): i for i, example in enumerate(rows, lo)}
+        return (part.tokens.state(), [index[id(e)] for e in part.examples], part.rejects, part.truncated_rejected,
+                part.prompt_ids)
+
+    for result in map_ranges(task, len(examples), workers):
+        if result is not None:
+            state, kept, rejects, truncated, prompt_ids = result
+            store.extend(state)
+            out.examples.extend(examples[i] for i in kept)
+            out.rejects.extend(rejects)
+            out.truncated_rejected += truncated
+            out.prompt_ids.extend(prompt_ids)
+    store.finish()
     return out
 
 
@@ -146,8 +183,7 @@ def _mask_chunk(rendered, tokenizer, max_length: int, on_truncated: str, out: To
                 out.truncated_rejected += 1
                 continue
             ids, labels = ids[:max_length], labels[:max_length]
-        out.input_ids.append(ids)
-        out.labels.append(labels)
+        out.tokens.append(ids, labels)
         out.examples.append(example)
         # int32, not a list of Python ints (~36 bytes a token): it is held until the bundle is written
         out.prompt_ids.append(np.asarray(prompts[k], dtype=np.int32) if prompts is not None else [])
@@ -173,42 +209,44 @@ def _forged_control_token(pattern: re.Pattern | None, texts) -> str | None:
     return None
 
 
-def tokenize_text(examples: list[Example], tokenizer, allow_control_tokens: bool = False) -> Tokenized:
+def tokenize_text(examples: list[Example], tokenizer, store: TokenStore, allow_control_tokens: bool = False,
+                  workers: int = 1) -> Tokenized:
     """Continued pretraining: every token of the text and its end-of-text is a target.
 
     Long documents are not truncated here; packing splits (bfd_split, wrapped) or truncates
     (bfd, counted as overflow) them.
     """
-    out = Tokenized()
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("tokenizer: continued pretraining needs an eos token to separate documents")
+    pattern = None
     if not allow_control_tokens:
         from sftc.compiler.template import control_tokens
 
         pattern = control_token_pattern(control_tokens(tokenizer, None))
-        kept = []
-        for example in examples:
-            forged = _forged_control_token(pattern, [("text", example.text)])
-            if forged:
-                out.rejects.append(Reject.of(example, "control_token_in_text", forged))
-            else:
-                kept.append(example)
-        examples = kept
-    encoded = tokenizer([e.text for e in examples], add_special_tokens=False)["input_ids"] if examples else []
-    for example, ids in zip(examples, encoded):
-        ids = np.asarray([*ids, eos], dtype=np.int32)
-        out.input_ids.append(ids)
-        out.labels.append(ids.copy())
-        out.examples.append(example)
-        out.prompt_ids.append([])
-    return out
+
+    def serial(rows: list[Example], out: Tokenized) -> None:
+        for start in range(0, len(rows), _CHUNK):
+            chunk = []
+            for example in rows[start : start + _CHUNK]:
+                forged = _forged_control_token(pattern, [("text", example.text)])
+                if forged:
+                    out.rejects.append(Reject.of(example, "control_token_in_text", forged))
+                else:
+                    chunk.append(example)
+            for example, ids in zip(chunk, tokenizer([e.text for e in chunk], add_special_tokens=False)["input_ids"]):
+                ids = np.asarray([*ids, eos], dtype=np.int32)
+                out.tokens.append(ids, ids)
+                out.examples.append(example)
+                out.prompt_ids.append([])
+
+    return _tokenize(examples, store, serial, workers)
 
 
 def check_mask(tokenized: Tokenized, template, tokenizer) -> None:
     """The invariant, asserted on the compiled rows: the terminator is supervised in every row."""
-    for ids, labels, example in zip(tokenized.input_ids, tokenized.labels, tokenized.examples):
-        if not np.any(labels == template.terminator_id):
+    for i, example in enumerate(tokenized.examples):
+        if not np.any(tokenized.tokens.labels(i) == template.terminator_id):
             raise DataError(
                 f"{example.where}: the turn terminator {template.terminator!r} is not supervised; "
                 "the model would never learn to stop"

@@ -39,8 +39,8 @@ def held_out_loss(model, tokens) -> tuple[float, int]:
                 scored = int((labels[1:] != -100).sum())
                 if not scored:
                     continue
-                out = model(input_ids=torch.as_tensor(ids[None], dtype=torch.long),
-                            labels=torch.as_tensor(labels[None], dtype=torch.long))
+                out = model(input_ids=torch.tensor(ids[None], dtype=torch.long),
+                            labels=torch.tensor(labels[None], dtype=torch.long))
                 total += float(out.loss) * scored
                 count += scored
     return total, count

@@ -2,12 +2,16 @@
 
 The runtime never re-tokenizes. Everything it trains on comes out of `train.safetensors`, in the
 order the lock's `order` tensor fixes, so two runs of one bundle see the same tokens. Every bundle
-file is read once, checked against the lock, and used from memory from then on.
+file is checked against the lock when the bundle is loaded. The small files are read once and used
+from memory from then on; the token files are memory-mapped once verified, so a rank touches only
+the pages of the rows it trains on, however large the bundle (issue 17).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import mmap
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -22,6 +26,8 @@ from sftc.lock import LOCK_NAME, Lock, load_lock
 
 IGNORE = -100
 TOKEN_KEYS = ("input_ids", "labels", "row_offsets", "seq_lengths", "seq_offsets")
+TOKEN_FILES = ("train.safetensors", "eval.safetensors")  # mapped, not read (the rest: read once)
+_ROWS_PER_SCAN = 65536  # rows per block when a pass reads every row (row_supervised)
 
 
 @dataclass
@@ -72,14 +78,21 @@ class TokenFile:
 
         A label at the first position of an example is never scored: the token before it belongs to
         the previous example (or there is none), and the collator masks it so no example is
-        supervised from another one's context.
+        supervised from another one's context. Counted a block of rows at a time, so the pass
+        holds a block's labels, never a copy of the whole (mapped) labels tensor.
         """
-        keep = self.labels != IGNORE
-        # validate() guarantees each row's seq_lengths tile it, so the segments tile the flat array
-        starts = np.concatenate([[0], np.cumsum(self.seq_lengths.astype(np.int64))[:-1]])
-        keep[starts[starts < len(keep)]] = False
-        cumulative = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
-        return cumulative[self.row_offsets[1:]] - cumulative[self.row_offsets[:-1]]
+        out = np.zeros(self.n_rows, dtype=np.int64)
+        for lo in range(0, self.n_rows, _ROWS_PER_SCAN):
+            hi = min(lo + _ROWS_PER_SCAN, self.n_rows)
+            a, b = int(self.row_offsets[lo]), int(self.row_offsets[hi])
+            keep = self.labels[a:b] != IGNORE
+            # validate() guarantees each row's seq_lengths tile it, so the segments tile the block
+            lengths = self.seq_lengths[int(self.seq_offsets[lo]) : int(self.seq_offsets[hi])].astype(np.int64)
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else lengths
+            keep[starts[starts < len(keep)]] = False
+            cumulative = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
+            out[lo:hi] = cumulative[self.row_offsets[lo + 1 : hi + 1] - a] - cumulative[self.row_offsets[lo:hi] - a]
+        return out
 
     @property
     def row_lengths(self) -> np.ndarray:
@@ -121,14 +134,59 @@ class TokenFile:
             raise BundleError(f"{self.path}: malformed {name} token file", problems)
 
 
-def parse_token_file(data: bytes, label: str, name: str, need_order: bool) -> TokenFile:
-    """A token file from the bytes the bundle verified (`label` names it in errors)."""
-    from safetensors.numpy import load
+_DTYPES = {"I32": np.dtype("<i4"), "I64": np.dtype("<i8")}
 
+
+def safetensors_views(data, label: str, name: str) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file as read-only views of `data` (bytes or a memory map).
+
+    Read by hand because safetensors' numpy loader copies every tensor into memory, and a token
+    file of a few million rows is many GB: views of the map let each rank page in its own rows.
+    The checks are safetensors' own (header length and JSON, dtype, shape against byte range, ranges
+    inside the data, no overlap), with the file named when one fails.
+    """
+    def bad(why: str):
+        return BundleError(f"{label}: cannot read the {name} token file ({why}); recompile the bundle")
+
+    size = len(data)
+    if size < 8:
+        raise bad(f"{size} bytes, shorter than a safetensors header")
+    n = int.from_bytes(data[:8], "little")
+    if n > size - 8 or n > 100_000_000:
+        raise bad(f"header length {n} past the file's {size} bytes")
     try:
-        arrays = load(data)
-    except Exception as exc:  # safetensors raises several types for a damaged header
-        raise BundleError(f"{label}: cannot read the {name} token file ({exc})") from None
+        header = json.loads(bytes(data[8 : 8 + n]))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise bad(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    body, views, ranges = 8 + n, {}, []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"tensor {key!r}: entry is not {{dtype, shape, data_offsets}}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in _DTYPES:
+            raise bad(f"tensor {key!r}: dtype {dtype!r}; token files hold {sorted(_DTYPES)}")
+        if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)):
+            raise bad(f"tensor {key!r}: shape {shape!r} or data_offsets {offsets!r} malformed")
+        begin, end = offsets
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if not 0 <= begin <= end <= size - body or end - begin != count * _DTYPES[dtype].itemsize:
+            raise bad(f"tensor {key!r}: bytes {begin}..{end} do not hold shape {shape} of {dtype} inside the data")
+        ranges.append((begin, end, key))
+        views[key] = np.frombuffer(data, dtype=_DTYPES[dtype], count=count, offset=body + begin).reshape(shape)
+    ranges.sort()
+    if any(b[0] < a[1] for a, b in zip(ranges, ranges[1:])):
+        raise bad("two tensors share bytes")
+    return views
+
+
+def parse_token_file(data, label: str, name: str, need_order: bool) -> TokenFile:
+    """A token file from the bytes or the map the bundle verified (`label` names it in errors)."""
+    arrays = safetensors_views(data, label, name)
     missing = [k for k in TOKEN_KEYS if k not in arrays] + (["order"] if need_order and "order" not in arrays else [])
     if missing:
         raise BundleError(f"{label}: {name} token file lacks tensor(s) {missing}")
@@ -137,24 +195,48 @@ def parse_token_file(data: bytes, label: str, name: str, need_order: bool) -> To
     return tf
 
 
-def read_verified(bundle_dir: Path, lock: Lock) -> dict[str, bytes]:
-    """Every file the lock lists, read once and checked against its sha256; a file the lock does not
-    list is refused. The runtime uses these bytes and never opens a bundle file again, so a file
-    overwritten or deleted mid-run changes nothing, and a file dropped into the bundle (a rules.yaml
-    in a bundle compiled without rules, an eval.safetensors where there was no eval split) is never
-    consumed."""
+def _map_verified(path: Path) -> tuple[mmap.mmap | bytes, str | None]:
+    """(a read-only map of the file, its sha256 or None). The file is hashed through the descriptor
+    it is mapped from; None if its inode, size or mtime moved meanwhile. A replacement by rename
+    later (as sftc and DVC write) leaves the mapped inode as it was verified."""
+    with open(path, "rb") as handle:
+        before = os.fstat(handle.fileno())
+        digest = hashlib.sha256()
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if before.st_size else b""
+        after = os.fstat(handle.fileno())
+    if (before.st_ino, before.st_size, before.st_mtime_ns) != (after.st_ino, after.st_size, after.st_mtime_ns):
+        return b"", None
+    return mapped, digest.hexdigest()
+
+
+def read_verified(bundle_dir: Path, lock: Lock) -> dict[str, bytes | mmap.mmap]:
+    """Every file the lock lists, checked against its sha256; a file the lock does not list is
+    refused. Small files are read once and never opened again, so a file overwritten or deleted
+    mid-run changes nothing, and a file dropped into the bundle (a rules.yaml in a bundle compiled
+    without rules, an eval.safetensors where there was no eval split) is never consumed. Token files
+    are mapped from the inode that was hashed: deleted or replaced by a rename mid-run, the run
+    keeps the verified bytes (only an in-place rewrite of the file could reach the mapped pages)."""
     problems, contents = [], {}
     for name, expected in sorted(lock.files.items()):
         path = bundle_dir / name
         try:
-            data = path.read_bytes()
+            if name in TOKEN_FILES:
+                data, digest = _map_verified(path)
+            else:
+                data = path.read_bytes()
+                digest = sha256_bytes(data)
         except FileNotFoundError:
             problems.append(f"{path}: listed in the lock but missing")
             continue
         except OSError as exc:
             problems.append(f"{path}: listed in the lock but unreadable ({exc.strerror})")
             continue
-        if sha256_bytes(data) != expected:
+        if digest is None:
+            problems.append(f"{path}: changed while sftc verified it; run again once nothing writes to the bundle")
+            continue
+        if digest != expected:
             problems.append(f"{path}: edited after compile (sha256 differs from bundle.lock.json files[{name!r}])")
             continue
         contents[name] = data
@@ -171,11 +253,12 @@ def read_verified(bundle_dir: Path, lock: Lock) -> dict[str, bytes]:
 
 @dataclass
 class Bundle:
-    """A verified bundle: its sealed Lock and the bytes of every listed file, read once."""
+    """A verified bundle: its sealed Lock, the bytes of every listed file read once, and its token
+    files mapped."""
 
     dir: Path
     lock: Lock
-    contents: dict[str, bytes] = field(repr=False)
+    contents: dict[str, bytes | mmap.mmap] = field(repr=False)
 
     @property
     def bundle_id(self) -> str:

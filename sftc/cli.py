@@ -93,12 +93,14 @@ def main() -> None:
 @click.option("--bundles-dir", type=click.Path(file_okay=False), default=None, help="Default: <project>/bundles.")
 @click.option("--force", is_flag=True, help="Rebuild even when an identical bundle exists.")
 @click.option("--quiet", is_flag=True, help="Print only the bundle path.")
-def compile_cmd(spec: str, bundles_dir: str | None, force: bool, quiet: bool) -> None:
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Processes that tokenize (default: the usable cores); the bundle is the same for any number.")
+def compile_cmd(spec: str, bundles_dir: str | None, force: bool, quiet: bool, workers: int | None) -> None:
     """Compile SPEC into bundles/<name>-<hash12>/."""
     from sftc.compiler import compile_spec
     from sftc.compiler.report import summary_lines
 
-    bundle, lock, reused = compile_spec(spec, bundles_dir=bundles_dir, force=force, progress=not quiet)
+    bundle, lock, reused = compile_spec(spec, bundles_dir=bundles_dir, force=force, progress=not quiet, workers=workers)
     if quiet:
         click.echo(str(bundle))
         return

@@ -14,6 +14,10 @@ class SftcError(Exception):
         self.problems = list(problems or [])
         super().__init__(message)
 
+    def __reduce__(self):
+        # pickled whole (a compile worker's error reaches the parent with its problems)
+        return type(self), (super().__str__(), self.problems)
+
     def __str__(self) -> str:
         head = super().__str__()
         if not self.problems:
