@@ -255,13 +255,15 @@ def _build_in(inputs: Inputs, out_root: Path, work: Path, say, workers: int) -> 
     from sftc.compiler.model import count_parameters, estimate_memory, load_config
     from sftc.compiler.pack import pack, unpacked
     from sftc.compiler.split import split_examples
-    from sftc.compiler.store import Tensor, TokenStore, write_safetensors
+    from sftc.compiler.store import RowStore, Tensor, TokenStore, write_safetensors
     from sftc.compiler.template import load_template, load_tokenizer, tokenizer_version
     from sftc.compiler.tokens import check_mask, tokenize_chat, tokenize_text
 
     spec, src = inputs.spec, str(inputs.spec_path)
     say(f"reading {len(inputs.data_files)} data input(s)")
-    data = read_data(inputs.data_files, spec.data)
+    rows_store = RowStore(work)
+    data = read_data(inputs.data_files, spec.data, rows_store)
+    rows_store.flush()
     # the bundle's identity was hashed from the files before reading; the rows came from the bytes
     # read since. A file replaced in between would give tokens of one content under the other's hash.
     changed = [f"{was['path']}: sha256 {was['sha256'][:12]}... when the compile began, {now['sha256'][:12]}... "
@@ -364,12 +366,13 @@ def _build_in(inputs: Inputs, out_root: Path, work: Path, say, workers: int) -> 
     if template is not None:
         for index, (example, prompt_ids) in enumerate(zip(eval_tok.examples, eval_tok.prompt_ids)):
             prompt_ids = [int(t) for t in prompt_ids]  # held as int32 arrays; decoded and written as ints
+            fields, messages, _ = example.content  # one read when the content is on disk
             eval_prompts.append({
                 "index": index, "group": example.group, "source": example.where,
                 "prompt_ids": prompt_ids,
                 "prompt_text": tokenizer.decode(prompt_ids),
-                "reference": example.messages[-1]["content"],
-                "fields": example.fields,
+                "reference": messages[-1]["content"],
+                "fields": fields,
             })
 
     # The token files are streamed to the work directory, hashed as written; every other file is
@@ -486,6 +489,7 @@ def _build_in(inputs: Inputs, out_root: Path, work: Path, say, workers: int) -> 
         os.chmod(stage / "launch.sh", 0o755)
     train_tok.tokens.close()
     eval_tok.tokens.close()
+    rows_store.close()
     return final, lock
 
 

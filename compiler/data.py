@@ -25,7 +25,6 @@ from sftc.io import sha256_file
 ROLES = ("system", "user", "assistant")
 
 
-@dataclass
 class Example:
     """One accepted row, in the shape its format needs.
 
@@ -33,17 +32,49 @@ class Example:
     it feeds `ref`, the internal key that seeded choices hash (data.sources weights), so it must
     not change. What users see is `at` (1-based: the physical .jsonl line, blank lines counted,
     else the row index + 1) in `where`.
+
+    The row's content (its fields, and messages or text) can live on disk while a compile runs
+    (`spill`, compiler/store.RowStore): a compile of millions of rows then holds a few hundred
+    bytes per row instead of every row's text two or three times over (issue 17). Slots, not a
+    dataclass __dict__, for the same reason.
     """
 
-    file: str
-    row: int
-    group: str
-    fields: dict[str, Any]
-    messages: list[dict[str, str]] | None = None  # prompt_completion rows become [user, assistant]
-    text: str | None = None  # text rows (continued pretraining)
-    source: int | None = None  # index in data.sources (None for data.files): its mixing weight
-    at: int = 0  # 1-based line (.jsonl) or row (others), as an editor counts
-    unit: str = "row"  # "line" for .jsonl, "row" for .json, .parquet and datasets
+    __slots__ = ("file", "row", "group", "source", "at", "unit", "_content", "_store")
+
+    def __init__(self, file: str, row: int, group: str, fields: dict[str, Any] | None,
+                 messages: list[dict[str, str]] | None = None, text: str | None = None, source: int | None = None,
+                 at: int = 0, unit: str = "row"):
+        self.file, self.row, self.group = file, row, group
+        self.source = source  # index in data.sources (None for data.files): its mixing weight
+        self.at = at  # 1-based line (.jsonl) or row (others), as an editor counts
+        self.unit = unit  # "line" for .jsonl, "row" for .json, .parquet and datasets
+        # fields: the row as read; messages: prompt_completion rows become [user, assistant]; text: text rows
+        self._content = (fields, messages, text)
+        self._store = None
+
+    def spill(self, store) -> None:
+        """Move the content to `store` (a RowStore); it is read back on each access."""
+        if self._store is None:
+            self._content, self._store = store.put(self._content), store
+
+    @property
+    def content(self) -> tuple:
+        return self._content if self._store is None else self._store.get(self._content)
+
+    @property
+    def fields(self) -> dict[str, Any] | None:
+        return self.content[0]
+
+    @property
+    def messages(self) -> list[dict[str, str]] | None:
+        return self.content[1]
+
+    @property
+    def text(self) -> str | None:
+        return self.content[2]
+
+    def __repr__(self) -> str:
+        return f"Example({self.where!r}, group={self.group!r})"
 
     @property
     def ref(self) -> str:
@@ -466,13 +497,15 @@ def validate_row(row: Any, data_spec, fmt: str, names=None) -> tuple[Example | N
     return Example("", 0, group, row, text=text), None, text
 
 
-def read_data(files: list, data_spec) -> DataResult:
+def read_data(files: list, data_spec, rows_store=None) -> DataResult:
     """Read and validate every row of every input; exact duplicates of an accepted row are rejected.
 
     `files`: DataInputs (or (path, display) pairs). A source's own format and field map apply to its rows.
+    With `rows_store` (compiler/store.RowStore), each accepted row's content goes there as it is read.
     """
     result = DataResult([], [])
-    first_seen: dict[str, str] = {}
+    # an accepted row by the sha256 of its content: the duplicate check holds 32 bytes a row, not its text
+    first_seen: dict[bytes, Example] = {}
     for item in files:
         item = item if isinstance(item, DataInput) else DataInput(*item)
         path, display = item.path, item.display
@@ -506,15 +539,19 @@ def read_data(files: list, data_spec) -> DataResult:
                 reasons["bad_encoding"] += 1
                 continue
             example, rejected, key = validate_row(row, data_spec, fmt, names)
-            if rejected is None and key in first_seen:
-                rejected = ("duplicate", f"same content as {first_seen[key]}")
+            if rejected is None:
+                key = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+                if key in first_seen:
+                    rejected = ("duplicate", f"same content as {first_seen[key].where}")
             if rejected:
                 result.rejects.append(Reject(display, number, *rejected, at, unit))
                 reasons[rejected[0]] += 1
                 continue
             example.file, example.row, example.source = display, number, item.source
             example.at, example.unit = at, unit
-            first_seen[key] = example.where
+            first_seen[key] = example
+            if rows_store is not None:
+                example.spill(rows_store)
             result.examples.append(example)
             accepted += 1
         entry = {

@@ -50,9 +50,10 @@ def _stable_hash(text: str) -> int:
 
 def prompt_text(example: Example) -> str:
     """The part of a row that identifies the case: its user turns (or the raw text)."""
-    if example.text is not None:
-        return example.text
-    return "\n".join(m["content"] for m in example.messages or [] if m["role"] == "user")
+    _, messages, text = example.content  # one read when the content is on disk
+    if text is not None:
+        return text
+    return "\n".join(m["content"] for m in messages or [] if m["role"] == "user")
 
 
 class _UnionFind:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import struct
 from array import array
 from pathlib import Path
@@ -120,6 +121,42 @@ class TokenStore:
             handle.close()
         for path in self._paths:
             path.unlink(missing_ok=True)
+
+
+class RowStore:
+    """Accepted rows' content (fields, messages or text) on disk while a compile runs: an Example
+    keeps where its content is (compiler/data.Example.spill) and reads it back on each access."""
+
+    def __init__(self, directory: str | os.PathLike, name: str = "rows"):
+        self.path = Path(directory) / f"{name}.pickle"
+        self._file = open(self.path, "w+b")
+        self._size = 0
+        self._unflushed = False
+
+    def put(self, content) -> tuple[int, int]:
+        # pickle, not JSON: a row's values round-trip exactly (a parquet row's types included). The
+        # file is this compile's own, in its private work directory (mkdtemp: mode 0700), and is read
+        # back only by this process and its forked workers.
+        data = pickle.dumps(content, protocol=pickle.HIGHEST_PROTOCOL)
+        self._file.write(data)
+        at, self._size = self._size, self._size + len(data)
+        self._unflushed = True
+        return at, len(data)
+
+    def flush(self) -> None:
+        """Before workers fork: what they read must be on disk, not in this process's buffer."""
+        if self._unflushed:
+            self._file.flush()
+            self._unflushed = False
+
+    def get(self, where: tuple[int, int]):
+        self.flush()
+        at, size = where
+        return pickle.loads(os.pread(self._file.fileno(), size, at))
+
+    def close(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
 
 
 # safetensors' layout, written by hand because its writers take whole arrays in memory: tensors

@@ -44,9 +44,11 @@ class Tokenized:
     truncated_rejected: int = 0
 
 
-def answer_spans(example: Example, template, tokenizer) -> tuple[str, list[tuple[int, int]], str] | str:
-    """(full text, supervised character spans, final prompt text) or a reject reason."""
-    messages = example.messages
+def answer_spans(example: Example, template, tokenizer, messages: list[dict] | None = None
+                 ) -> tuple[str, list[tuple[int, int]], str] | str:
+    """(full text, supervised character spans, final prompt text) or a reject reason. `messages`:
+    the example's, when the caller has them already (each access may read them from disk)."""
+    messages = example.messages if messages is None else messages
     row = example.where
     full = template.render(tokenizer, messages, add_generation_prompt=False, row=row)
     spans = []
@@ -125,17 +127,18 @@ def _render_chunk(examples, template, tokenizer, controls, max_length: int, on_t
     # the tokenizer's batch runs after it is lifted
     with render_limits():
         for example in examples:
-            size = sum(len(m["content"]) for m in example.messages)
+            messages = example.messages
+            size = sum(len(m["content"]) for m in messages)
             if size > MAX_ROW_CHARS:
                 # its render would pass the template's output limit and fail the whole compile for one row
                 out.rejects.append(Reject.of(example, "text_too_long",
                                           f"{size} characters of messages; at most {MAX_ROW_CHARS}"))
                 continue
-            forged = _forged_control_token(controls, ((m["role"], m["content"]) for m in example.messages))
+            forged = _forged_control_token(controls, ((m["role"], m["content"]) for m in messages))
             if forged:
                 out.rejects.append(Reject.of(example, "control_token_in_text", forged))
                 continue
-            result = answer_spans(example, template, tokenizer)
+            result = answer_spans(example, template, tokenizer, messages)
             if isinstance(result, str):
                 out.rejects.append(Reject.of(example, result, "see docs/architecture.md (masking)"))
                 continue

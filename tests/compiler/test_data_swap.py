@@ -41,9 +41,9 @@ def test_file_swapped_before_its_rows_were_read_is_refused(project, monkeypatch)
     project.write_jsonl("data/rows.jsonl", _rows("old"))
     real = data_mod.read_data
 
-    def swap_then_read(files, spec):
+    def swap_then_read(files, spec, rows_store=None):
         (project.root / "data/rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows("new")), encoding="utf-8")
-        return real(files, spec)
+        return real(files, spec, rows_store)
 
     monkeypatch.setattr(data_mod, "read_data", swap_then_read)
     with pytest.raises(DataError, match="data changed while compiling"):
