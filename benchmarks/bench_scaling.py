@@ -26,8 +26,13 @@ number that was not measured. A child past --time-limit is stopped and recorded 
 Extrapolations to 10M and 100M rows: power law fitted over the measured sizes for time (whole
 compile and split pass), straight line for RSS and bundle size.
 
-Parallelism: the compile has no parallel mode (no workers / num_proc setting); the result records
-the measured CPU time / wall time of each child, which is what "single process" means here.
+Parallelism: `--workers 2,1` (the default) compiles each size with 2 worker processes (compile_spec's
+`workers`, compiler/workers.py) and then with 1; the size's record is the 2-worker run, with the
+1-worker run beside it (`single_process`), the speedup (wall 1 / wall N) and whether the two bundles
+are identical file by file (`identical_across_workers`: the lock's sha256 of every file and the
+bundle id). CPU time adds the workers' (RUSAGE_CHILDREN); `worker_peak_rss_mb` is the largest
+worker's peak, and `peak_rss_upper_mb` the parent's peak plus that times the worker count: an upper
+bound, since forked workers share the parent's pages until written.
 
 --snapshot [REV] measures a commit (default HEAD; git archive, imported from the benchmark cache)
 instead of the working tree: other engineers' uncommitted edits cannot leak into the numbers.
@@ -203,15 +208,23 @@ def timed(examples, spec):
     return result
 split_module.split_examples = timed  # compile_spec imports it at call time
 from sftc.compiler import compile_spec
-bundle, lock, reused = compile_spec(sys.argv[1], bundles_dir=sys.argv[2], force=True)
+workers = int(sys.argv[3]) if len(sys.argv) > 3 else None
+try:
+    bundle, lock, reused = compile_spec(sys.argv[1], bundles_dir=sys.argv[2], force=True, workers=workers)
+except TypeError:  # a commit before compile_spec took workers (--snapshot): one process
+    assert workers == 1, "this commit compiles in one process only: --workers 1"
+    bundle, lock, reused = compile_spec(sys.argv[1], bundles_dir=sys.argv[2], force=True)
 def field(record, *path):  # a Lock (format 2) or the lock dict of older commits (--snapshot)
     for key in path:
         record = record[key] if isinstance(record, dict) else getattr(record, key)
     return record.model_dump() if hasattr(record, "model_dump") else record
 wall = time.perf_counter() - t0
 usage = resource.getrusage(resource.RUSAGE_SELF)
+children = resource.getrusage(resource.RUSAGE_CHILDREN)
 size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
-print(json.dumps({"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024,
+print(json.dumps({"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime + children.ru_utime + children.ru_stime,
+                  "peak_rss_mb": usage.ru_maxrss / 1024, "worker_peak_rss_mb": children.ru_maxrss / 1024,
+                  "workers": workers, "bundle_id": field(lock, "bundle_id"), "files": field(lock, "files"),
                   "bundle_bytes": size, "packed_rows": field(lock, "packing", "rows"), "rejected": field(lock, "data_manifest", "rejected"),
                   **seen}))
 """
@@ -272,7 +285,8 @@ def snapshot(rev: str, overlays: list[str]) -> tuple[Path, dict]:
                           "source": f"git archive of {rev} (--snapshot)"}
 
 
-def compile_child(project: Path, time_limit: float, pythonpath: Path | None, split_only: bool = False) -> dict:
+def compile_child(project: Path, time_limit: float, pythonpath: Path | None, split_only: bool = False,
+                  workers: int | None = None) -> dict:
     # the environment `sftc compile` would see: the tokenizers library's own threads left as they are
     env = dict(os.environ)
     if pythonpath is not None:
@@ -282,7 +296,7 @@ def compile_child(project: Path, time_limit: float, pythonpath: Path | None, spl
     start = time.perf_counter()
     try:
         argv = ([SPLIT_CHILD, str(project / "data" / "rows.jsonl")] if split_only
-                else [CHILD, str(project / "specs" / "scaling.yaml"), str(out_dir)])
+                else [CHILD, str(project / "specs" / "scaling.yaml"), str(out_dir), *([str(workers)] if workers else [])])
         proc = subprocess.run([sys.executable, "-c", *argv],
                               cwd=project, capture_output=True, text=True, env=env, timeout=time_limit)
     except subprocess.TimeoutExpired:
@@ -354,15 +368,32 @@ def measure_size(variant: str, rows: int, measured: dict[int, dict], args, pytho
     gen = time.perf_counter()
     project, shape = make_project(variant, rows)
     generated = time.perf_counter() - gen
-    load_before = common.loadavg()
-    result = compile_child(project, args.time_limit, pythonpath, getattr(args, "split_only", False))
-    result.update(input=shape, data_generation_s=round(generated, 1), loadavg=[load_before, common.loadavg()])
-    if result["status"] == "measured":
-        result["per_row_ms"] = round(1000 * result["wall_s"] / rows, 4)
-        result["cpu_per_row_ms"] = round(1000 * result["cpu_s"] / rows, 4)
-        result["rss_kb_per_row"] = round(1024 * result["peak_rss_mb"] / rows, 2)
-        result["cores_used"] = round(result["cpu_s"] / result["wall_s"], 2)
-        result["split_share"] = round(result["split_s"] / result["wall_s"], 3)
+    runs = []
+    for workers in (args.workers if not getattr(args, "split_only", False) else [None]):
+        load_before = common.loadavg()
+        run = compile_child(project, args.time_limit, pythonpath, getattr(args, "split_only", False), workers)
+        run["loadavg"] = [load_before, common.loadavg()]
+        if run["status"] == "measured":
+            run["per_row_ms"] = round(1000 * run["wall_s"] / rows, 4)
+            run["cpu_per_row_ms"] = round(1000 * run["cpu_s"] / rows, 4)
+            run["rss_kb_per_row"] = round(1024 * run["peak_rss_mb"] / rows, 2)
+            run["cores_used"] = round(run["cpu_s"] / run["wall_s"], 2)
+            run["split_share"] = round(run["split_s"] / run["wall_s"], 3)
+            if run.get("workers"):
+                run["peak_rss_upper_mb"] = round(run["peak_rss_mb"] + run["workers"] * run.get("worker_peak_rss_mb", 0) *
+                                                 (run["workers"] > 1), 1)
+        runs.append(run)
+        if run["status"] != "measured":
+            break  # a smaller worker count would only take longer
+    result = runs[0]
+    if len(runs) > 1:
+        single = runs[-1]
+        result["single_process"] = {k: v for k, v in single.items() if k not in ("search", "files", "rejected")}
+        if single["status"] == "measured" and result["status"] == "measured":
+            result["parallel_speedup"] = round(single["wall_s"] / result["wall_s"], 3)
+            result["identical_across_workers"] = (single["files"] == result["files"]
+                                                  and single["bundle_id"] == result["bundle_id"])
+    result.update(input=shape, data_generation_s=round(generated, 1))
     if not args.keep_data:
         shutil.rmtree(project, ignore_errors=True)
     return result
@@ -420,6 +451,8 @@ def main() -> dict:
     parser.add_argument("--overlay", action="append", default=[], metavar="PATH@REV",
                         help="with --snapshot: this file as it is at REV")
     parser.add_argument("--keep-data", action="store_true", help="keep the generated projects in the cache")
+    parser.add_argument("--workers", default="2,1", help="worker counts compiled at each size, the first one fitted "
+                        "and reported, the last one its single-process comparison (default 2,1)")
     parser.add_argument("--split-only", action="store_true",
                         help="only the split pass (near-duplicate search) on the same rows, default threshold 0.85: "
                              "the part that grew faster than linear, at sizes the whole compile cannot reach")
@@ -431,6 +464,7 @@ def main() -> dict:
             print(table(json.loads(Path(path).read_text())))
         return {}
     args.max_rss_gb = args.max_rss_gb or 0.8 * common.machine().get("mem_total_gb", 8)
+    args.workers = [int(w) for w in args.workers.split(",") if w]
     sizes = sorted(int(s) for s in args.sizes.split(","))
     out = args.out or ("scaling_split" if args.split_only else "scaling")
     pythonpath, code = snapshot(args.snapshot, args.overlay) if args.snapshot else (None, common.code_state())
@@ -438,13 +472,15 @@ def main() -> dict:
         "machine": common.machine(),
         "code": code,
         "args": {"sizes": sizes, "variants": args.variants.split(","), "time_limit_s": args.time_limit,
-                 "max_rss_gb": round(args.max_rss_gb, 1), "snapshot": args.snapshot, "split_only": args.split_only},
+                 "max_rss_gb": round(args.max_rss_gb, 1), "snapshot": args.snapshot, "split_only": args.split_only,
+                 "workers": args.workers},
         "measures": ("split_examples alone (near-duplicate search + group split) on the rows' prompts, in a child"
                      if args.split_only else "the whole cold compile (compile_spec, force=True), in a child"),
         "tokenizer": "qwen2.5-instruct ($SFTC_EXTERNAL)", "max_length": 1024, "seq_length": 1024,
         "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "unset (library default)"),
-        "parallel": "compile_spec has no parallel mode (no workers or num_proc setting): every compile is one "
-                    "process; cores_used = CPU time / wall time of each child is the measured fact",
+        "parallel": "each size compiled with each of args.workers (compile_spec workers=N); the record is the first, "
+                    "single_process the last, parallel_speedup = wall(last) / wall(first), identical_across_workers "
+                    "compares the locks' file hashes and bundle ids",
         "variants": {},
     }
     measured: dict[str, dict[int, dict]] = {v: {} for v in args.variants.split(",")}

@@ -56,6 +56,19 @@ def prompt_text(example: Example) -> str:
     return "\n".join(m["content"] for m in messages or [] if m["role"] == "user")
 
 
+class _PromptTexts:
+    """The rows' prompt texts, read when needed: never all held at once (issue 17)."""
+
+    def __init__(self, examples: list[Example]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> str:
+        return prompt_text(self.examples[i])
+
+
 class _UnionFind:
     def __init__(self, items):
         self.parent = {item: item for item in items}
@@ -133,11 +146,28 @@ def _lsh_buckets(signatures: np.ndarray):
                 yield order[lo:hi]
 
 
-def iter_near_duplicates(texts: list[str], threshold: float, seed: int = 0, component=None,
-                         max_comparisons_per_bucket: int = MAX_COMPARISONS_PER_BUCKET, stats: dict | None = None):
+def _hash_rows(texts, lo: int, hi: int, a: np.ndarray, b: np.ndarray):
+    """Rows lo..hi: (their shingle hashes flat, the count of each row, a MinHash signature per row
+    (zeros for a row without shingles))."""
+    flat, counts = [], np.zeros(hi - lo, dtype=np.int64)
+    signatures = np.zeros((hi - lo, _PERMUTATIONS), dtype=np.uint64)
+    for offset in range(hi - lo):
+        hashes = _shingle_hashes(texts[lo + offset])
+        if len(hashes):
+            counts[offset] = len(hashes)
+            flat.append(hashes)
+            # (a*h + b) mod p with wraparound: a universal-hash family is all MinHash needs here
+            signatures[offset] = ((hashes[:, None] * a[None, :] + b[None, :]) % _MERSENNE).min(axis=0)
+    return (np.concatenate(flat) if flat else np.zeros(0, dtype=np.uint64)), counts, signatures
+
+
+def iter_near_duplicates(texts, threshold: float, seed: int = 0, component=None,
+                         max_comparisons_per_bucket: int = MAX_COMPARISONS_PER_BUCKET, stats: dict | None = None,
+                         workers: int = 1):
     """Yield near-duplicate index pairs as they are found.
 
-    Without `component`: every LSH candidate pair is checked (near_duplicate_pairs).
+    `texts`: a sequence (len and index) of the rows' texts. Without `component`: every LSH
+    candidate pair is checked (near_duplicate_pairs).
 
     With `component(i)` naming the merged group row i is in now, only pairs that can still change
     the merged groups are looked for, so the components come out the same as from every pair
@@ -154,26 +184,35 @@ def iter_near_duplicates(texts: list[str], threshold: float, seed: int = 0, comp
       yielded so the caller's merges are visible at once.
     """
     stats = {} if stats is None else stats
-    store, rows, signatures = _Shingles(), [], []
+    store, rows, signature_blocks = _Shingles(), [], []
     first_of: dict[bytes, int] = {}
     exact: list[tuple[int, int]] = []
     rng = np.random.default_rng(seed)
     a = rng.integers(1, int(_MERSENNE), size=_PERMUTATIONS, dtype=np.uint64)
     b = rng.integers(0, int(_MERSENNE), size=_PERMUTATIONS, dtype=np.uint64)
-    for index, text in enumerate(texts):
-        hashes = _shingle_hashes(text)
-        if not len(hashes):
-            continue
-        if component is not None:
-            key = hashlib.blake2b(hashes.tobytes(), digest_size=16).digest()
-            if key in first_of:
-                exact.append((first_of[key], index))
+    from sftc.compiler.workers import map_ranges
+
+    # shingling and MinHash are per row (most of the pass's time): in worker processes over
+    # contiguous ranges, taken back in row order, so what follows is the same for any worker count
+    ranges = map_ranges(lambda k, lo, hi: (lo, *_hash_rows(texts, lo, hi, a, b)), len(texts), workers)
+    while ranges:
+        lo, flat, counts, range_signatures = ranges.pop(0)  # each range's arrays freed once copied
+        ends, kept = np.cumsum(counts), []
+        for offset, count in enumerate(counts.tolist()):
+            if not count:
                 continue
-            first_of[key] = index
-        # (a*h + b) mod p with wraparound: a universal-hash family is all MinHash needs here
-        signatures.append(((hashes[:, None] * a[None, :] + b[None, :]) % _MERSENNE).min(axis=0))
-        store.append(hashes)
-        rows.append(index)
+            index = lo + offset
+            hashes = flat[ends[offset] - count : ends[offset]]
+            if component is not None:
+                key = hashlib.blake2b(hashes.tobytes(), digest_size=16).digest()
+                if key in first_of:
+                    exact.append((first_of[key], index))
+                    continue
+                first_of[key] = index
+            kept.append(offset)
+            store.append(hashes)
+            rows.append(index)
+        signature_blocks.append(range_signatures[kept])
     del first_of
     store.freeze()
     stats.update(rows=len(texts), exact_duplicates=len(exact), lsh_rows=len(rows), candidate_buckets=0,
@@ -184,7 +223,8 @@ def iter_near_duplicates(texts: list[str], threshold: float, seed: int = 0, comp
             yield left, right
     if not rows:
         return
-    signatures = np.stack(signatures)
+    signatures = np.concatenate(signature_blocks)
+    del signature_blocks
     found = set()
     for members in _lsh_buckets(signatures):
         stats["candidate_buckets"] += 1
@@ -284,7 +324,7 @@ class SplitResult:
     near_duplicate_search: dict = field(default_factory=dict)
 
 
-def split_examples(examples: list[Example], split_spec) -> SplitResult:
+def split_examples(examples: list[Example], split_spec, workers: int = 1) -> SplitResult:
     groups = sorted({e.group for e in examples})
     union = _UnionFind(groups)
     normalize = getattr(split_spec, "normalize_group_keys", True)
@@ -298,12 +338,11 @@ def split_examples(examples: list[Example], split_spec) -> SplitResult:
     merged_spellings = sorted(members for members in spellings.values() if len(members) > 1)
     search: dict = {}
     if split_spec.near_duplicates is not None:
-        texts = [prompt_text(e) for e in examples]
         def component(i: int) -> str:
             return union.find(examples[i].group)
 
-        for left, right in iter_near_duplicates(texts, split_spec.near_duplicates, split_spec.seed, component=component,
-                                                stats=search):
+        for left, right in iter_near_duplicates(_PromptTexts(examples), split_spec.near_duplicates, split_spec.seed,
+                                                component=component, stats=search, workers=workers):
             union.union(examples[left].group, examples[right].group)
     clusters: dict[str, list[str]] = {}
     for group in groups:

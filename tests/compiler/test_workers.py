@@ -59,7 +59,7 @@ def test_bundle_bytes_do_not_depend_on_the_number_of_workers(project, small_rang
         other, other_lock, _ = _compile(project, spec, f"w{workers}", workers)
         assert other.name == one.name and _files(other) == _files(one), workers
         assert not [p.name for p in (project.root / f"w{workers}").iterdir() if p.name.startswith(".")]
-    assert pools == [2, 2, 3, 3]  # train and eval, each in worker processes
+    assert pools == [2, 2, 2, 3, 3, 3]  # the split's hashing, train and eval tokenization, each in worker processes
 
 
 @pytest.mark.parametrize("strategy", ["bfd_split", "wrapped"])
