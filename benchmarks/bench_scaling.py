@@ -199,20 +199,21 @@ t0 = time.perf_counter()
 from sftc.compiler import split as split_module
 seen = {}
 original = split_module.split_examples
-def timed(examples, spec):
+def timed(examples, spec, *rest):
     start = time.perf_counter()
-    result = original(examples, spec)
+    result = original(examples, spec, *rest)
     seen["split_s"] = time.perf_counter() - start
     seen["search"] = getattr(result, "near_duplicate_search", None)
     seen["merged_clusters"] = len(result.record["merged_near_duplicates"])
     return result
 split_module.split_examples = timed  # compile_spec imports it at call time
 from sftc.compiler import compile_spec
+import inspect
 workers = int(sys.argv[3]) if len(sys.argv) > 3 else None
-try:
+if "workers" in inspect.signature(compile_spec).parameters:
     bundle, lock, reused = compile_spec(sys.argv[1], bundles_dir=sys.argv[2], force=True, workers=workers)
-except TypeError:  # a commit before compile_spec took workers (--snapshot): one process
-    assert workers == 1, "this commit compiles in one process only: --workers 1"
+else:  # a commit before compile_spec took workers (--snapshot): one process
+    assert workers in (None, 1), "this commit compiles in one process only: --workers 1"
     bundle, lock, reused = compile_spec(sys.argv[1], bundles_dir=sys.argv[2], force=True)
 def field(record, *path):  # a Lock (format 2) or the lock dict of older commits (--snapshot)
     for key in path:

@@ -40,8 +40,8 @@ RECORDED_LIBRARIES = TOKEN_STREAM_LIBRARIES + ("torch", "peft", "accelerate", "d
 HASHED_CODE = (
     "sftc.io", "sftc.errors", "sftc.lock", "sftc.hashcache", "sftc.yaml",
     "sftc.compiler.spec", "sftc.compiler.data", "sftc.compiler.split", "sftc.compiler.template",
-    "sftc.compiler.tokens", "sftc.compiler.store", "sftc.compiler.workers", "sftc.compiler.pack", "sftc.compiler.budget", "sftc.compiler.model",
-    "sftc.compiler.vocab", "sftc.compiler.report", "sftc.compiler.bundle",
+    "sftc.compiler.tokens", "sftc.compiler.store", "sftc.compiler.workers", "sftc.compiler.pack",
+    "sftc.compiler.budget", "sftc.compiler.model", "sftc.compiler.vocab", "sftc.compiler.report", "sftc.compiler.bundle",
     # the runtime code a compile runs: the rules file's model (its metric names are locked) and the
     # selection rule's parser (it decides which select.require values compile)
     "sftc.runtime.evaluate.rules", "sftc.runtime.select",
@@ -211,8 +211,8 @@ def compile_spec(spec_path: str | os.PathLike, bundles_dir: str | os.PathLike | 
                  progress: bool = False, workers: int | None = None) -> tuple[Path, Lock, bool]:
     """Compile a spec; returns (bundle dir, lock, reused). Reuses an identical earlier bundle.
     With `progress`, a compile that takes more than a second says which pass is running (stderr).
-    `workers` processes tokenize (default: the usable cores, compiler/workers.py); the bundle's
-    bytes are the same for any number."""
+    `workers` processes run the per-row passes, the near-duplicate hashing and tokenization
+    (default: the usable cores, compiler/workers.py); the bundle's bytes are the same for any number."""
     from sftc.stages import Stages
 
     with Stages("compile", enabled=progress) as stages:
@@ -255,7 +255,7 @@ def _build_in(inputs: Inputs, out_root: Path, work: Path, say, workers: int) -> 
     from sftc.compiler.model import count_parameters, estimate_memory, load_config
     from sftc.compiler.pack import pack, unpacked
     from sftc.compiler.split import split_examples
-    from sftc.compiler.store import RowStore, Tensor, TokenStore, write_safetensors
+    from sftc.compiler.store import RowStore, Tensor, TokenStore, write_lines, write_safetensors
     from sftc.compiler.template import load_template, load_tokenizer, tokenizer_version
     from sftc.compiler.tokens import check_mask, tokenize_chat, tokenize_text
 
@@ -362,32 +362,34 @@ def _build_in(inputs: Inputs, out_root: Path, work: Path, say, workers: int) -> 
                 f"{positions} positions (max_position_embeddings) before any prompt; set it below {positions}, "
                 "to the length of the longest answer the rules need")
 
-    eval_prompts = []
-    if template is not None:
+    def eval_prompt_lines():
+        # one line at a time, written as made: at 10% of a few million rows, the prompts' dicts, id
+        # lists and JSON held together were the largest thing left in memory
         for index, (example, prompt_ids) in enumerate(zip(eval_tok.examples, eval_tok.prompt_ids)):
             prompt_ids = [int(t) for t in prompt_ids]  # held as int32 arrays; decoded and written as ints
             fields, messages, _ = example.content  # one read when the content is on disk
-            eval_prompts.append({
+            yield json.dumps({
                 "index": index, "group": example.group, "source": example.where,
                 "prompt_ids": prompt_ids,
                 "prompt_text": tokenizer.decode(prompt_ids),
                 "reference": messages[-1]["content"],
                 "fields": fields,
-            })
+            }, ensure_ascii=False, sort_keys=True, default=str) + "\n"
 
-    # The token files are streamed to the work directory, hashed as written; every other file is
-    # built in memory. Each sha256 is part of the lock, the lock's content hash names the bundle
-    # directory, and the hashed bytes are the written bytes.
+    # The token files, eval prompts and rejects are streamed to the work directory, hashed as
+    # written; the other files are built in memory. Each sha256 is part of the lock, the lock's
+    # content hash names the bundle directory, and the hashed bytes are the written bytes.
     say("writing the token files")
     streamed: dict[str, str] = {
         "train.safetensors": write_safetensors(work / "train.safetensors", {**packed.token_tensors(), "order": Tensor.of(order)})}
     if eval_rows is not None:
         streamed["eval.safetensors"] = write_safetensors(work / "eval.safetensors", eval_rows.token_tensors())
+    prompt_count = len(eval_tok.examples) if template is not None else 0
+    streamed["eval_prompts.jsonl"] = write_lines(work / "eval_prompts.jsonl",
+                                                 eval_prompt_lines() if template is not None else ())
+    streamed["rejects.jsonl"] = write_lines(work / "rejects.jsonl", (
+        json.dumps(r.as_dict(), ensure_ascii=False, sort_keys=True) + "\n" for r in rejects))
     contents: dict[str, bytes] = {}
-    contents["eval_prompts.jsonl"] = "".join(
-        json.dumps(p, ensure_ascii=False, sort_keys=True, default=str) + "\n" for p in eval_prompts).encode("utf-8")
-    contents["rejects.jsonl"] = "".join(
-        json.dumps(r.as_dict(), ensure_ascii=False, sort_keys=True) + "\n" for r in rejects).encode("utf-8")
     if rules_bytes is not None:
         contents["rules.yaml"] = rules_bytes
     if template is not None:
@@ -445,13 +447,13 @@ def _build_in(inputs: Inputs, out_root: Path, work: Path, say, workers: int) -> 
         "parameters": parameters,
         "memory": Memory.from_estimate(memory).model_dump(mode="json"),
         "eval_manifest": {
-            "prompts": len(eval_prompts), "examples": eval_examples,
+            "prompts": prompt_count, "examples": eval_examples,
             "rules_path": _display(inputs.rules_path, root) if inputs.rules_path else None,
             "rules_sha256": rules_info["sha256"] if rules_info else None,
             "metrics": rules_info["metrics"] if rules_info else [],
             "hash": "sha256:" + sha256_bytes(canonical_json({
                 "groups": split.record["eval_groups"],
-                "prompts": sha256_bytes(contents["eval_prompts.jsonl"]),
+                "prompts": streamed["eval_prompts.jsonl"],
                 "rules": rules_info["sha256"] if rules_info else None,
             }).encode()),
         },

@@ -184,7 +184,9 @@ def iter_near_duplicates(texts, threshold: float, seed: int = 0, component=None,
       yielded so the caller's merges are visible at once.
     """
     stats = {} if stats is None else stats
-    store, rows, signature_blocks = _Shingles(), [], []
+    store, rows = _Shingles(), []
+    # filled in place as ranges come back (a list of blocks concatenated at the end peaked at twice this)
+    signatures = np.zeros((len(texts), _PERMUTATIONS), dtype=np.uint64)
     first_of: dict[bytes, int] = {}
     exact: list[tuple[int, int]] = []
     rng = np.random.default_rng(seed)
@@ -194,9 +196,8 @@ def iter_near_duplicates(texts, threshold: float, seed: int = 0, component=None,
 
     # shingling and MinHash are per row (most of the pass's time): in worker processes over
     # contiguous ranges, taken back in row order, so what follows is the same for any worker count
-    ranges = map_ranges(lambda k, lo, hi: (lo, *_hash_rows(texts, lo, hi, a, b)), len(texts), workers)
-    while ranges:
-        lo, flat, counts, range_signatures = ranges.pop(0)  # each range's arrays freed once copied
+    for lo, flat, counts, range_signatures in map_ranges(lambda k, lo, hi: (lo, *_hash_rows(texts, lo, hi, a, b)),
+                                                         len(texts), workers):
         ends, kept = np.cumsum(counts), []
         for offset, count in enumerate(counts.tolist()):
             if not count:
@@ -212,7 +213,7 @@ def iter_near_duplicates(texts, threshold: float, seed: int = 0, component=None,
             kept.append(offset)
             store.append(hashes)
             rows.append(index)
-        signature_blocks.append(range_signatures[kept])
+        signatures[len(rows) - len(kept) : len(rows)] = range_signatures[kept]
     del first_of
     store.freeze()
     stats.update(rows=len(texts), exact_duplicates=len(exact), lsh_rows=len(rows), candidate_buckets=0,
@@ -223,8 +224,7 @@ def iter_near_duplicates(texts, threshold: float, seed: int = 0, component=None,
             yield left, right
     if not rows:
         return
-    signatures = np.concatenate(signature_blocks)
-    del signature_blocks
+    signatures = signatures[: len(rows)]
     found = set()
     for members in _lsh_buckets(signatures):
         stats["candidate_buckets"] += 1

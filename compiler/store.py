@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import struct
 from array import array
 from pathlib import Path
@@ -128,16 +127,16 @@ class RowStore:
     keeps where its content is (compiler/data.Example.spill) and reads it back on each access."""
 
     def __init__(self, directory: str | os.PathLike, name: str = "rows"):
-        self.path = Path(directory) / f"{name}.pickle"
+        self.path = Path(directory) / f"{name}.jsonl"
         self._file = open(self.path, "w+b")
         self._size = 0
         self._unflushed = False
 
     def put(self, content) -> tuple[int, int]:
-        # pickle, not JSON: a row's values round-trip exactly (a parquet row's types included). The
-        # file is this compile's own, in its private work directory (mkdtemp: mode 0700), and is read
-        # back only by this process and its forked workers.
-        data = pickle.dumps(content, protocol=pickle.HIGHEST_PROTOCOL)
+        # JSON (never pickle: sftc deserializes nothing that can run code). A value JSON has no type
+        # for (a parquet row's datetime, Decimal, bytes) is stored as str(value): the row's fields are
+        # only ever written out again as eval_prompts.jsonl, with default=str, so the bytes are the same.
+        data = json.dumps(content, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass")
         self._file.write(data)
         at, self._size = self._size, self._size + len(data)
         self._unflushed = True
@@ -152,7 +151,7 @@ class RowStore:
     def get(self, where: tuple[int, int]):
         self.flush()
         at, size = where
-        return pickle.loads(os.pread(self._file.fileno(), size, at))
+        return json.loads(os.pread(self._file.fileno(), size, at).decode("utf-8", "surrogatepass"))
 
     def close(self) -> None:
         self._file.close()
@@ -206,4 +205,15 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor]) -> st
                 written += chunk.nbytes
             if written != tensor.nbytes:
                 raise AssertionError(f"{path}: tensor {name} streamed {written} bytes, its header says {tensor.nbytes}")
+    return digest.hexdigest()
+
+
+def write_lines(path: str | os.PathLike, lines: Iterable[str]) -> str:
+    """Write text lines (UTF-8) as they come; returns the sha256 of the bytes written."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as out:
+        for line in lines:
+            data = line.encode("utf-8")
+            out.write(data)
+            digest.update(data)
     return digest.hexdigest()

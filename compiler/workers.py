@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from sftc.errors import SftcError
 
 # below this many rows a range is not worth a process (fork and result transfer: ~0.1 s each)
 MIN_ROWS_PER_WORKER = 2048
-RANGES_PER_WORKER = 2  # a few ranges per worker, so one slow range does not leave a core idle
+# a few ranges per worker, so one slow range does not leave a core idle and the results waiting
+# for the caller stay small
+RANGES_PER_WORKER = 4
 
 _TASK: Callable[[int, int, int], Any] | None = None
 
@@ -41,27 +44,33 @@ def _run(k: int, lo: int, hi: int):
     return _TASK(k, lo, hi)
 
 
-def map_ranges(task: Callable[[int, int, int], Any], rows: int, workers: int) -> list:
-    """[task(k, lo, hi) for each contiguous range k of range(rows)], in order; in worker processes
-    when `workers` > 1 and there are enough rows, else in this process as one range."""
+def map_ranges(task: Callable[[int, int, int], Any], rows: int, workers: int) -> Iterator:
+    """Yield task(k, lo, hi) for each contiguous range k of range(rows), in order; in worker
+    processes when `workers` > 1 and there are enough rows, else in this process as one range.
+    Each result is yielded as soon as it and those before it are done, and dropped here: the
+    caller folds it in while the workers go on, so the ranges' results are never all held."""
     global _TASK
     workers = min(int(workers), rows // MIN_ROWS_PER_WORKER)
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-        return [task(0, 0, rows)]
+        yield task(0, 0, rows)
+        return
     parts = workers * RANGES_PER_WORKER
     bounds = [rows * i // parts for i in range(parts + 1)]
     # A tokenizer that has used its thread pool prints a warning in every forked child and runs
-    # single-threaded there; saying so up front keeps the warning out of the compile's output.
+    # single-threaded there; saying so up front keeps the warning out of the compile's output. (Its
+    # Rust thread pool does not survive a fork: forced on with TOKENIZERS_PARALLELISM=true, the
+    # workers hung. So each worker tokenizes on one thread, where one process uses the pool.)
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _TASK = task
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            futures = [pool.submit(_run, k, lo, hi) for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))]
+            futures = deque(pool.submit(_run, k, lo, hi) for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])))
             try:
                 # result() re-raises a worker's exception here, the first in row order, as the serial
                 # pass would (an SftcError keeps its message and problems)
-                return [future.result() for future in futures]
+                while futures:
+                    yield futures.popleft().result()
             except BrokenProcessPool:
                 raise SftcError(f"a compile worker process died (killed, or out of memory) while {rows} rows were "
                                 f"processed in {workers} processes; compile again, with --workers 1 to use one "

@@ -90,6 +90,9 @@ def env_ranks() -> tuple[int, int, int]:
     return num("WORLD_SIZE", 1), num("RANK", 0), num("LOCAL_RANK", 0)
 
 
+RANK_REFUSAL_GRACE_S = 3.0
+
+
 def tell_launcher(message: str) -> bool:
     """Hand a refusal to the torchrun agent; True if this process should print it too.
 
@@ -107,7 +110,14 @@ def tell_launcher(message: str) -> bool:
     with contextlib.suppress(OSError):  # the summary is a courtesy; the exit status already says it failed
         with open(path, "w", encoding="utf-8") as handle:
             json.dump({"message": message, "timestamp": int(time.time())}, handle)
-    return os.environ.get("RANK", "0") == "0"
+    if os.environ.get("RANK", "0") == "0":
+        return True
+    # The agent stops every worker at the first failure. Rank 0 does more before the checks every
+    # rank shares (the raw data is checked on rank 0 only), so a rank that exited at once could end
+    # the run before rank 0 printed the refusal (seen in the multinode test once bundles loaded
+    # faster). Other ranks wait a moment; a failure of one rank alone only exits that much later.
+    time.sleep(RANK_REFUSAL_GRACE_S)
+    return False
 
 
 def die_with_launcher() -> dict:

@@ -94,7 +94,8 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Rebuild even when an identical bundle exists.")
 @click.option("--quiet", is_flag=True, help="Print only the bundle path.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Processes that tokenize (default: the usable cores); the bundle is the same for any number.")
+              help="Processes for the per-row passes (near-duplicate hashing, tokenization); default: the usable "
+                   "cores. The bundle is byte for byte the same for any number.")
 def compile_cmd(spec: str, bundles_dir: str | None, force: bool, quiet: bool, workers: int | None) -> None:
     """Compile SPEC into bundles/<name>-<hash12>/."""
     from sftc.compiler import compile_spec

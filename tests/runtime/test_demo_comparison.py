@@ -32,7 +32,7 @@ def test_quantized_base_loss_is_the_token_weighted_held_out_loss(project):
     with torch.no_grad():
         for r in range(tokens.n_rows):
             for ids, labels in tokens.examples(r):
-                logp = model(input_ids=torch.as_tensor(ids[None])).logits[0].log_softmax(-1)
+                logp = model(input_ids=torch.tensor(ids[None])).logits[0].log_softmax(-1)
                 for pos in range(1, len(ids)):
                     if labels[pos] != -100:
                         total -= float(logp[pos - 1, int(labels[pos])])
