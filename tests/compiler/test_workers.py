@@ -41,6 +41,7 @@ def _compile(project, spec, name: str, workers: int):
 @pytest.fixture
 def small_ranges(monkeypatch):
     monkeypatch.setattr(workers_mod, "MIN_ROWS_PER_WORKER", 4)
+    monkeypatch.setattr(workers_mod, "ROWS_PER_RANGE_HERE", 7)  # one process: several ranges too
 
 
 @pytest.mark.parametrize("strategy", ["bfd", "none"])
