@@ -7,6 +7,9 @@ rows at a time, read back from those files, hashed as they are written. So the t
 compile is never in RAM at once, however many rows it has: before this, every token sat in memory
 three to six times (per-example arrays, packed arrays, TRL's Arrow tables, the safetensors bytes).
 
+RowStore does the same for the rows' content (fields, messages or text) from the moment a row is
+read and accepted: an Example keeps where its content is, and each pass reads it back.
+
 Examples are read back with pread, not a memory map: the kernel counts a mapped file's touched
 pages in the process's resident set, and the compile's peak RSS is what this module bounds.
 """
