@@ -276,7 +276,7 @@ def _build_in(inputs: Inputs, out_root: Path, work: Path, say, workers: int) -> 
         raise DataError(f"{src}: data.files: no row was accepted ({len(data.rejects)} rejected) in {names}",
                         [f"{r.where}: {r.reason}: {r.detail}" for r in data.rejects[:10]])
     say(f"splitting {len(data.examples)} rows by group (near-duplicate search)")
-    split = split_examples(data.examples, spec.split, workers)
+    split = split_examples(data.examples, spec.split, workers, work)
 
     say(f"tokenizing {len(split.train) + len(split.eval)} examples with the real tokenizer")
     tokenizer = load_tokenizer(str(inputs.tokenizer_dir), spec.model.revision, spec.model.trust_remote_code, f"{src}: model.tokenizer")

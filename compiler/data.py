@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -549,6 +550,8 @@ def read_data(files: list, data_spec, rows_store=None) -> DataResult:
                 continue
             example.file, example.row, example.source = display, number, item.source
             example.at, example.unit = at, unit
+            # one string per group, not one per row (most groups hold several rows): issue 17 memory
+            example.group = sys.intern(example.group)
             first_seen[key] = example
             if rows_store is not None:
                 example.spill(rows_store)

@@ -14,7 +14,10 @@ about linear instead of comparing every pair, which at 38k rows would be 700M co
 from __future__ import annotations
 
 import hashlib
+import itertools
+import os
 import re
+import tempfile
 from array import array
 from dataclasses import dataclass, field
 
@@ -27,6 +30,7 @@ _WORD = re.compile(r"[a-z0-9]+")
 _PERMUTATIONS = 64
 _BANDS = 16  # 16 bands x 4 rows: pairs above ~0.5 Jaccard become candidates; the exact check decides
 _MERSENNE = np.uint64((1 << 61) - 1)
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: an odd multiplier that spreads bits
 # Exact Jaccard checks per LSH bucket before it is left unfinished (see iter_near_duplicates): at
 # ~10 us a check, about 0.2 s for one pathological bucket. On OrgAccess easy it is reached in 5 of
 # 47k buckets (rows sharing a permissions list, not near copies) with the same clusters as uncapped.
@@ -104,66 +108,124 @@ def _shingle_hashes(text: str) -> np.ndarray:
 
 
 class _Shingles:
-    """Every kept row's sorted shingle hashes in one flat array with offsets: one object for n
-    rows instead of n Python sets (or n numpy arrays, ~100 bytes of header each)."""
+    """Every row's sorted shingle hashes, appended in one flat sequence with offsets: one object for
+    n rows instead of n Python sets (or n numpy arrays, ~100 bytes of header each).
 
-    def __init__(self):
-        self._flat, self._offsets = array("Q"), array("q", [0])
+    With a `directory` the hashes go to an unlinked file there and a check reads its two rows back
+    with pread (issue 17): only candidate pairs are ever read, and the flat hashes (~0.6 KB a row)
+    were the largest thing the compile held. Without one they stay in memory (small inputs, tests)."""
 
-    def append(self, hashes: np.ndarray) -> None:
-        self._flat.frombytes(hashes.tobytes())
-        self._offsets.append(len(self._flat))
+    def __init__(self, directory=None):
+        self._offsets = array("q", [0])
+        self._file = tempfile.TemporaryFile(dir=directory) if directory is not None else None
+        self._flat = array("Q")
 
-    def freeze(self) -> None:
-        self.flat, self.offsets = np.frombuffer(self._flat, dtype=np.uint64), np.frombuffer(self._offsets, dtype=np.int64)
+    def extend(self, flat: np.ndarray, sizes: np.ndarray) -> None:
+        """Append rows whose hashes are `flat`, one after another, `sizes` of them each."""
+        data = np.ascontiguousarray(flat, dtype=np.uint64).tobytes()
+        if self._file is not None:
+            self._file.write(data)
+        else:
+            self._flat.frombytes(data)
+        self._offsets.extend((self._offsets[-1] + np.cumsum(sizes)).tolist())
+
+    def freeze(self, kept: np.ndarray) -> None:
+        """Keep the rows at positions `kept` (in append order), numbered 0.. in that order."""
+        offsets = np.frombuffer(self._offsets, dtype=np.int64)
+        self.starts, self.ends = offsets[kept], offsets[kept + 1]
+        self._offsets = None
+        if self._file is not None:
+            self._file.flush()
+        else:
+            self.flat = np.frombuffer(self._flat, dtype=np.uint64)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def _row(self, k: int) -> np.ndarray:
+        lo, hi = int(self.starts[k]), int(self.ends[k])
+        if self._file is None:
+            return self.flat[lo:hi]
+        return np.frombuffer(os.pread(self._file.fileno(), (hi - lo) * 8, lo * 8), dtype=np.uint64)
 
     def size(self, k: int) -> int:
-        return int(self.offsets[k + 1] - self.offsets[k])
+        return int(self.ends[k] - self.starts[k])
 
     def jaccard_at_least(self, i: int, j: int, threshold: float) -> bool:
         si, sj = self.size(i), self.size(j)
         if min(si, sj) < threshold * max(si, sj):  # |A & B| / |A | B| <= min/max: exact, no intersection needed
             return False
-        a = self.flat[self.offsets[i] : self.offsets[i + 1]]
-        b = self.flat[self.offsets[j] : self.offsets[j + 1]]
-        inter = len(np.intersect1d(a, b, assume_unique=True))
+        inter = len(np.intersect1d(self._row(i), self._row(j), assume_unique=True))
         return inter / (si + sj - inter) >= threshold
 
 
-def _lsh_buckets(signatures: np.ndarray):
-    """Index lists (ascending) of the rows whose signatures agree on one band, band by band.
+def _band_keys(signatures: np.ndarray) -> np.ndarray:
+    """One 64-bit key per LSH band (rows x bands) from the MinHash signatures (rows x permutations).
+
+    Rows agree on a band exactly when their band's values are equal; a key mixes them into one
+    word, so each row holds 16 words instead of 64 (issue 17). Two unequal bands sharing a key
+    (about 2^-64 a pair) only add a candidate: the exact Jaccard check decides every pair."""
+    rows_per_band = _PERMUTATIONS // _BANDS
+    bands = signatures.reshape(len(signatures), _BANDS, rows_per_band)
+    key = np.zeros((len(signatures), _BANDS), dtype=np.uint64)
+    with np.errstate(over="ignore"):  # arithmetic mod 2^64 is the point
+        for column in range(rows_per_band):
+            key = (key ^ bands[:, :, column]) * _MIX
+            key ^= key >> np.uint64(31)
+    return key
+
+
+def _lsh_buckets(band_keys: np.ndarray):
+    """Index arrays (ascending) of the rows whose keys agree on one band, band by band.
 
     A sort per band instead of a dict keyed by every (band, signature slice): the dict held 16
-    tuples per row, a few KB of the compile's per-row memory."""
-    rows_per_band = _PERMUTATIONS // _BANDS
-    for band in range(_BANDS):
-        keys = signatures[:, band * rows_per_band : (band + 1) * rows_per_band]
-        order = np.lexsort(keys.T[::-1])  # stable: equal keys keep ascending row order
+    tuples per row, a few KB of the compile's per-row memory. Buckets come in key order."""
+    for band in range(band_keys.shape[1]):
+        keys = band_keys[:, band]
+        order = np.argsort(keys, kind="stable")  # equal keys keep ascending row order
         ordered = keys[order]
-        starts = np.flatnonzero(np.r_[True, np.any(ordered[1:] != ordered[:-1], axis=1), True])
-        for lo, hi in zip(starts[:-1], starts[1:]):
-            if hi - lo > 1:
-                yield order[lo:hi]
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1], True])
+        sizes = np.diff(starts)
+        several = sizes > 1
+        for lo, size in zip(starts[:-1][several].tolist(), sizes[several].tolist()):
+            yield order[lo : lo + size]
+
+
+def _first_occurrences(digests: np.ndarray) -> np.ndarray:
+    """For each row, the position of the first row with the same digest (itself when first)."""
+    n = len(digests)
+    if not n:
+        return np.zeros(0, dtype=np.int64)
+    order = np.lexsort((np.arange(n), digests[:, 1], digests[:, 0]))  # by digest, then position
+    ordered = digests[order]
+    new = np.r_[True, np.any(ordered[1:] != ordered[:-1], axis=1)]
+    first_in_run = order[np.flatnonzero(new)][np.cumsum(new) - 1]
+    first = np.empty(n, dtype=np.int64)
+    first[order] = first_in_run
+    return first
 
 
 def _hash_rows(texts, lo: int, hi: int, a: np.ndarray, b: np.ndarray):
-    """Rows lo..hi: (their shingle hashes flat, the count of each row, a MinHash signature per row
-    (zeros for a row without shingles))."""
+    """Rows lo..hi: (their shingle hashes flat, the count of each row, a 16-byte digest of each
+    row's shingle set as two words, each row's LSH band keys); zeros for a row without shingles."""
     flat, counts = [], np.zeros(hi - lo, dtype=np.int64)
+    digests = np.zeros((hi - lo, 2), dtype=np.uint64)
     signatures = np.zeros((hi - lo, _PERMUTATIONS), dtype=np.uint64)
     for offset in range(hi - lo):
         hashes = _shingle_hashes(texts[lo + offset])
         if len(hashes):
             counts[offset] = len(hashes)
             flat.append(hashes)
+            digests[offset] = np.frombuffer(hashlib.blake2b(hashes.tobytes(), digest_size=16).digest(), dtype=np.uint64)
             # (a*h + b) mod p with wraparound: a universal-hash family is all MinHash needs here
             signatures[offset] = ((hashes[:, None] * a[None, :] + b[None, :]) % _MERSENNE).min(axis=0)
-    return (np.concatenate(flat) if flat else np.zeros(0, dtype=np.uint64)), counts, signatures
+    return (np.concatenate(flat) if flat else np.zeros(0, dtype=np.uint64)), counts, digests, _band_keys(signatures)
 
 
 def iter_near_duplicates(texts, threshold: float, seed: int = 0, component=None,
                          max_comparisons_per_bucket: int = MAX_COMPARISONS_PER_BUCKET, stats: dict | None = None,
-                         workers: int = 1):
+                         workers: int = 1, spill_dir=None):
     """Yield near-duplicate index pairs as they are found.
 
     `texts`: a sequence (len and index) of the rows' texts. Without `component`: every LSH
@@ -182,51 +244,61 @@ def iter_near_duplicates(texts, threshold: float, seed: int = 0, component=None,
       not near copies of each other (LSH false positives) would otherwise still cost m^2/2. A capped
       bucket can miss a merge; `stats` counts capped buckets and rows left unchecked. Lazily
       yielded so the caller's merges are visible at once.
+
+    Memory: per row a 16-byte digest, 16 band keys and two offsets; the shingle hashes go to a file
+    in `spill_dir` when one is given (see _Shingles).
     """
     stats = {} if stats is None else stats
-    store, rows = _Shingles(), []
-    # filled in place as ranges come back (a list of blocks concatenated at the end peaked at twice this)
-    signatures = np.zeros((len(texts), _PERMUTATIONS), dtype=np.uint64)
-    first_of: dict[bytes, int] = {}
-    exact: list[tuple[int, int]] = []
+    store = _Shingles(spill_dir)
+    try:
+        yield from _search(texts, threshold, seed, component, max_comparisons_per_bucket, stats, workers, store)
+    finally:
+        store.close()
+
+
+def _search(texts, threshold, seed, component, max_comparisons_per_bucket, stats, workers, store):
     rng = np.random.default_rng(seed)
     a = rng.integers(1, int(_MERSENNE), size=_PERMUTATIONS, dtype=np.uint64)
     b = rng.integers(0, int(_MERSENNE), size=_PERMUTATIONS, dtype=np.uint64)
     from sftc.compiler.workers import map_ranges
 
-    # shingling and MinHash are per row (most of the pass's time): in worker processes over
-    # contiguous ranges, taken back in row order, so what follows is the same for any worker count
-    for lo, flat, counts, range_signatures in map_ranges(lambda k, lo, hi: (lo, *_hash_rows(texts, lo, hi, a, b)),
-                                                         len(texts), workers):
-        ends, kept = np.cumsum(counts), []
-        for offset, count in enumerate(counts.tolist()):
-            if not count:
-                continue
-            index = lo + offset
-            hashes = flat[ends[offset] - count : ends[offset]]
-            if component is not None:
-                key = hashlib.blake2b(hashes.tobytes(), digest_size=16).digest()
-                if key in first_of:
-                    exact.append((first_of[key], index))
-                    continue
-                first_of[key] = index
-            kept.append(offset)
-            store.append(hashes)
-            rows.append(index)
-        signatures[len(rows) - len(kept) : len(rows)] = range_signatures[kept]
-    del first_of
-    store.freeze()
-    stats.update(rows=len(texts), exact_duplicates=len(exact), lsh_rows=len(rows), candidate_buckets=0,
+    # the rows with shingles, in row order: their index, digest and band keys (filled block by block)
+    indices, digests, keys = array("q"), array("Q"), array("Q")
+    # shingling, MinHash and the digests are per row (most of the pass's time): in worker processes
+    # over contiguous ranges, taken back in row order, so what follows is the same for any worker count
+    for lo, flat, counts, range_digests, range_keys in map_ranges(
+            lambda k, lo, hi: (lo, *_hash_rows(texts, lo, hi, a, b)), len(texts), workers):
+        present = np.flatnonzero(counts)
+        store.extend(flat, counts[present])  # `flat` holds exactly the present rows' hashes, in order
+        indices.extend((present + lo).tolist())
+        digests.frombytes(np.ascontiguousarray(range_digests[present]).tobytes())
+        keys.frombytes(np.ascontiguousarray(range_keys[present]).tobytes())
+    indices = np.frombuffer(indices, dtype=np.int64)
+    keys = np.frombuffer(keys, dtype=np.uint64).reshape(-1, _BANDS)
+    if component is not None:
+        # identical shingle sets: every row after the first of its set is merged with that first row
+        first = _first_occurrences(np.frombuffer(digests, dtype=np.uint64).reshape(-1, 2))
+        positions = np.arange(len(first))
+        kept = np.flatnonzero(first == positions)
+        copies = np.flatnonzero(first != positions)
+        exact_left, exact_right = indices[first[copies]], indices[copies]
+    else:
+        kept = np.arange(len(indices))
+        exact_left = exact_right = np.zeros(0, dtype=np.int64)
+    del digests
+    store.freeze(kept)
+    rows, keys = indices[kept], keys[kept]
+    stats.update(rows=len(texts), exact_duplicates=len(exact_left), lsh_rows=len(rows), candidate_buckets=0,
                  largest_bucket=0, comparisons=0, capped_buckets=0, rows_unchecked_by_cap=0,
                  max_comparisons_per_bucket=max_comparisons_per_bucket if component is not None else None)
-    for left, right in exact:
+    for left, right in zip(exact_left.tolist(), exact_right.tolist()):
         if component(left) != component(right):
             yield left, right
-    if not rows:
+    if not len(rows):
         return
-    signatures = signatures[: len(rows)]
+    rows = rows.tolist()
     found = set()
-    for members in _lsh_buckets(signatures):
+    for members in _lsh_buckets(keys):
         stats["candidate_buckets"] += 1
         stats["largest_bucket"] = max(stats["largest_bucket"], len(members))
         members = members.tolist()
@@ -281,32 +353,89 @@ def normalized_group_key(key: str) -> str:
     return _SPELLING.sub(" ", key.casefold()).strip()
 
 
-def near_identical_keys(keys: list[str], same_cluster) -> tuple[list[list[str]], int]:
+def _key_variants(key: str) -> set[str] | tuple:
+    """A key's normalised spelling and its one-deletion variants (never deleting a digit); none for
+    a key too short to have a typo worth naming or too long to be one."""
+    norm = normalized_group_key(key)
+    if len(norm) < 4 or len(norm) > 256:
+        return ()
+    return {norm} | {norm[:i] + norm[i + 1:] for i, ch in enumerate(norm) if not ch.isdigit()}
+
+
+# (variant hash, key) entries a partition of the near-identical key search holds at once: 32 MB
+VARIANTS_PER_PARTITION = 2_000_000
+
+
+def near_identical_keys(keys: list[str], same_cluster, spill_dir=None,
+                        variant_hash=hash) -> tuple[list[list[str]], int]:
     """Pairs of keys one edit apart (a letter or sign inserted, deleted or replaced; two adjacent
     swapped), not in one cluster already: (up to MAX_NEAR_IDENTICAL_REPORTED pairs, how many in all).
 
     Keys sharing a one-deletion variant are candidates, so the work is linear in the keys' total
     length rather than quadratic in their number. An edit to a digit never counts: `T101` and
-    `T102` are two threads, not a typo.
+    `T102` are two threads, not a typo. A variant shared by more than 64 keys is a naming scheme,
+    not a typo, and is passed over.
+
+    Memory (issue 17): a key has about as many variants as letters, and a dict of every variant
+    string held ~3 KB per key (10 GB at 3M uuid-like keys). Each variant is kept as 16 bytes instead,
+    a hash and the key's index, sorted so that equal hashes are adjacent; with `spill_dir` they are
+    first spread over files by hash, a partition of VARIANTS_PER_PARTITION sorted at a time. Keys of
+    one hash are then regrouped by their variants themselves, so a hash collision cannot make or
+    hide a pair: the result is the same whatever `variant_hash` is (tests/compiler/test_group_keys.py
+    passes one that collides everywhere) and the process's string-hash seed does not change it.
     """
-    buckets: dict[str, list[str]] = {}
-    for key in keys:
-        norm = normalized_group_key(key)
-        if len(norm) < 4 or len(norm) > 256:
-            continue
-        variants = {norm} | {norm[:i] + norm[i + 1:] for i, ch in enumerate(norm) if not ch.isdigit()}
-        for variant in variants:
-            buckets.setdefault(variant, []).append(key)
-    pairs = set()
-    for members in buckets.values():
-        if len(members) < 2 or len(members) > 64:  # a variant shared by dozens of keys is a naming scheme
-            continue
-        for i, left in enumerate(members):
-            for right in members[i + 1:]:
-                if left != right and not same_cluster(left, right):
-                    pairs.add(tuple(sorted((left, right))))
+    bound = sum(len(key) + 1 for key in keys)  # about the number of variants, without making them
+    parts = max(1, -(-bound // VARIANTS_PER_PARTITION)) if spill_dir is not None else 1
+    files = [tempfile.TemporaryFile(dir=spill_dir) for _ in range(parts)] if parts > 1 else []
+    buffers = [array("q") for _ in range(parts)]
+    try:
+        for index, key in enumerate(keys):
+            for variant in _key_variants(key):
+                h = variant_hash(variant)
+                buffer = buffers[h % parts]
+                buffer.append(h)
+                buffer.append(index)
+                if files and len(buffer) >= 1 << 16:
+                    files[h % parts].write(buffer.tobytes())
+                    del buffer[:]
+        pairs = set()
+        for part in range(parts):
+            if files:
+                files[part].write(buffers[part].tobytes())
+                buffers[part] = None
+                files[part].seek(0)
+                entries = np.frombuffer(files[part].read(), dtype=np.int64).reshape(-1, 2)
+            else:
+                entries = np.frombuffer(buffers[part], dtype=np.int64).reshape(-1, 2)
+            _pairs_in(entries, keys, same_cluster, variant_hash, pairs)
+            del entries
+    finally:
+        for handle in files:
+            handle.close()
     ordered = sorted(pairs)
     return [list(p) for p in ordered[:MAX_NEAR_IDENTICAL_REPORTED]], len(ordered)
+
+
+def _pairs_in(entries: np.ndarray, keys, same_cluster, variant_hash, pairs: set) -> None:
+    """Add to `pairs` the near-identical pairs among (hash, key index) `entries`."""
+    order = np.argsort(entries[:, 0], kind="stable")  # keys of one hash stay in key order
+    hashes = entries[order, 0]
+    starts = np.flatnonzero(np.r_[True, hashes[1:] != hashes[:-1], True])
+    sizes = np.diff(starts)
+    for lo, size in zip(starts[:-1][sizes > 1].tolist(), sizes[sizes > 1].tolist()):
+        h = int(hashes[lo])
+        by_variant: dict[str, list[str]] = {}
+        for index in dict.fromkeys(entries[order[lo : lo + size], 1].tolist()):
+            for variant in _key_variants(keys[index]):
+                if variant_hash(variant) == h:
+                    by_variant.setdefault(variant, []).append(keys[index])
+        for members in by_variant.values():
+            if len(members) < 2 or len(members) > 64:  # a variant shared by dozens of keys is a naming scheme
+                continue
+            for i, left in enumerate(members):
+                for right in members[i + 1:]:
+                    if left != right and not same_cluster(left, right):
+                        pairs.add(tuple(sorted((left, right))))
 
 
 def side_of(group: str, seed: int, eval_fraction: float) -> str:
@@ -324,30 +453,36 @@ class SplitResult:
     near_duplicate_search: dict = field(default_factory=dict)
 
 
-def split_examples(examples: list[Example], split_spec, workers: int = 1) -> SplitResult:
+def split_examples(examples: list[Example], split_spec, workers: int = 1, work=None) -> SplitResult:
+    """`work`: a directory for the near-duplicate search's shingle hashes (the compile's work
+    directory); without one they are held in memory."""
     groups = sorted({e.group for e in examples})
     union = _UnionFind(groups)
     normalize = getattr(split_spec, "normalize_group_keys", True)
-    spellings: dict[str, list[str]] = {}
+    merged_spellings = []
     if normalize:
-        for group in groups:
-            spellings.setdefault(normalized_group_key(group), []).append(group)
-        for members in spellings.values():
+        # keys of one spelling side by side (a sort, not a dict of every key: issue 17's memory)
+        for _, members in itertools.groupby(sorted(groups, key=normalized_group_key), key=normalized_group_key):
+            members = list(members)
             for other in members[1:]:
                 union.union(members[0], other)
-    merged_spellings = sorted(members for members in spellings.values() if len(members) > 1)
+            if len(members) > 1:
+                merged_spellings.append(members)
+    merged_spellings.sort()
     search: dict = {}
     if split_spec.near_duplicates is not None:
         def component(i: int) -> str:
             return union.find(examples[i].group)
 
         for left, right in iter_near_duplicates(_PromptTexts(examples), split_spec.near_duplicates, split_spec.seed,
-                                                component=component, stats=search, workers=workers):
+                                                component=component, stats=search, workers=workers,
+                                                spill_dir=work):
             union.union(examples[left].group, examples[right].group)
     clusters: dict[str, list[str]] = {}
     for group in groups:
         clusters.setdefault(union.find(group), []).append(group)
-    near_identical, near_identical_count = near_identical_keys(groups, lambda a, b: union.find(a) == union.find(b))
+    near_identical, near_identical_count = near_identical_keys(groups, lambda a, b: union.find(a) == union.find(b),
+                                                                 spill_dir=work)
 
     if split_spec.eval_groups is not None:
         wanted = set(split_spec.eval_groups)

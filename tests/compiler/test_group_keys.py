@@ -4,10 +4,13 @@ rows next to their own role in train."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from sftc.compiler.data import Example
 from sftc.compiler.spec import SplitSpec
+import sftc.compiler.split as split_module
 from sftc.compiler.split import near_identical_keys, normalized_group_key, split_examples
 
 from .conftest import external_path
@@ -71,3 +74,60 @@ def test_near_identical_search_finds_one_edit_and_ignores_digits():
     assert ["Finance Lead", "Fniance Lead"] in pairs
     assert not any("Team 1" in p for p in pairs)
     assert count == len(pairs)
+
+
+def _near_identical_reference(keys, same_cluster):
+    """The search as first written: a dict of every variant string (~3 KB a key, issue 17)."""
+    buckets = {}
+    for key in keys:
+        norm = normalized_group_key(key)
+        if len(norm) < 4 or len(norm) > 256:
+            continue
+        for variant in {norm} | {norm[:i] + norm[i + 1:] for i, ch in enumerate(norm) if not ch.isdigit()}:
+            buckets.setdefault(variant, []).append(key)
+    pairs = set()
+    for members in buckets.values():
+        if 2 <= len(members) <= 64:
+            for i, left in enumerate(members):
+                for right in members[i + 1:]:
+                    if left != right and not same_cluster(left, right):
+                        pairs.add(tuple(sorted((left, right))))
+    ordered = sorted(pairs)
+    return [list(p) for p in ordered[:split_module.MAX_NEAR_IDENTICAL_REPORTED]], len(ordered)
+
+
+def _typo_keys(rng: random.Random, n: int) -> list[str]:
+    """Keys with typos of each other, spelling variants, digits, a naming scheme shared by more than
+    64 keys (`role a1` ... differ only by a deleted letter) and keys too short to count."""
+    words = ["finance", "lead", "risk", "manager", "auditor", "ops", "cloud", "dba", "hr", "team"]
+    keys = set()
+    while len(keys) < n:
+        key = " ".join(rng.choice(words) for _ in range(rng.randint(1, 3))) + rng.choice(["", "", " 1", "_2", "-x"])
+        if rng.random() < 0.4:  # one edit
+            i = rng.randrange(len(key))
+            key = rng.choice([key[:i] + key[i + 1:], key[:i] + rng.choice("aeiou") + key[i:],
+                              key[:i] + rng.choice("xyz") + key[i + 1:], key[:i] + key[i + 1:i + 2] + key[i:i + 1] + key[i + 2:]])
+        keys.add(key)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    # 78 keys one insertion away from `scheme`: a variant shared by more than 64 keys is passed over
+    keys |= {f"scheme{c}" for c in letters} | {f"{c}scheme" for c in letters} | {f"sch{c}eme" for c in letters}
+    return sorted(keys)
+
+
+@pytest.mark.parametrize("variant_hash", [hash, lambda v: len(v) % 3], ids=["str-hash", "colliding-hash"])
+@pytest.mark.parametrize("spilled", [False, True])
+def test_near_identical_search_in_bounded_memory_equals_the_dict_of_every_variant(tmp_path, monkeypatch,
+                                                                                  variant_hash, spilled):
+    # partitions of a few hundred entries, so the spilled search really spreads over several files
+    monkeypatch.setattr(split_module, "VARIANTS_PER_PARTITION", 300)
+    monkeypatch.setattr(split_module, "MAX_NEAR_IDENTICAL_REPORTED", 10**6)  # compare every pair
+    rng = random.Random(7)
+    keys = _typo_keys(rng, 600)
+    same = lambda a, b: (len(a) + len(b)) % 5 == 0  # some pairs already in one cluster
+    got = near_identical_keys(keys, same, spill_dir=tmp_path if spilled else None, variant_hash=variant_hash)
+    expected = _near_identical_reference(keys, same)
+    assert got == expected
+    assert expected[1] > 50  # the keys do have typos of each other to find
+    pairs = {tuple(p) for p in _near_identical_reference(keys, lambda a, b: False)[0]}
+    assert ("schemea", "schemeb") not in pairs and ("schemea", "schemeb") not in {tuple(p) for p in got[0]}
+    assert not list(tmp_path.iterdir())  # the partitions' files are gone
