@@ -35,7 +35,10 @@ Parallelism: `--workers 2,1` (the default) compiles each size with 2 worker proc
 are identical file by file (`identical_across_workers`: the lock's sha256 of every file and the
 bundle id). CPU time adds the workers' (RUSAGE_CHILDREN); `worker_peak_rss_mb` is the largest
 worker's peak, and `peak_rss_upper_mb` the parent's peak plus that times the worker count: an upper
-bound, since forked workers share the parent's pages until written.
+bound, since forked workers share the parent's pages until written. `--workers 2,1,ray` also compiles
+with `ray`: the per-row passes as tasks on a Ray instance the compile starts on this machine (or the
+cluster at $RAY_ADDRESS), its start counted in the wall time; `ray_wall_ratio` is its wall time over
+the first run's and `identical_on_ray` compares its bundle with the first run's.
 
 --snapshot [REV] measures a commit (default HEAD; git archive, imported from the benchmark cache)
 instead of the working tree: other engineers' uncommitted edits cannot leak into the numbers.
@@ -203,7 +206,7 @@ def make_project(variant: str, rows: int) -> tuple[Path, dict]:
 
 
 CHILD = r"""
-import json, resource, sys, time
+import json, os, resource, sys, time
 t0 = time.perf_counter()
 from sftc.compiler import split as split_module
 seen = {}
@@ -218,11 +221,19 @@ def timed(examples, spec, *rest):
 split_module.split_examples = timed  # compile_spec imports it at call time
 from sftc.compiler import compile_spec
 import inspect
-workers = int(sys.argv[3]) if len(sys.argv) > 3 else None
-if "workers" in inspect.signature(compile_spec).parameters:
+workers = sys.argv[3] if len(sys.argv) > 3 else None
+if workers == "ray":  # a Ray instance on this machine ($RAY_ADDRESS: a running cluster), its start timed in
+    from sftc.compiler.workers import RayCluster
+    started = time.perf_counter()
+    executor = RayCluster(os.environ.get("RAY_ADDRESS"))
+    seen["ray_start_s"], seen["ray_cpus"] = time.perf_counter() - started, executor.workers
+    bundle, lock, reused = compile_spec(sys.argv[1], bundles_dir=sys.argv[2], force=True, workers=executor)
+    executor.close()
+elif "workers" in inspect.signature(compile_spec).parameters:
+    workers = int(workers) if workers else None
     bundle, lock, reused = compile_spec(sys.argv[1], bundles_dir=sys.argv[2], force=True, workers=workers)
 else:  # a commit before compile_spec took workers (--snapshot): one process
-    assert workers in (None, 1), "this commit compiles in one process only: --workers 1"
+    assert workers in (None, "1"), "this commit compiles in one process only: --workers 1"
     bundle, lock, reused = compile_spec(sys.argv[1], bundles_dir=sys.argv[2], force=True)
 def field(record, *path):  # a Lock (format 2) or the lock dict of older commits (--snapshot)
     for key in path:
@@ -241,7 +252,7 @@ print(json.dumps({"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime + chi
 
 
 SPLIT_CHILD = r"""
-import json, resource, sys, time
+import json, os, resource, sys, time
 from sftc.compiler.data import Example
 from sftc.compiler.spec import SplitSpec
 from sftc.compiler.split import split_examples
@@ -389,20 +400,32 @@ def measure_size(variant: str, rows: int, measured: dict[int, dict], args, pytho
             run["rss_kb_per_row"] = round(1024 * run["peak_rss_mb"] / rows, 2)
             run["cores_used"] = round(run["cpu_s"] / run["wall_s"], 2)
             run["split_share"] = round(run["split_s"] / run["wall_s"], 3)
-            if run.get("workers"):
-                run["peak_rss_upper_mb"] = round(run["peak_rss_mb"] + run["workers"] * run.get("worker_peak_rss_mb", 0) *
-                                                 (run["workers"] > 1), 1)
+            if str(run.get("workers")).isdigit():  # processes forked here (not Ray's, which RUSAGE does not see)
+                count = int(run["workers"])
+                run["peak_rss_upper_mb"] = round(run["peak_rss_mb"] + count * run.get("worker_peak_rss_mb", 0) * (count > 1), 1)
         runs.append(run)
         if run["status"] != "measured":
             break  # a smaller worker count would only take longer
     result = runs[0]
-    if len(runs) > 1:
-        single = runs[-1]
-        result["single_process"] = {k: v for k, v in single.items() if k not in ("search", "files", "rejected")}
+
+    def beside(run):
+        return {k: v for k, v in run.items() if k not in ("search", "files", "rejected")}
+
+    def same_bundle(run):
+        return run["files"] == result["files"] and run["bundle_id"] == result["bundle_id"]
+
+    single = next((r for r in runs[1:] if str(r.get("workers")) == "1"), None)
+    if single is not None:
+        result["single_process"] = beside(single)
         if single["status"] == "measured" and result["status"] == "measured":
             result["parallel_speedup"] = round(single["wall_s"] / result["wall_s"], 3)
-            result["identical_across_workers"] = (single["files"] == result["files"]
-                                                  and single["bundle_id"] == result["bundle_id"])
+            result["identical_across_workers"] = same_bundle(single)
+    on_ray = next((r for r in runs[1:] if r.get("workers") == "ray"), None)
+    if on_ray is not None:
+        result["ray"] = beside(on_ray)
+        if on_ray["status"] == "measured" and result["status"] == "measured":
+            result["ray_wall_ratio"] = round(on_ray["wall_s"] / result["wall_s"], 3)  # Ray / the first run
+            result["identical_on_ray"] = same_bundle(on_ray)
     result.update(input=shape, data_generation_s=round(generated, 1))
     if not args.keep_data:
         shutil.rmtree(project, ignore_errors=True)
@@ -474,7 +497,10 @@ def main() -> dict:
             print(table(json.loads(Path(path).read_text())))
         return {}
     args.max_rss_gb = args.max_rss_gb or 0.8 * common.machine().get("mem_total_gb", 8)
-    args.workers = [int(w) for w in args.workers.split(",") if w]
+    args.workers = [w.strip() for w in args.workers.split(",") if w.strip()]
+    bad = [w for w in args.workers if not (w == "ray" or w.isdigit() and int(w) > 0)]
+    if bad:
+        parser.error(f"--workers: {bad}: a list of process counts and `ray` (a Ray instance on this machine)")
     sizes = sorted(int(s) for s in args.sizes.split(","))
     out = args.out or ("scaling_split" if args.split_only else "scaling")
     pythonpath, code = snapshot(args.snapshot, args.overlay) if args.snapshot else (None, common.code_state())
@@ -489,8 +515,10 @@ def main() -> dict:
         "tokenizer": "qwen2.5-instruct ($SFTC_EXTERNAL)", "max_length": 1024, "seq_length": 1024,
         "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "unset (library default)"),
         "parallel": "each size compiled with each of args.workers (compile_spec workers=N); the record is the first, "
-                    "single_process the last, parallel_speedup = wall(last) / wall(first), identical_across_workers "
-                    "compares the locks' file hashes and bundle ids",
+                    "single_process the 1-worker run, parallel_speedup = wall(1 worker) / wall(first), "
+                    "identical_across_workers compares the locks' file hashes and bundle ids; `ray` runs the per-row "
+                    "passes as Ray tasks (compiler/workers.RayCluster) on a Ray instance this machine starts (its "
+                    "start is in wall_s, and in ray_start_s), ray_wall_ratio = wall(ray) / wall(first), identical_on_ray",
         "variants": {},
     }
     measured: dict[str, dict[int, dict]] = {v: {} for v in args.variants.split(",")}

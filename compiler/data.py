@@ -58,6 +58,11 @@ class Example:
         if self._store is None:
             self._content, self._store = store.put(self._content), store
 
+    def detached(self) -> "Example":
+        """A copy that holds its content (sent to another machine: a Ray task, compiler/workers.py)."""
+        fields, messages, text = self.content
+        return Example(self.file, self.row, self.group, fields, messages, text, self.source, self.at, self.unit)
+
     @property
     def content(self) -> tuple:
         return self._content if self._store is None else self._store.get(self._content)

@@ -13,6 +13,7 @@ about linear instead of comparing every pair, which at 38k rows would be 700M co
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import os
@@ -223,6 +224,11 @@ def _hash_rows(texts, lo: int, hi: int, a: np.ndarray, b: np.ndarray):
     return (np.concatenate(flat) if flat else np.zeros(0, dtype=np.uint64)), counts, digests, _band_keys(signatures)
 
 
+def _hash_range(k: int, inputs, a: np.ndarray, b: np.ndarray):
+    lo, texts = inputs
+    return (lo, *_hash_rows(texts, 0, len(texts), a, b))
+
+
 def iter_near_duplicates(texts, threshold: float, seed: int = 0, component=None,
                          max_comparisons_per_bucket: int = MAX_COMPARISONS_PER_BUCKET, stats: dict | None = None,
                          workers: int = 1, spill_dir=None):
@@ -266,8 +272,10 @@ def _search(texts, threshold, seed, component, max_comparisons_per_bucket, stats
     indices, digests, keys = array("q"), array("Q"), array("Q")
     # shingling, MinHash and the digests are per row (most of the pass's time): in worker processes
     # over contiguous ranges, taken back in row order, so what follows is the same for any worker count
+    # on a Ray cluster: the range's texts are read here and hashed there (workers.RayCluster)
+    remote = (lambda lo, hi: (lo, [texts[i] for i in range(lo, hi)]), functools.partial(_hash_range, a=a, b=b))
     for lo, flat, counts, range_digests, range_keys in map_ranges(
-            lambda k, lo, hi: (lo, *_hash_rows(texts, lo, hi, a, b)), len(texts), workers):
+            lambda k, lo, hi: (lo, *_hash_rows(texts, lo, hi, a, b)), len(texts), workers, remote):
         present = np.flatnonzero(counts)
         store.extend(flat, counts[present])  # `flat` holds exactly the present rows' hashes, in order
         indices.extend((present + lo).tolist())

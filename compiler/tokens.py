@@ -86,6 +86,25 @@ def tokenize_chat(examples: list[Example], template, tokenizer, max_length: int,
     return _tokenize(examples, store, serial, workers)
 
 
+class _Collected:
+    """A Ray task's token arrays, held to be sent back: a Ray worker shares no disk with the compile."""
+
+    def __init__(self):
+        self.ids: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+
+    def append(self, ids: np.ndarray, labels: np.ndarray) -> None:
+        self.ids.append(np.asarray(ids, dtype=np.int32))
+        self.labels.append(np.asarray(labels, dtype=np.int32))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """(every example's ids end to end, the same for labels, where each example ends)."""
+        empty = np.zeros(0, dtype=np.int32)
+        ends = np.cumsum([len(ids) for ids in self.ids]).tolist()
+        return (np.concatenate(self.ids) if self.ids else empty,
+                np.concatenate(self.labels) if self.labels else empty, ends)
+
+
 def _tokenize(examples: list[Example], store: TokenStore, serial, workers: int) -> Tokenized:
     """`serial(rows, out)` over the examples: in this process, or over contiguous ranges in worker
     processes (compiler/workers.py), each range's examples appended to `store` in order."""
@@ -108,10 +127,26 @@ def _tokenize(examples: list[Example], store: TokenStore, serial, workers: int) 
         return (part.tokens.state(), [index[id(e)] for e in part.examples], part.rejects, part.truncated_rejected,
                 part.prompt_ids)
 
-    for result in map_ranges(task, len(examples), workers):
+    def gather(lo: int, hi: int):  # on Ray: the rows go with their content, not where it is on this disk
+        return lo, [example.detached() for example in examples[lo:hi]]
+
+    def work(k: int, inputs):  # on a Ray worker, from the gathered rows alone; the tokens come back
+        lo, rows = inputs
+        part = Tokenized(_Collected())
+        serial(rows, part)
+        index = {id(example): i for i, example in enumerate(rows, lo)}
+        return (part.tokens.arrays(), [index[id(e)] for e in part.examples], part.rejects, part.truncated_rejected,
+                part.prompt_ids)
+
+    for result in map_ranges(task, len(examples), workers, (gather, work)):
         if result is not None:
             state, kept, rejects, truncated, prompt_ids = result
-            store.extend(state)
+            if isinstance(state, tuple):  # a Ray task's arrays (_Collected.arrays)
+                ids, labels, ends = state
+                for start, end in zip([0, *ends[:-1]], ends):
+                    store.append(ids[start:end], labels[start:end])
+            else:  # a forked worker's part files (TokenStore.part)
+                store.extend(state)
             out.examples.extend(examples[i] for i in kept)
             out.rejects.extend(rejects)
             out.truncated_rejected += truncated

@@ -1,5 +1,9 @@
 """Worker processes for a compile's per-row passes, with results in input order (issue 17).
 
+Two executors run the same ranges: forked processes on this machine (the default: plain `pip
+install`, no cluster), or tasks on a Ray cluster (`RayCluster`, `sftc compile --executor ray`) for a
+compile that outgrows one machine.
+
 Rendering a chat template and turning offsets into label masks is Python, held to one core by the
 GIL; the Rust tokenizer's own threads cover only its share. So the rows are cut into contiguous
 ranges and each range runs the serial code in a forked process; the parent takes the results back
@@ -46,12 +50,22 @@ def _run(k: int, lo: int, hi: int):
     return _TASK(k, lo, hi)
 
 
-def map_ranges(task: Callable[[int, int, int], Any], rows: int, workers: int) -> Iterator:
+def map_ranges(task: Callable[[int, int, int], Any], rows: int, workers: "int | RayCluster",
+               remote: "tuple[Callable[[int, int], Any], Callable[[int, Any], Any]] | None" = None) -> Iterator:
     """Yield task(k, lo, hi) for each contiguous range k of range(rows), in order; in worker
     processes when `workers` > 1 and there are enough rows, else one after another in this process.
     Each result is yielded as soon as it and those before it are done, and dropped here: the
-    caller folds it in while the workers go on, so the ranges' results are never all held."""
+    caller folds it in while the workers go on, so the ranges' results are never all held.
+
+    `workers` may be a RayCluster: `remote` = (gather, work) then says the same task in two halves,
+    gather(lo, hi) -> the range's inputs, read here, and work(k, inputs) -> task(k, lo, hi)'s
+    result, computed on the cluster from those inputs alone (a Ray worker shares no memory and
+    no disk with this process)."""
     global _TASK
+    if isinstance(workers, RayCluster):
+        assert remote is not None, "a pass run on Ray says how to gather its inputs"
+        yield from workers.map(*remote, rows)
+        return
     workers = min(int(workers), rows // MIN_ROWS_PER_WORKER)
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         # in this process too a range at a time, so one process holds no more than the parent of
@@ -92,3 +106,82 @@ def map_ranges(task: Callable[[int, int, int], Any], rows: int, workers: int) ->
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = saved
+
+
+# rows in one Ray task: its inputs (the rows' text) and results travel through the object store
+ROWS_PER_REMOTE_RANGE = 10_000
+
+
+def _run_remote(work, k: int, inputs):
+    # a task holds one CPU of its node: the tokenizer's own thread pool would take them all, and each
+    # of the node's tasks with it (the tokens do not depend on the threads)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    return work(k, inputs)
+
+
+class RayCluster:
+    """The per-row passes as tasks on a Ray cluster, for a compile past one machine (issue 17).
+
+    `address`: a running cluster's (`ray start --head` on one node, `ray start --address=HEAD:6379` on
+    the others; or RAY_ADDRESS), or None for a Ray instance on this machine alone. Every node needs
+    sftc and Ray installed (`pip install 'sftc[ray]'`), as for any Ray job. What runs on the cluster
+    is what forked workers run here: shingling/MinHash and tokenization, range by range, from
+    inputs this process reads and sends (no shared disk is assumed). Ranges are cut by row count
+    and results taken back in row order, so the bundle's bytes are the ones any local compile gives
+    (tests/compiler/test_workers.py compares them on a local two-node cluster)."""
+
+    def __init__(self, address: str | None = None):
+        try:
+            import ray
+        except ImportError:
+            raise SftcError("--executor ray needs Ray, which is not installed here: pip install 'sftc[ray]' "
+                            "(or run the compile with the default executor, --executor local)") from None
+        import logging
+
+        self._ray = ray
+        if not ray.is_initialized():
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)
+            except ConnectionError as exc:
+                raise SftcError(f"--executor ray: no Ray cluster at {address!r}: {exc}. Start one with `ray start "
+                                "--head` (then `ray start --address=<head>:6379` on each other node), or leave "
+                                "--ray-address out to run Ray on this machine alone") from None
+        self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+    def close(self) -> None:
+        """Disconnect (and stop the Ray instance this process started, if it started one)."""
+        self._ray.shutdown()
+
+    def map(self, gather, work, rows: int) -> Iterator:
+        ray = self._ray
+        if not rows:
+            yield work(0, gather(0, 0))
+            return
+        parts = max(self.workers * RANGES_PER_WORKER, -(-rows // ROWS_PER_REMOTE_RANGE))
+        parts = min(parts, rows)
+        bounds = [rows * i // parts for i in range(parts + 1)]
+        run = ray.remote(num_cpus=1, max_retries=0)(_run_remote)
+        work_ref = ray.put(work)  # the tokenizer and template, sent once, not with every range
+        pending: deque = deque()
+        submitted = 0
+        try:
+            while submitted < parts or pending:
+                # a bounded window of ranges in flight: their inputs and results are what this
+                # process holds, not every range's
+                while submitted < parts and len(pending) < 2 * self.workers:
+                    lo, hi = bounds[submitted], bounds[submitted + 1]
+                    pending.append(run.remote(work_ref, submitted, gather(lo, hi)))
+                    submitted += 1
+                try:
+                    yield ray.get(pending.popleft())
+                except ray.exceptions.RayTaskError as exc:
+                    cause = getattr(exc, "cause", None)
+                    if isinstance(cause, SftcError):
+                        raise cause from None  # a row's DataError, as the serial pass words it
+                    raise SftcError(f"a compile task failed on the Ray cluster: {cause or exc}") from None
+                except ray.exceptions.RayError as exc:
+                    raise SftcError(f"a compile task was lost on the Ray cluster ({type(exc).__name__}: a worker "
+                                    f"died or ran out of memory); compile again, or with --executor local: {exc}") from None
+        finally:
+            for ref in pending:
+                ray.cancel(ref)

@@ -18,8 +18,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${PIP[@]}" "torch==2.13.0" || "${PIP[@]}" "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-if ! .venv/bin/python -c "import sftc, trl, peft, dvc" 2>/dev/null || [ pyproject.toml -nt .venv/.sftc-installed ]; then
-  "${PIP[@]}" -c constraints.txt -e ".[qlora,dvc,test,tracking]"
+if ! .venv/bin/python -c "import sftc, trl, peft, dvc, ray" 2>/dev/null || [ pyproject.toml -nt .venv/.sftc-installed ]; then
+  "${PIP[@]}" -c constraints.txt -e ".[qlora,dvc,test,tracking,ray]"
   touch .venv/.sftc-installed
 fi
 .venv/bin/python -c "import torch, transformers, trl; print(f'sftc env ready: torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}')"

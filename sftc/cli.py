@@ -96,12 +96,33 @@ def main() -> None:
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Processes for the per-row passes (near-duplicate hashing, tokenization); default: the usable "
                    "cores. The bundle is byte for byte the same for any number.")
-def compile_cmd(spec: str, bundles_dir: str | None, force: bool, quiet: bool, workers: int | None) -> None:
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where the per-row passes run: processes on this machine, or tasks on a Ray cluster "
+                   "(pip install 'sftc[ray]'). The bundle is byte for byte the same on either.")
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="With --executor ray: the cluster's address (HEAD:6379, or auto; default $RAY_ADDRESS), "
+                   "else Ray on this machine alone.")
+def compile_cmd(spec: str, bundles_dir: str | None, force: bool, quiet: bool, workers: int | None, executor: str,
+                ray_address: str | None) -> None:
     """Compile SPEC into bundles/<name>-<hash12>/."""
     from sftc.compiler import compile_spec
     from sftc.compiler.report import summary_lines
 
-    bundle, lock, reused = compile_spec(spec, bundles_dir=bundles_dir, force=force, progress=not quiet, workers=workers)
+    cluster = None
+    if executor == "ray":
+        if workers is not None:
+            raise click.UsageError("--workers counts local processes; on Ray the cluster's CPUs run the tasks")
+        from sftc.compiler.workers import RayCluster
+
+        cluster = RayCluster(ray_address or os.environ.get("RAY_ADDRESS"))
+    elif ray_address is not None:
+        raise click.UsageError("--ray-address is for --executor ray")
+    try:
+        bundle, lock, reused = compile_spec(spec, bundles_dir=bundles_dir, force=force, progress=not quiet,
+                                            workers=cluster or workers)
+    finally:
+        if cluster is not None:
+            cluster.close()
     if quiet:
         click.echo(str(bundle))
         return
