@@ -361,13 +361,26 @@ def normalized_group_key(key: str) -> str:
     return _SPELLING.sub(" ", key.casefold()).strip()
 
 
-def _key_variants(key: str) -> set[str] | tuple:
-    """A key's normalised spelling and its one-deletion variants (never deleting a digit); none for
-    a key too short to have a typo worth naming or too long to be one."""
+_WHOLE = 511  # the position recorded for a key's whole normalised spelling (deletions: 0..255)
+
+
+def _key_variants(key: str) -> dict[str, int]:
+    """A key's normalised spelling and its one-deletion variants (never deleting a digit), each with
+    the position deleted (_WHOLE: none); none for a key too short to have a typo worth naming or
+    too long to be one."""
     norm = normalized_group_key(key)
     if len(norm) < 4 or len(norm) > 256:
-        return ()
-    return {norm} | {norm[:i] + norm[i + 1:] for i, ch in enumerate(norm) if not ch.isdigit()}
+        return {}
+    variants = {norm: _WHOLE}
+    for i, ch in enumerate(norm):
+        if not ch.isdigit():
+            variants.setdefault(norm[:i] + norm[i + 1:], i)
+    return variants
+
+
+def _variant(key: str, position: int) -> str:
+    norm = normalized_group_key(key)
+    return norm if position == _WHOLE else norm[:position] + norm[position + 1:]
 
 
 # (variant hash, key) entries a partition of the near-identical key search holds at once: 32 MB
@@ -385,37 +398,42 @@ def near_identical_keys(keys: list[str], same_cluster, spill_dir=None,
     not a typo, and is passed over.
 
     Memory (issue 17): a key has about as many variants as letters, and a dict of every variant
-    string held ~3 KB per key (10 GB at 3M uuid-like keys). Each variant is kept as 16 bytes instead,
-    a hash and the key's index, sorted so that equal hashes are adjacent; with `spill_dir` they are
-    first spread over files by hash, a partition of VARIANTS_PER_PARTITION sorted at a time. Keys of
-    one hash are then regrouped by their variants themselves, so a hash collision cannot make or
-    hide a pair: the result is the same whatever `variant_hash` is (tests/compiler/test_group_keys.py
-    passes one that collides everywhere) and the process's string-hash seed does not change it.
+    string held ~3 KB per key (10 GB at 3M uuid-like keys). Each variant is kept as 16 bytes instead:
+    its hash, and the key's index with the position deleted (so the variant is rebuilt in one
+    step), sorted so that equal hashes are adjacent; with `spill_dir` they are first spread over
+    files by hash, a partition of VARIANTS_PER_PARTITION sorted at a time. Keys of one hash are
+    then regrouped by the variants themselves, so a hash collision cannot make or hide a pair: the
+    result is the same whatever `variant_hash` is (tests/compiler/test_group_keys.py passes one
+    that collides everywhere) and the process's string-hash seed does not change it.
     """
     bound = sum(len(key) + 1 for key in keys)  # about the number of variants, without making them
     parts = max(1, -(-bound // VARIANTS_PER_PARTITION)) if spill_dir is not None else 1
-    files = [tempfile.TemporaryFile(dir=spill_dir) for _ in range(parts)] if parts > 1 else []
+    files: list = []
     buffers = [array("q") for _ in range(parts)]
     try:
+        if parts > 1:
+            for _ in range(parts):
+                files.append(tempfile.TemporaryFile(dir=spill_dir))  # unlinked at once: nothing to leave behind
         for index, key in enumerate(keys):
-            for variant in _key_variants(key):
+            for variant, position in _key_variants(key).items():
                 h = variant_hash(variant)
                 buffer = buffers[h % parts]
                 buffer.append(h)
-                buffer.append(index)
+                buffer.append(index << 9 | position)
                 if files and len(buffer) >= 1 << 16:
                     files[h % parts].write(buffer.tobytes())
                     del buffer[:]
-        pairs = set()
+        pairs: set = set()
         for part in range(parts):
             if files:
                 files[part].write(buffers[part].tobytes())
                 buffers[part] = None
                 files[part].seek(0)
                 entries = np.frombuffer(files[part].read(), dtype=np.int64).reshape(-1, 2)
+                files[part].close()
             else:
                 entries = np.frombuffer(buffers[part], dtype=np.int64).reshape(-1, 2)
-            _pairs_in(entries, keys, same_cluster, variant_hash, pairs)
+            _pairs_in(entries, keys, same_cluster, pairs)
             del entries
     finally:
         for handle in files:
@@ -424,19 +442,17 @@ def near_identical_keys(keys: list[str], same_cluster, spill_dir=None,
     return [list(p) for p in ordered[:MAX_NEAR_IDENTICAL_REPORTED]], len(ordered)
 
 
-def _pairs_in(entries: np.ndarray, keys, same_cluster, variant_hash, pairs: set) -> None:
-    """Add to `pairs` the near-identical pairs among (hash, key index) `entries`."""
-    order = np.argsort(entries[:, 0], kind="stable")  # keys of one hash stay in key order
+def _pairs_in(entries: np.ndarray, keys, same_cluster, pairs: set) -> None:
+    """Add to `pairs` the near-identical pairs among (hash, key index << 9 | position) `entries`."""
+    order = np.argsort(entries[:, 0], kind="stable")
     hashes = entries[order, 0]
     starts = np.flatnonzero(np.r_[True, hashes[1:] != hashes[:-1], True])
     sizes = np.diff(starts)
     for lo, size in zip(starts[:-1][sizes > 1].tolist(), sizes[sizes > 1].tolist()):
-        h = int(hashes[lo])
         by_variant: dict[str, list[str]] = {}
-        for index in dict.fromkeys(entries[order[lo : lo + size], 1].tolist()):
-            for variant in _key_variants(keys[index]):
-                if variant_hash(variant) == h:
-                    by_variant.setdefault(variant, []).append(keys[index])
+        for entry in entries[order[lo : lo + size], 1].tolist():
+            key = keys[entry >> 9]
+            by_variant.setdefault(_variant(key, entry & 511), []).append(key)
         for members in by_variant.values():
             if len(members) < 2 or len(members) > 64:  # a variant shared by dozens of keys is a naming scheme
                 continue

@@ -110,6 +110,10 @@ def map_ranges(task: Callable[[int, int, int], Any], rows: int, workers: "int | 
 
 # rows in one Ray task: its inputs (the rows' text) and results travel through the object store
 ROWS_PER_REMOTE_RANGE = 10_000
+# ranges sent and not yet taken back: what this process and the object store hold at once
+MAX_RANGES_IN_FLIGHT = 64
+# how long a task may wait for a CPU anywhere in the cluster before the compile says why it waits
+REMOTE_WAIT_S = 60.0
 
 
 def _run_remote(work, k: int, inputs):
@@ -128,7 +132,9 @@ class RayCluster:
     is what forked workers run here: shingling/MinHash and tokenization, range by range, from
     inputs this process reads and sends (no shared disk is assumed). Ranges are cut by row count
     and results taken back in row order, so the bundle's bytes are the ones any local compile gives
-    (tests/compiler/test_workers.py compares them on a local two-node cluster)."""
+    (tests/compiler/test_ray_executor.py compares them on a local two-node cluster). Tasks and
+    results travel pickled, as between the local pool's processes: run it on a cluster you trust
+    as you trust this machine."""
 
     def __init__(self, address: str | None = None):
         try:
@@ -139,18 +145,36 @@ class RayCluster:
         import logging
 
         self._ray = ray
-        if not ray.is_initialized():
+        self._connected_here = not ray.is_initialized()
+        if self._connected_here:
             try:
                 ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)
             except ConnectionError as exc:
                 raise SftcError(f"--executor ray: no Ray cluster at {address!r}: {exc}. Start one with `ray start "
                                 "--head` (then `ray start --address=<head>:6379` on each other node), or leave "
                                 "--ray-address out to run Ray on this machine alone") from None
-        self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if cpus < 1:
+            self.close()
+            raise SftcError(f"--executor ray: the Ray cluster at {address or 'this machine'} has {cpus:g} CPUs, and each "
+                            "compile task needs one: add worker nodes (`ray start --address=<head>:6379`) or "
+                            "start the head without --num-cpus=0")
+        self.workers = int(cpus)
 
     def close(self) -> None:
-        """Disconnect (and stop the Ray instance this process started, if it started one)."""
-        self._ray.shutdown()
+        """Disconnect, and stop the Ray instance if this process started it (not one it found running)."""
+        if self._connected_here:
+            self._ray.shutdown()
+            self._connected_here = False
+
+    def _get(self, ref):
+        """ray.get, saying why when no CPU takes the task (a cluster whose nodes left: Ray waits forever)."""
+        ray = self._ray
+        while not ray.wait([ref], timeout=REMOTE_WAIT_S)[0]:
+            if ray.cluster_resources().get("CPU", 0) < 1:
+                raise SftcError("--executor ray: the Ray cluster has no CPU left to run the compile's tasks (its "
+                                "worker nodes left?); compile again once nodes have joined, or with --executor local")
+        return ray.get(ref)
 
     def map(self, gather, work, rows: int) -> Iterator:
         ray = self._ray
@@ -162,26 +186,29 @@ class RayCluster:
         bounds = [rows * i // parts for i in range(parts + 1)]
         run = ray.remote(num_cpus=1, max_retries=0)(_run_remote)
         work_ref = ray.put(work)  # the tokenizer and template, sent once, not with every range
+        window = min(2 * self.workers, MAX_RANGES_IN_FLIGHT)
         pending: deque = deque()
         submitted = 0
         try:
             while submitted < parts or pending:
                 # a bounded window of ranges in flight: their inputs and results are what this
                 # process holds, not every range's
-                while submitted < parts and len(pending) < 2 * self.workers:
+                while submitted < parts and len(pending) < window:
                     lo, hi = bounds[submitted], bounds[submitted + 1]
                     pending.append(run.remote(work_ref, submitted, gather(lo, hi)))
                     submitted += 1
                 try:
-                    yield ray.get(pending.popleft())
+                    result = self._get(pending[0])
                 except ray.exceptions.RayTaskError as exc:
                     cause = getattr(exc, "cause", None)
                     if isinstance(cause, SftcError):
                         raise cause from None  # a row's DataError, as the serial pass words it
-                    raise SftcError(f"a compile task failed on the Ray cluster: {cause or exc}") from None
+                    raise  # a bug: its traceback (the task's, in the message) is what to read
                 except ray.exceptions.RayError as exc:
                     raise SftcError(f"a compile task was lost on the Ray cluster ({type(exc).__name__}: a worker "
                                     f"died or ran out of memory); compile again, or with --executor local: {exc}") from None
+                pending.popleft()
+                yield result
         finally:
             for ref in pending:
                 ray.cancel(ref)

@@ -7,6 +7,7 @@ Heavy libraries are imported inside commands, so `sftc --help` and a warm recomp
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 

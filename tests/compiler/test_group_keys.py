@@ -108,6 +108,8 @@ def _typo_keys(rng: random.Random, n: int) -> list[str]:
             key = rng.choice([key[:i] + key[i + 1:], key[:i] + rng.choice("aeiou") + key[i:],
                               key[:i] + rng.choice("xyz") + key[i + 1:], key[:i] + key[i + 1:i + 2] + key[i:i + 1] + key[i + 2:]])
         keys.add(key)
+        if rng.random() < 0.1:
+            keys.add(key.upper().replace(" ", "_"))  # the same key in another spelling: every variant shared
     letters = "abcdefghijklmnopqrstuvwxyz"
     # 78 keys one insertion away from `scheme`: a variant shared by more than 64 keys is passed over
     keys |= {f"scheme{c}" for c in letters} | {f"{c}scheme" for c in letters} | {f"sch{c}eme" for c in letters}
