@@ -18,6 +18,7 @@ which would first turn every row into an Arrow table and write its results to a 
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 from collections import deque
@@ -33,7 +34,10 @@ MIN_ROWS_PER_WORKER = 2048
 # for the caller stay small
 RANGES_PER_WORKER = 4
 
-ROWS_PER_RANGE_HERE = 50_000  # ranges run in this process (one worker): what one range's result holds
+# the most rows in one range, in this process or a worker: what one range's result holds, and so
+# a worker's memory, whatever the number of rows (issue 17: ranges of rows / 8 grew a worker to
+# 0.8 GB at 1M rows)
+ROWS_PER_RANGE_HERE = 50_000
 
 _TASK: Callable[[int, int, int], Any] | None = None
 
@@ -75,7 +79,7 @@ def map_ranges(task: Callable[[int, int, int], Any], rows: int, workers: "int | 
         if not rows:
             yield task(0, 0, 0)
         return
-    parts = workers * RANGES_PER_WORKER
+    parts = max(workers * RANGES_PER_WORKER, -(-rows // ROWS_PER_RANGE_HERE))
     bounds = [rows * i // parts for i in range(parts + 1)]
     # A tokenizer that has used its thread pool prints a warning in every forked child and runs
     # single-threaded there; saying so up front keeps the warning out of the compile's output. (Its
@@ -86,11 +90,17 @@ def map_ranges(task: Callable[[int, int, int], Any], rows: int, workers: "int | 
     _TASK = task
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            futures = deque(pool.submit(_run, k, lo, hi) for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])))
+            ranges = iter(enumerate(zip(bounds[:-1], bounds[1:])))
+            futures: deque = deque()
             try:
-                # result() re-raises a worker's exception here, the first in row order, as the serial
-                # pass would (an SftcError keeps its message and problems)
-                while futures:
+                # a window of ranges submitted ahead, so finished results do not pile up here while the
+                # caller folds in an earlier one. result() re-raises a worker's exception, the first in
+                # row order, as the serial pass would (an SftcError keeps its message and problems)
+                while True:
+                    for k, (lo, hi) in itertools.islice(ranges, 2 * workers - len(futures)):
+                        futures.append(pool.submit(_run, k, lo, hi))
+                    if not futures:
+                        break
                     yield futures.popleft().result()
             except BrokenProcessPool:
                 raise SftcError(f"a compile worker process died (killed, or out of memory) while {rows} rows were "
