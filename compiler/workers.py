@@ -160,6 +160,12 @@ class RayCluster:
             try:
                 ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)
             except ConnectionError as exc:
+                if "auth" in f"{exc} {exc.__cause__}".lower():
+                    # `ray start --head` (Ray 2.60) turns token authentication on and keeps the token in
+                    # ~/.ray/auth_token; a client must be told to send it
+                    raise SftcError(f"--executor ray: the Ray cluster at {address!r} refused this process's "
+                                    "authentication: set RAY_AUTH_MODE=token, with the cluster's token in "
+                                    "~/.ray/auth_token or RAY_AUTH_TOKEN, as for any Ray client") from None
                 raise SftcError(f"--executor ray: no Ray cluster at {address!r}: {exc}. Start one with `ray start "
                                 "--head` (then `ray start --address=<head>:6379` on each other node), or leave "
                                 "--ray-address out to run Ray on this machine alone") from None
