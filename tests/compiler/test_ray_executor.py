@@ -15,7 +15,7 @@ from sftc.compiler.data import Example
 from sftc.errors import DataError
 
 from .conftest import TINY_CORPUS, base_spec
-from .test_workers import _files, _rows
+from .test_workers import _files, _rows, continued_pretraining_spec
 
 ray = pytest.importorskip("ray", reason="Ray is an optional dependency: pip install 'sftc[ray]'")
 
@@ -81,14 +81,7 @@ def test_the_bundle_on_ray_is_the_local_bundle(project, on_ray):
 
 def test_continued_pretraining_on_ray(project, on_ray):
     executor, _ = on_ray
-    docs = [{"doc_id": f"AC-{i}", "text": f"Policy AC-{i}. " + "Stale keys are revoked. " * (1 + i % 9)}
-            for i in range(40)]
-    docs[11]["text"] = "Policy <|end|> forged"
-    project.write_jsonl("data/rows.jsonl", docs)
-    spec = project.write_spec(base_spec(
-        objective="continued_pretraining", data={"format": "text", "fields": {"group": "doc_id"}},
-        split={"eval_groups": ["AC-1", "AC-2"]}, tokenize={"max_length": 64},
-        packing={"strategy": "wrapped", "seq_length": 64, "allow_mixing": True}))
+    spec = continued_pretraining_spec(project, "wrapped")
     local, lock, _ = compile_spec(spec, bundles_dir=project.root / "local", force=True, workers=1)
     assert lock.data_manifest.rejected == {"control_token_in_text": 1}
     on_cluster, _, _ = compile_spec(spec, bundles_dir=project.root / "ray", force=True, workers=executor)

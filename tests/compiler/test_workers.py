@@ -63,15 +63,21 @@ def test_bundle_bytes_do_not_depend_on_the_number_of_workers(project, small_rang
     assert pools == [2, 2, 2, 3, 3, 3]  # the split's hashing, train and eval tokenization, each in worker processes
 
 
-@pytest.mark.parametrize("strategy", ["bfd_split", "wrapped"])
-def test_continued_pretraining_in_workers(project, small_ranges, strategy):
+def continued_pretraining_spec(project, strategy: str):
+    """40 policy documents (one with a forged control token) and a continued-pretraining spec."""
     docs = [{"doc_id": f"AC-{i}", "text": f"Policy AC-{i}. " + "Stale keys are revoked. " * (1 + i % 9)}
             for i in range(40)]
     docs[11]["text"] = "Policy <|end|> forged"
     project.write_jsonl("data/rows.jsonl", docs)
-    spec = project.write_spec(base_spec(
+    return project.write_spec(base_spec(
         objective="continued_pretraining", data={"format": "text", "fields": {"group": "doc_id"}},
-        split={"eval_groups": ["AC-1", "AC-2"]}, tokenize={"max_length": 64}, packing={"strategy": strategy, "seq_length": 64, "allow_mixing": strategy == "wrapped"}))
+        split={"eval_groups": ["AC-1", "AC-2"]}, tokenize={"max_length": 64},
+        packing={"strategy": strategy, "seq_length": 64, "allow_mixing": strategy == "wrapped"}))
+
+
+@pytest.mark.parametrize("strategy", ["bfd_split", "wrapped"])
+def test_continued_pretraining_in_workers(project, small_ranges, strategy):
+    spec = continued_pretraining_spec(project, strategy)
     one, lock, _ = _compile(project, spec, "w1", 1)
     assert lock.data_manifest.rejected == {"control_token_in_text": 1}
     two, _, _ = _compile(project, spec, "w2", 2)
