@@ -38,7 +38,11 @@ worker's peak, and `peak_rss_upper_mb` the parent's peak plus that times the wor
 bound, since forked workers share the parent's pages until written. `--workers 2,1,ray` also compiles
 with `ray`: the per-row passes as tasks on a Ray instance the compile starts on this machine (or the
 cluster at $RAY_ADDRESS), its start counted in the wall time; `ray_wall_ratio` is its wall time over
-the first run's and `identical_on_ray` compares its bundle with the first run's.
+the first run's and `identical_on_ray` compares its bundle with the first run's. `--workers 2,1,1cpu`
+also compiles with 1 worker on one core (the process pinned with sched_setaffinity, the Rust tokenizer's
+threads with it): `core_speedup` = wall(1cpu) / wall(first) is the speedup the cores give, where
+`parallel_speedup` compares with one process that may still use every core through the tokenizer's
+threads (on 2 cores it used ~1.2 of them).
 
 --snapshot [REV] measures a commit (default HEAD; git archive, imported from the benchmark cache)
 instead of the working tree: other engineers' uncommitted edits cannot leak into the numbers.
@@ -222,6 +226,10 @@ split_module.split_examples = timed  # compile_spec imports it at call time
 from sftc.compiler import compile_spec
 import inspect
 workers = sys.argv[3] if len(sys.argv) > 3 else None
+seen["cpus"] = len(os.sched_getaffinity(0))
+if workers == "1cpu":  # this process and the threads it starts (the Rust tokenizer's) on one core: a 1-core machine
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    seen["cpus"], workers = 1, "1"
 if workers == "ray":  # a Ray instance on this machine ($RAY_ADDRESS: a running cluster), its start timed in
     from sftc.compiler.workers import RayCluster
     started = time.perf_counter()
@@ -232,6 +240,7 @@ if workers == "ray":  # a Ray instance on this machine ($RAY_ADDRESS: a running 
 elif "workers" in inspect.signature(compile_spec).parameters:
     workers = int(workers) if workers else None
     bundle, lock, reused = compile_spec(sys.argv[1], bundles_dir=sys.argv[2], force=True, workers=workers)
+    workers = sys.argv[3] if len(sys.argv) > 3 else workers  # as asked: 1cpu stays 1cpu in the record
 else:  # a commit before compile_spec took workers (--snapshot): one process
     assert workers in (None, "1"), "this commit compiles in one process only: --workers 1"
     bundle, lock, reused = compile_spec(sys.argv[1], bundles_dir=sys.argv[2], force=True)
@@ -415,6 +424,13 @@ def measure_size(variant: str, rows: int, measured: dict[int, dict], args, pytho
         return run["files"] == result["files"] and run["bundle_id"] == result["bundle_id"]
 
     single = next((r for r in runs[1:] if str(r.get("workers")) == "1"), None)
+    one_core = next((r for r in runs[1:] if r.get("workers") == "1cpu"), None)
+    if one_core is not None:
+        result["one_core"] = beside(one_core)
+        if one_core["status"] == "measured" and result["status"] == "measured":
+            # the speedup from the cores: the same compile on all of them against on one
+            result["core_speedup"] = round(one_core["wall_s"] / result["wall_s"], 3)
+            result["identical_on_one_core"] = same_bundle(one_core)
     if single is not None:
         result["single_process"] = beside(single)
         if single["status"] == "measured" and result["status"] == "measured":
@@ -498,9 +514,10 @@ def main() -> dict:
         return {}
     args.max_rss_gb = args.max_rss_gb or 0.8 * common.machine().get("mem_total_gb", 8)
     args.workers = [w.strip() for w in args.workers.split(",") if w.strip()]
-    bad = [w for w in args.workers if not (w == "ray" or w.isdigit() and int(w) > 0)]
+    bad = [w for w in args.workers if not (w in ("ray", "1cpu") or w.isdigit() and int(w) > 0)]
     if bad:
-        parser.error(f"--workers: {bad}: a list of process counts and `ray` (a Ray instance on this machine)")
+        parser.error(f"--workers: {bad}: a list of process counts, `1cpu` (1 process on one core) and `ray` "
+                     "(a Ray instance on this machine)")
     sizes = sorted(int(s) for s in args.sizes.split(","))
     out = args.out or ("scaling_split" if args.split_only else "scaling")
     pythonpath, code = snapshot(args.snapshot, args.overlay) if args.snapshot else (None, common.code_state())
@@ -518,7 +535,10 @@ def main() -> dict:
                     "single_process the 1-worker run, parallel_speedup = wall(1 worker) / wall(first), "
                     "identical_across_workers compares the locks' file hashes and bundle ids; `ray` runs the per-row "
                     "passes as Ray tasks (compiler/workers.RayCluster) on a Ray instance this machine starts (its "
-                    "start is in wall_s, and in ray_start_s), ray_wall_ratio = wall(ray) / wall(first), identical_on_ray",
+                    "start is in wall_s, and in ray_start_s), ray_wall_ratio = wall(ray) / wall(first), identical_on_ray; "
+                    "`1cpu` is 1 worker with the compile's process pinned to one core (sched_setaffinity, which the "
+                    "Rust tokenizer's thread pool follows): one_core, core_speedup = wall(1cpu) / wall(first), "
+                    "identical_on_one_core",
         "variants": {},
     }
     measured: dict[str, dict[int, dict]] = {v: {} for v in args.variants.split(",")}

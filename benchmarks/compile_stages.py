@@ -6,7 +6,7 @@ and the RSS when it ended. The whole compile's peak is RUSAGE_SELF's maxrss (wha
 reports). Prints one JSON object.
 
     cd $SFTC_BENCH_CACHE/scaling/realistic-40000     # made by bench_scaling.make_project
-    [PYTHONPATH=<snapshot>/pkg] .venv/bin/python benchmarks/compile_stages.py . OUT_DIR
+    [PYTHONPATH=<snapshot>/pkg] .venv/bin/python benchmarks/compile_stages.py . OUT_DIR [WORKERS]
 
 benchmarks/results/scaling_memory_step.json holds what it measured, with the commits (as git
 archive snapshots, bench_scaling.snapshot) and the data's sha256.
@@ -47,7 +47,8 @@ def main() -> None:
     from sftc.compiler import bundle
 
     inputs = bundle.resolve_inputs(project / "specs" / "scaling.yaml")
-    final, lock = bundle._build(inputs, out, say)
+    workers = int(sys.argv[3]) if len(sys.argv) > 3 else None  # default: the usable cores
+    final, lock = bundle._build(inputs, out, say, workers)
     say("end")
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
