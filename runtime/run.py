@@ -243,11 +243,11 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
     record["sessions"] = sessions + [{"started_at": record["started_at"], "resumed_step": start_step}]
     _record(d, run_dir, record)
     if d.is_main:
-        tracking.log_config(trainer, {
+        trainer.add_callback(tracking.config_callback(trainer, {
             "bundle_id": bundle.bundle_id, "objective": spec.objective, "parameterization": spec.parameterization.kind,
             "optimizer_steps": max_steps, "examples_per_update": bundle.lock.batch.examples_per_update,
             "supervised_tokens": bundle.lock.budget.supervised_tokens, "world_size": layout["world_size"],
-            "execution_layout": execution_layout, "resumed_step": start_step})
+            "execution_layout": execution_layout, "resumed_step": start_step}))
     run.progress.start(record["resumed_from"])
 
     # --- training; every way it can end is recorded ---

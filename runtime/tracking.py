@@ -102,8 +102,25 @@ def log_metrics(trainer, metrics: dict[str, Any], prefix: str = "eval") -> None:
         cb.on_log(trainer.args, trainer.state, trainer.control, logs=logs)
 
 
+def config_callback(trainer, config: dict[str, Any]):
+    """A callback that sends the run's config once the trackers have started their runs.
+
+    W&B and MLflow start a run in their callback's on_train_begin (HF's `setup`): config sent
+    before `train()` reached no W&B run at all and would have opened an MLflow run of its own.
+    Added with `trainer.add_callback`, this comes after the trackers' callbacks, which the
+    Trainer puts first, so its on_train_begin runs after theirs."""
+    from transformers import TrainerCallback
+
+    class SendConfig(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            log_config(trainer, config)
+
+    return SendConfig()
+
+
 def log_config(trainer, config: dict[str, Any]) -> None:
-    """The run's identity (bundle id, budget, parameterization) as tracker config, once at start."""
+    """The run's identity (bundle id, budget, parameterization) as tracker config, once the
+    trackers are set up (config_callback)."""
     if trainer is None:
         return
     text = json.dumps(config, sort_keys=True, default=str)

@@ -299,7 +299,8 @@ def report(run_dir: str, out: str | None) -> None:
 
 
 @main.command()
-@click.option("--root", type=click.Path(file_okay=False), default=".", show_default=True)
+@click.option("--root", type=click.Path(file_okay=False, exists=True), default=".", show_default=True,
+              help="The project whose runs/ to list.")
 def runs(root: str) -> None:
     """Every run in the project side by side."""
     from sftc.review.runs import format_runs, list_runs

@@ -48,6 +48,12 @@ def test_wrong_field_error_lists_the_fields_rows_have(project):
     assert "missing ['prompt']; the row has: completion, question, thread_id" in done.stderr
 
 
+def test_runs_under_a_root_that_is_not_there_is_an_error(project):
+    proc = _sftc(project, "runs", "--root", str(project.root / "nowhere"))
+    assert proc.returncode == 2 and "nowhere" in proc.stderr and "does not exist" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_runs_shows_each_runs_status(project):
     from sftc.review.runs import format_runs, list_runs
 
