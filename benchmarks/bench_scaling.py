@@ -225,7 +225,8 @@ def timed(examples, spec, *rest):
 split_module.split_examples = timed  # compile_spec imports it at call time
 from sftc.compiler import compile_spec
 import inspect
-workers = sys.argv[3] if len(sys.argv) > 3 else None
+asked = sys.argv[3] if len(sys.argv) > 3 else None  # what the record names: 1cpu stays 1cpu
+workers = asked
 seen["cpus"] = len(os.sched_getaffinity(0))
 if workers == "1cpu":  # this process and the threads it starts (the Rust tokenizer's) on one core: a 1-core machine
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
@@ -240,7 +241,6 @@ if workers == "ray":  # a Ray instance on this machine ($RAY_ADDRESS: a running 
 elif "workers" in inspect.signature(compile_spec).parameters:
     workers = int(workers) if workers else None
     bundle, lock, reused = compile_spec(sys.argv[1], bundles_dir=sys.argv[2], force=True, workers=workers)
-    workers = sys.argv[3] if len(sys.argv) > 3 else workers  # as asked: 1cpu stays 1cpu in the record
 else:  # a commit before compile_spec took workers (--snapshot): one process
     assert workers in (None, "1"), "this commit compiles in one process only: --workers 1"
     bundle, lock, reused = compile_spec(sys.argv[1], bundles_dir=sys.argv[2], force=True)
@@ -254,7 +254,7 @@ children = resource.getrusage(resource.RUSAGE_CHILDREN)
 size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
 print(json.dumps({"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime + children.ru_utime + children.ru_stime,
                   "peak_rss_mb": usage.ru_maxrss / 1024, "worker_peak_rss_mb": children.ru_maxrss / 1024,
-                  "workers": workers, "bundle_id": field(lock, "bundle_id"), "files": field(lock, "files"),
+                  "workers": asked, "bundle_id": field(lock, "bundle_id"), "files": field(lock, "files"),
                   "bundle_bytes": size, "packed_rows": field(lock, "packing", "rows"), "rejected": field(lock, "data_manifest", "rejected"),
                   **seen}))
 """

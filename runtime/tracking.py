@@ -127,9 +127,7 @@ def log_config(trainer, config: dict[str, Any]) -> None:
     for cb in _tracker_callbacks(trainer):
         name = type(cb).__name__
         if name == "TensorBoardCallback":
-            if getattr(cb, "tb_writer", None) is None:
-                cb._init_summary_writer(trainer.args)
-            if cb.tb_writer is not None:
+            if getattr(cb, "tb_writer", None) is not None:  # opened in its on_train_begin, on the main process
                 cb.tb_writer.add_text("sftc/config", f"```json\n{json.dumps(config, indent=2, sort_keys=True, default=str)}\n```")
                 cb.tb_writer.flush()
         elif name == "WandbCallback" and getattr(cb, "_wandb", None) is not None and cb._wandb.run is not None:
