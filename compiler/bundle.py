@@ -380,10 +380,13 @@ def _build_in(inputs: Inputs, out_root: Path, work: Path, say, workers: int) -> 
     # written; the other files are built in memory. Each sha256 is part of the lock, the lock's
     # content hash names the bundle directory, and the hashed bytes are the written bytes.
     say("writing the token files")
-    streamed: dict[str, str] = {
-        "train.safetensors": write_safetensors(work / "train.safetensors", {**packed.token_tensors(), "order": Tensor.of(order)})}
+    token_files = {"train.safetensors": {**packed.token_tensors(), "order": Tensor.of(order)}}
     if eval_rows is not None:
-        streamed["eval.safetensors"] = write_safetensors(work / "eval.safetensors", eval_rows.token_tensors())
+        token_files["eval.safetensors"] = eval_rows.token_tensors()
+    streamed: dict[str, str] = {}
+    token_index: dict[str, str] = {}
+    for name, tensors in token_files.items():
+        streamed[name], token_index[name] = write_safetensors(work / name, tensors)
     prompt_count = len(eval_tok.examples) if template is not None else 0
     streamed["eval_prompts.jsonl"] = write_lines(work / "eval_prompts.jsonl",
                                                  eval_prompt_lines() if template is not None else ())
@@ -458,6 +461,7 @@ def _build_in(inputs: Inputs, out_root: Path, work: Path, say, workers: int) -> 
             }).encode()),
         },
         "files": _file_hashes(contents, streamed),
+        "token_index": token_index,
     }
     # Validated before anything is rendered or written (a pass that produced a record the Lock does
     # not describe is a compiler bug, caught here with the field named), then taken back as the

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sftc.compiler.store import IGNORE_INDEX, Tensor, TokenStore
+from sftc.compiler.store import IGNORE_INDEX, RowDigests, Tensor, TokenStore
 
 # rows read back from the token store per batch while a token file is written: a few MB of tokens
 _SEGMENTS_PER_CHUNK = 4096
@@ -102,17 +102,19 @@ class Packed:
         """The token file's tensors, streamed (compiler/store.write_safetensors)."""
         tokens = int(self.row_offsets[-1])
         if self.store is None:
-            ids, labels = Tensor.of(self.input_ids), Tensor.of(self.labels)
+            ids, labels = (lambda: iter([self.input_ids])), (lambda: iter([self.labels]))
         else:
-            ids = Tensor(np.int32, (tokens,), lambda: self._segment_chunks(False))
-            labels = Tensor(np.int32, (tokens,), lambda: self._segment_chunks(True))
-        return {"input_ids": ids, "labels": labels, "row_offsets": Tensor.of(self.row_offsets),
-                "seq_lengths": Tensor.of(self.seq_lengths), "seq_offsets": Tensor.of(self.seq_offsets)}
+            ids, labels = (lambda: self._segment_chunks(False)), (lambda: self._segment_chunks(True))
+        digests = RowDigests(self.row_offsets)  # hashed as the tokens stream past: no second read
+        return {"input_ids": Tensor(np.int32, (tokens,), digests.tap("input_ids", ids)),
+                "labels": Tensor(np.int32, (tokens,), digests.tap("labels", labels)),
+                "row_offsets": Tensor.of(self.row_offsets), "seq_lengths": Tensor.of(self.seq_lengths),
+                "seq_offsets": Tensor.of(self.seq_offsets), "row_sha256": digests.tensor()}
 
     def tensors(self) -> dict[str, np.ndarray]:
         """The same tensors in memory (tests, small files)."""
-        return {name: np.concatenate([*t.chunks(), np.zeros(0, t.dtype)]).astype(t.dtype, copy=False).reshape(t.shape)
-                for name, t in self.token_tensors().items()}
+        return {name: np.concatenate([*(c.ravel() for c in t.chunks()), np.zeros(0, t.dtype)]).astype(t.dtype, copy=False)
+                .reshape(t.shape) for name, t in self.token_tensors().items()}
 
 
 def mask_segment_starts(labels: np.ndarray, row_offsets: np.ndarray, seq_lengths: np.ndarray, seq_offsets: np.ndarray) -> None:

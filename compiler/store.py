@@ -168,7 +168,12 @@ class RowStore:
 # sorted by dtype (wider first), then by name; an 8-byte header length, the JSON header padded with
 # spaces to a multiple of 8, then the data. tests/compiler/test_store.py checks the bytes are
 # exactly safetensors.numpy.save's.
-_DTYPES = {np.dtype(np.int64): ("I64", 0), np.dtype(np.int32): ("I32", 1)}
+_DTYPES = {np.dtype(np.int64): ("I64", 0), np.dtype(np.int32): ("I32", 1), np.dtype(np.uint8): ("U8", 2)}
+
+# The tensors that hold the tokens themselves; the rest of a token file is its index (offsets,
+# lengths, order, row digests), small beside them. The lock seals the index (Lock.token_index) and
+# the index holds a sha256 per row, so a rank verifies the index and then only the rows it reads.
+BULK_TENSORS = ("input_ids", "labels")
 
 
 class Tensor:
@@ -186,8 +191,10 @@ class Tensor:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor]) -> str:
-    """Write a safetensors file chunk by chunk; returns the sha256 of the bytes written."""
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor]) -> tuple[str, str]:
+    """Write a safetensors file chunk by chunk; returns (sha256 of the bytes written, sha256 of its
+    index: the header and every tensor but BULK_TENSORS, in file order; runtime/bundle.py
+    index_sha256 is the reader's side of the same definition)."""
     ordered = sorted(tensors.items(), key=lambda item: (_DTYPES[item[1].dtype][1], item[0]))
     header, at = {}, 0
     for name, tensor in ordered:
@@ -196,22 +203,85 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor]) -> st
         at += tensor.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    digest = hashlib.sha256()
+    digest, index = hashlib.sha256(), hashlib.sha256()
     with open(path, "wb") as out:
-        def put(data: bytes) -> None:
+        def put(data: bytes, indexed: bool) -> None:
             out.write(data)
             digest.update(data)
+            if indexed:
+                index.update(data)
 
-        put(struct.pack("<Q", len(text)) + text)
+        put(struct.pack("<Q", len(text)) + text, True)
         for name, tensor in ordered:
             written = 0
             for chunk in tensor.chunks():
                 chunk = np.ascontiguousarray(chunk, dtype=tensor.dtype)
-                put(chunk.tobytes())
+                put(chunk.tobytes(), name not in BULK_TENSORS)
                 written += chunk.nbytes
             if written != tensor.nbytes:
                 raise AssertionError(f"{path}: tensor {name} streamed {written} bytes, its header says {tensor.nbytes}")
-    return digest.hexdigest()
+    return digest.hexdigest(), index.hexdigest()
+
+
+def row_sha256(input_ids, labels) -> bytes:
+    """The digest of one packed row: sha256 of the sha256 of its input_ids and of its labels
+    (int32 little-endian bytes). Two inner hashes, so the writer can hash the input_ids stream and
+    the labels stream one after the other, as the file lays them out."""
+    return _combine(hashlib.sha256(input_ids).digest(), hashlib.sha256(labels).digest())
+
+
+def _combine(ids_digest: bytes, labels_digest: bytes) -> bytes:
+    return hashlib.sha256(ids_digest + labels_digest).digest()
+
+
+class RowDigests:
+    """row_sha256 of every row, computed from the input_ids and labels chunks as they are written.
+
+    `tap` passes a stream through and hashes it row by row; `tensor` is the U8 [rows, 32] digest
+    tensor. safetensors puts U8 after the int32 tensors, so both streams have passed by the time the
+    digests are written; `tensor` refuses to yield them otherwise. Memory: 64 bytes a row.
+    """
+
+    def __init__(self, row_offsets: np.ndarray):
+        self.row_offsets = row_offsets
+        self.inner: dict[str, list[bytes]] = {}
+
+    def tap(self, which: str, chunks: Callable[[], Iterator[np.ndarray]]) -> Callable[[], Iterator[np.ndarray]]:
+        ends = self.row_offsets[1:].tolist()
+
+        def run():
+            out, r, at, h = [], 0, 0, hashlib.sha256()
+            for chunk in chunks():
+                chunk = np.ascontiguousarray(chunk, dtype=np.int32)
+                lo, hi = 0, len(chunk)
+                while r < len(ends) and ends[r] <= at + hi:  # row r ends inside (or at the end of) this chunk
+                    cut = ends[r] - at
+                    h.update(chunk[lo:cut])
+                    out.append(h.digest())
+                    h, lo, r = hashlib.sha256(), cut, r + 1
+                h.update(chunk[lo:hi])
+                at += hi
+                yield chunk
+            while r < len(ends) and ends[r] == at:  # empty rows after the last chunk (or no chunk at all)
+                out.append(h.digest())
+                h, r = hashlib.sha256(), r + 1
+            if r != len(ends):
+                raise AssertionError(f"{which}: streamed {at} tokens, rows end at {ends[-1]}")
+            self.inner[which] = out
+
+        return run
+
+    def tensor(self) -> Tensor:
+        rows = len(self.row_offsets) - 1
+
+        def chunks():
+            if set(self.inner) != set(BULK_TENSORS):
+                raise AssertionError("row digests asked for before input_ids and labels were written")
+            ids, labels = self.inner["input_ids"], self.inner["labels"]
+            yield np.frombuffer(b"".join(_combine(a, b) for a, b in zip(ids, labels)),
+                                dtype=np.uint8).reshape(rows, 32)
+
+        return Tensor(np.uint8, (rows, 32), chunks)
 
 
 def write_lines(path: str | os.PathLike, lines: Iterable[str]) -> str:

@@ -22,7 +22,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from sftc.errors import RunError
+from sftc.errors import BundleError, RunError
 from sftc.io import remove_stale_staging
 from sftc.runtime import checkpoint as ckpt
 from sftc.runtime import rundir
@@ -162,6 +162,22 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
             print(f"sftc: {finished}; nothing to do (`sftc run --fresh` trains it again)", file=sys.stderr)
         return run_dir
 
+    # --- the plan: this rank's micro-batches (checked one by one); the totals are summed over ranks ---
+    max_steps = bundle.lock.budget.optimizer_steps
+    plan = plan_updates(bundle.train.epochs, layout["per_device"], layout["grad_accum"], max_steps,
+                        world_size=d.world_size, rank=d.rank)
+    # each rank checks the rows it will train on against their sealed row_sha256, and reads no other
+    # row of the token file (runtime/bundle.py); the ranks' plans split the stream, so the
+    # supervised tokens it predicts are the sum of theirs
+    rows_here = [r for u in plan for mb in u["microbatches"] for r in mb]
+    error = None
+    try:
+        bundle.train.verify_rows(rows_here)
+    except BundleError as exc:
+        error = exc
+    dist_.first_error(d, error)
+    predicted = dist_.all_sum(d, [bundle.train.supervised(rows_here)])[0]
+
     # --- the model, as locked, and the probe that its layout keeps examples apart ---
     set_seed(spec.seed)
     tokenizer = load_tokenizer(bundle)
@@ -179,14 +195,6 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
         dist_.verify_sharding(model, d, "after fully_shard")
     elif spec.distributed.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-
-    # --- the plan: this rank's micro-batches (checked one by one), the whole stream (the totals) ---
-    max_steps = bundle.lock.budget.optimizer_steps
-    plan = plan_updates(bundle.train.epochs, layout["per_device"], layout["grad_accum"], max_steps,
-                        world_size=d.world_size, rank=d.rank)
-    stream = plan if not d.active else plan_updates(
-        bundle.train.epochs, layout["per_device"], layout["grad_accum"] * d.world_size, max_steps)
-    predicted = int(sum(bundle.train.row_supervised[r] for u in stream for mb in u["microbatches"] for r in mb))
 
     run = RunState(bundle, run_dir, plan, pad_id, tokenizer,
                    supervised_total=int(manifest.get("supervised_tokens_total", 0)) if manifest else 0,

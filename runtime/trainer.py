@@ -112,7 +112,7 @@ class RunState:
             want_mb = len(self.plan[step - 1]["microbatches"])
             if self.mb_in_update != want_mb:
                 raise RunError(f"update {step} used {self.mb_in_update} micro-batches, the bundle plans {want_mb}")
-            want_sup = int(sum(self.bundle.train.row_supervised[r] for mb in self.plan[step - 1]["microbatches"] for r in mb))
+            want_sup = self.bundle.train.supervised([r for mb in self.plan[step - 1]["microbatches"] for r in mb])
             if want_sup != self.update_supervised:
                 where = f" on rank {self.dist.rank} of {self.dist.world_size}" if self.dist.active else ""
                 raise RunError(

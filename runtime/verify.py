@@ -174,8 +174,9 @@ def derive_layout(batch: BatchSpec, world_size: int) -> dict:
     return layout
 
 
-def verify_bundle(bundle_dir: str | os.PathLike | Bundle, allow_drift: bool = False) -> dict[str, Any]:
-    """Check the bundle against its lock; return a report, raise BundleError on anything refused."""
+def verify_bundle(bundle_dir: str | os.PathLike | Bundle, allow_drift: bool = False, all_rows: bool = False) -> dict[str, Any]:
+    """Check the bundle against its lock; return a report, raise BundleError on anything refused.
+    Token files: their sealed index here, each rank's rows when it runs; all_rows hashes them whole."""
     # loading checks the seal, every listed file and that no unlisted one is there
     bundle = bundle_dir if isinstance(bundle_dir, Bundle) else load_bundle(bundle_dir)
     problems: list[str] = []
@@ -188,6 +189,7 @@ def verify_bundle(bundle_dir: str | os.PathLike | Bundle, allow_drift: bool = Fa
     # token files are parsed from the verified bytes, so a damaged file gets the hash message first
     bundle.train
     bundle.eval
+    whole = bundle.check_whole_token_files() if all_rows else 0
 
     token_changes, other_changes = library_drift(bundle.lock)
     if token_changes and not allow_drift:
@@ -206,6 +208,7 @@ def verify_bundle(bundle_dir: str | os.PathLike | Bundle, allow_drift: bool = Fa
     return {
         "bundle_id": bundle.bundle_id,
         "bundle_files_checked": len(bundle.lock.files),
+        "token_rows_checked": "all (token files hashed whole)" if whole else "index only; each rank checks its rows at run start",
         "model_files_checked": n_model,
         "data_files_checked": n_data["checked"],
         "data_files": n_data,

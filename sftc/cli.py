@@ -180,11 +180,13 @@ def schema(of_lock: bool) -> None:
 @main.command()
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.option("--allow-drift", is_flag=True, help="Record, instead of refusing, drift since compile.")
-def verify(bundle: str, allow_drift: bool) -> None:
+@click.option("--all-rows", is_flag=True,
+              help="Hash the token files whole. Default: their sealed index (a run checks each rank's rows as it starts).")
+def verify(bundle: str, allow_drift: bool, all_rows: bool) -> None:
     """Check a bundle against its sealed lock: the seal, bundle files, base model, data, tokenizer, template, libraries."""
     from sftc.runtime.verify import verify_bundle
 
-    report = verify_bundle(bundle, allow_drift=allow_drift)
+    report = verify_bundle(bundle, allow_drift=allow_drift, all_rows=all_rows)
     click.echo(json.dumps(report, indent=2, sort_keys=True, default=str))
 
 

@@ -23,13 +23,13 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, JsonValue, ValidationError, field_validator
+from pydantic import Field, JsonValue, ValidationError, field_validator, model_validator
 
 from sftc.compiler.spec import BatchSpec, OmitUnset, Spec
 from sftc.errors import BundleError
 from sftc.io import canonical_json, pretty_json, sha256_bytes
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 LOCK_NAME = "bundle.lock.json"
 # Files rendered from the lock itself (each names the bundle id): sealed, but outside the content
 # hash the bundle id is derived from.
@@ -44,6 +44,8 @@ MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "*.safetensors",
 FORMAT_HISTORY = {
     1: "untyped lock; bundle id = hash of the compile inputs; no seal",
     2: "typed Lock (sftc/lock.py); sealed; bundle id = hash of the lock content (docs/bundle-format.md)",
+    3: "token files carry a sha256 per row and the lock seals their index (token_index), so a rank verifies "
+       "only the rows it reads",
 }
 
 
@@ -242,9 +244,9 @@ class Seal(Record):
 
 
 class Lock(Record):
-    """bundle.lock.json, format 2."""
+    """bundle.lock.json, format 3."""
 
-    format_version: Literal[2] = Field(description="Lock format; 2 since the sealed typed lock.")
+    format_version: Literal[3] = Field(description="Lock format; 3 since token files carry per-row digests.")
     sftc_version: str = Field(description="sftc that compiled the bundle.")
     bundle_id: str = Field(description="<name>-<first 12 hex of the content hash>.")
     name: str = Field(description="spec.name.")
@@ -269,6 +271,11 @@ class Lock(Record):
     memory: Memory = Field(description="Memory estimate per device (compiler/model.py).")
     eval_manifest: EvalManifest = Field(description="What the held-out evaluation uses.")
     files: dict[str, str] = Field(description="sha256 of every file of the bundle directory but this lock.")
+    token_index: dict[str, str] = Field(
+        description="Per token file: sha256 of its header and every tensor but input_ids and labels (the "
+        "offsets, order and row_sha256, a sha256 per row). A rank checks this index, then only the rows it "
+        "reads against their row_sha256; `files` keeps each token file's whole sha256 (docs/bundle-format.md)."
+    )
     seal: Seal = Field(description="sha256 of everything above, and a short hash per field to name an edit.")
 
     @field_validator("files")
@@ -282,6 +289,13 @@ class Lock(Record):
             if name == LOCK_NAME:
                 raise ValueError(f"{LOCK_NAME} cannot list itself")
         return files
+
+    @model_validator(mode="after")
+    def _indexed_files_are_listed(self) -> "Lock":
+        unlisted = sorted(set(self.token_index) - set(self.files))
+        if unlisted:
+            raise ValueError(f"token_index names {unlisted}, which files does not list")
+        return self
 
     @property
     def batch(self) -> BatchSpec:

@@ -58,6 +58,7 @@ def _base(spec: dict) -> dict:
         "eval_manifest": {"prompts": 2, "examples": 2, "rules_path": None, "rules_sha256": None, "metrics": [],
                           "hash": "sha256:" + "7" * 64},
         "files": {},
+        "token_index": {},
     }
 
 

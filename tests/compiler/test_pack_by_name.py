@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from sftc.compiler.pack import mask_segment_starts, pack
-from sftc.compiler.store import Tensor, TokenStore, write_safetensors
+from sftc.compiler.store import Tensor, TokenStore, row_sha256, write_safetensors
 
 
 def reference(input_ids, labels, seq_length, seed):
@@ -34,8 +34,10 @@ def reference(input_ids, labels, seq_length, seed):
     seq_lengths = seq.flatten().to_numpy().astype(np.int32)
     seq_offsets = np.concatenate([[0], np.cumsum(seq.value_lengths().to_numpy())]).astype(np.int64)
     mask_segment_starts(flat_labels, row_offsets, seq_lengths, seq_offsets)
+    digests = b"".join(row_sha256(flat_ids[a:b], flat_labels[a:b]) for a, b in zip(row_offsets[:-1], row_offsets[1:]))
     return {"input_ids": flat_ids, "labels": flat_labels, "row_offsets": row_offsets,
-            "seq_lengths": seq_lengths, "seq_offsets": seq_offsets}
+            "seq_lengths": seq_lengths, "seq_offsets": seq_offsets,
+            "row_sha256": np.frombuffer(digests, dtype=np.uint8).reshape(len(row_offsets) - 1, 32)}
 
 
 @pytest.mark.parametrize("lengths, seq_length", [
@@ -43,7 +45,10 @@ def reference(input_ids, labels, seq_length, seed):
     ("equal", 64),  # every length tied: the order among ties is TRL's sort, whatever the column holds
     ("with_empty", 32),  # empty examples are dropped by TRL
 ])
-def test_bfd_rows_are_trls(lengths, seq_length, tmp_path):
+def test_bfd_rows_are_trls(lengths, seq_length, tmp_path, monkeypatch):
+    import sftc.compiler.pack as pack_mod
+
+    monkeypatch.setattr(pack_mod, "_SEGMENTS_PER_CHUNK", 7)  # rows cut across chunks: the row digests still per row
     rng = np.random.default_rng(7)
     n = 600
     sizes = {"lognormal": rng.lognormal(np.log(60), 0.8, n).astype(int).clip(1, None),
@@ -66,11 +71,15 @@ def test_bfd_rows_are_trls(lengths, seq_length, tmp_path):
     from safetensors.numpy import save
 
     order = np.random.default_rng(1).permutation(packed.rows).astype(np.int64)
-    digest = write_safetensors(tmp_path / "t.safetensors", {**packed.token_tensors(), "order": Tensor.of(order)})
+    digest, index = write_safetensors(tmp_path / "t.safetensors", {**packed.token_tensors(), "order": Tensor.of(order)})
     written = (tmp_path / "t.safetensors").read_bytes()
     assert written == save({**expected, "order": order})
     import hashlib
     assert digest == hashlib.sha256(written).hexdigest()
+    # the index the lock seals is the reader's: the header and every tensor but the tokens
+    from sftc.runtime.bundle import index_sha256
+
+    assert index == index_sha256(written) != index_sha256(written[:-1] + bytes([written[-1] ^ 1]))
 
 
 def test_picks_repeat_examples_like_the_weighted_lists(tmp_path):

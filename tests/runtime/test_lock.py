@@ -36,7 +36,7 @@ def _refused(bundle) -> str:
 def test_compiled_lock_is_typed_sealed_and_verifies(project):
     bundle = project.compile()
     lock = load_lock(bundle)
-    assert isinstance(lock, Lock) and lock.format_version == FORMAT_VERSION == 2
+    assert isinstance(lock, Lock) and lock.format_version == FORMAT_VERSION == 3
     assert lock.seal.sha256 == seal(_raw(bundle))["sha256"]
     assert bundle.name == lock.bundle_id
     assert "per_device" not in _raw(bundle)["budget"]  # the batch layout is stored once, in spec.batch
@@ -144,7 +144,7 @@ def test_a_format_1_lock_says_recompile(project):
     (bundle / LOCK_NAME).write_text(pretty_json(old), encoding="utf-8")
     with pytest.raises(BundleError, match=r"format 1: untyped lock.*recompile with `sftc compile spec.yaml`"):
         load_lock(bundle)
-    old["format_version"] = 2  # the old writer's content under the new number
+    old["format_version"] = FORMAT_VERSION  # the old writer's content under the new number
     (bundle / LOCK_NAME).write_text(pretty_json(old), encoding="utf-8")
     with pytest.raises(BundleError, match="bundle_hash: Extra inputs are not permitted"):
         load_lock(bundle)

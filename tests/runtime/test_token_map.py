@@ -1,6 +1,7 @@
-"""Token files are memory-mapped once verified (runtime/bundle.py, issue 17): a rank pages in only
-the rows it trains on, the arrays are the file's bytes (no copy), a replacement of the file by
-rename after loading changes nothing, and a forged header is refused with the file named."""
+"""Token files are memory-mapped and verified a row at a time (runtime/bundle.py, issue 17): a rank
+checks the sealed index, then reads and checks only the rows it trains on; the arrays are the
+file's bytes (no copy); a replacement of the file by rename after loading changes nothing; a forged
+header or index is refused with the file named, an edited row with the row named."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import struct
 import numpy as np
 import pytest
 
+from sftc.compiler.store import Tensor
 from sftc.errors import BundleError
 from sftc.runtime.bundle import load_bundle, safetensors_views
 
@@ -44,22 +46,124 @@ def test_token_arrays_are_views_of_the_verified_map(project):
     os.replace(replacement, bundle / "train.safetensors")
     for name, array in before.items():
         assert np.array_equal(getattr(train, name), array), name
-    # counted a block of rows at a time: the same counts as over the whole labels array at once
+    # counted row by row as each row is checked: the same counts as over the whole labels array at once
     keep = before["labels"] != -100
     starts = np.concatenate([[0], np.cumsum(before["seq_lengths"].astype(np.int64))[:-1]])
     keep[starts] = False
     cumulative = np.concatenate([[0], np.cumsum(keep)])
     rows = before["row_offsets"]
-    assert np.array_equal(train.row_supervised, cumulative[rows[1:]] - cumulative[rows[:-1]])
+    per_row = cumulative[rows[1:]] - cumulative[rows[:-1]]
+    assert [train.supervised([r]) for r in range(train.n_rows)] == per_row.tolist()
+    assert train.supervised(train.epochs[0]) == int(per_row[train.epochs[0]].sum())
 
 
-def test_row_supervised_across_scan_blocks(project, monkeypatch):
-    import sftc.runtime.bundle as bundle_mod
+def _rewrite(path, at: int, value: bytes) -> None:
+    """Overwrite bytes in place (not by rename), as a damaged disk or a stray writer would."""
+    with open(path, "r+b") as handle:
+        handle.seek(at)
+        handle.write(value)
 
+
+def _data_start(path) -> tuple[int, dict]:
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    return 8 + n, json.loads(data[8 : 8 + n])
+
+
+def test_an_edited_row_is_refused_by_the_rank_that_reads_it(project):
     bundle = project.compile()
-    whole = load_bundle(bundle).train.row_supervised
-    monkeypatch.setattr(bundle_mod, "_ROWS_PER_SCAN", 3)
-    assert np.array_equal(load_bundle(bundle).train.row_supervised, whole)
+    path = bundle / "train.safetensors"
+    body, header = _data_start(path)
+    train = load_bundle(bundle).train
+    victim = int(train.epochs[0][len(train.epochs[0]) // 2])
+    token = int(train.row_offsets[victim]) + 1
+    at = body + header["labels"]["data_offsets"][0] + 4 * token
+    _rewrite(path, at, struct.pack("<i", 7))  # a masked label turned into a scored one, say
+
+    train = load_bundle(bundle).train  # the index is intact: the bundle loads
+    others = [r for r in range(train.n_rows) if r != victim]
+    train.verify_rows(others)  # a rank whose rows do not include it trains
+    with pytest.raises(BundleError) as caught:
+        train.verify_rows([others[0], victim])
+    message = str(caught.value)
+    assert f"{path}: 1 row(s) of the train token file differ from their row_sha256 (rows {victim})" in message
+    assert "restore the bundle" in message
+    with pytest.raises(BundleError, match=f"rows {victim}"):
+        train.row(victim)
+    with pytest.raises(BundleError, match=f"rows {victim}"):
+        train.supervised([victim])
+    # `sftc verify` checks the index; --all-rows hashes the token files whole and finds the row
+    from sftc.runtime.verify import verify_bundle
+
+    assert verify_bundle(bundle)["bundle_id"] == bundle.name
+    with pytest.raises(BundleError) as caught:
+        verify_bundle(bundle, all_rows=True)
+    assert f"{path}: edited after compile (sha256 differs from bundle.lock.json files['train.safetensors'])" in caught.value.problems[0]
+
+
+@pytest.mark.parametrize("tensor", ["row_offsets", "order", "row_sha256", "seq_lengths"])
+def test_an_edited_index_is_refused_at_load(project, tensor):
+    bundle = project.compile()
+    path = bundle / "train.safetensors"
+    body, header = _data_start(path)
+    begin = header[tensor]["data_offsets"][0]
+    original = path.read_bytes()[body + begin]
+    _rewrite(path, body + begin, bytes([original ^ 1]))
+    with pytest.raises(BundleError) as caught:
+        load_bundle(bundle)
+    assert "edited after compile (the sha256 of its index" in "\n".join([str(caught.value), *caught.value.problems])
+
+
+def _mapped_kb(path) -> int:
+    """Resident kB of this process's mappings of `path` (/proc/self/smaps): the pages it touched."""
+    total, current = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if fields and "-" in fields[0] and not fields[0].endswith(":"):
+                current = len(fields) >= 6 and fields[-1] == str(path)
+            elif current and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+def test_a_rank_pages_in_only_the_index_and_its_rows(tmp_path):
+    from types import SimpleNamespace
+
+    from sftc.compiler.pack import Packed
+    from sftc.compiler.store import write_safetensors
+    from sftc.runtime.bundle import Bundle, index_sha256
+
+    # rows of 4 MiB of ids and 4 MiB of labels: a touched page maps up to a 2 MiB folio on recent
+    # kernels, so smaller rows would make any access pattern look like the whole file
+    rows, width = 16, 1 << 20
+    ids = (np.arange(rows * width, dtype=np.int64) % 50021).astype(np.int32)
+    offsets = np.arange(0, rows * width + 1, width, dtype=np.int64)
+    packed = Packed(row_offsets=offsets, seq_lengths=np.full(rows, width, np.int32), seq_offsets=np.arange(rows + 1),
+                    record={}, input_ids=ids, labels=ids)
+    path = tmp_path / "train.safetensors"
+    order = np.random.default_rng(0).permutation(rows).astype(np.int64)
+    _, index = write_safetensors(path, {**packed.token_tensors(), "order": Tensor.of(order)})
+    del ids, packed
+    size_kb = path.stat().st_size // 1024
+    with open(path, "rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    assert index_sha256(mapped) == index
+    bundle = Bundle(dir=tmp_path, lock=SimpleNamespace(token_index={"train.safetensors": index}),
+                    contents={"train.safetensors": mapped})
+    train = bundle.train
+    at_load = _mapped_kb(path)
+    assert at_load < size_kb * 0.1, (at_load, size_kb)  # the header and the index only
+    # datasets fingerprints a table by hashing it, which read every page on every rank; the
+    # bundle names it by the sealed index's sha256 instead
+    dataset = bundle.train_dataset()
+    assert _mapped_kb(path) == at_load
+    mine = order[0::4]  # rank 0 of 4
+    train.verify_rows(mine)
+    read = _mapped_kb(path) - at_load
+    assert size_kb * 0.2 <= read <= size_kb * 0.45, (read, size_kb)  # its quarter (and folio edges), not the rest
+    assert np.array_equal(dataset[int(mine[0])]["input_ids"], train.row(int(mine[0]))[0])
 
 
 def _file(header: dict | bytes, body: bytes = b"", length: int | None = None) -> bytes:
