@@ -11,7 +11,9 @@ data read for 1/N of the rows used. The lock seals the file's index instead (Loc
 header, offsets, order and a sha256 per row), checked at load; a row is checked against its
 row_sha256 the first time it is read, and a run checks the rows of its rank's plan before training
 (`verify_rows`). So the chain from the sealed lock to every token a rank trains on is unbroken, and
-a rank reads only the index and its own rows. `sftc verify --all-rows` checks every row.
+a rank hashes only the index and its own rows. What the kernel reads from storage around them is
+its readahead's choice; large rows are asked for apart (TokenFile). `sftc verify --all-rows`
+hashes the token files whole.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from sftc.lock import LOCK_NAME, Lock, load_lock
 IGNORE = -100
 TOKEN_KEYS = ("input_ids", "labels", "row_offsets", "seq_lengths", "seq_offsets", "row_sha256")
 TOKEN_FILES = ("train.safetensors", "eval.safetensors")  # mapped, not read (the rest: read once)
+_ROW_BYTES_READ_APART = 64 * 1024  # mean bytes a row (input_ids + labels) from which rows are read apart
+_ROWS_ASKED_AHEAD = 64  # rows whose reads are in flight while the first are hashed
 
 
 def _scored(labels: np.ndarray, lengths: np.ndarray) -> int:
@@ -59,10 +63,23 @@ class TokenFile:
     row_sha256: np.ndarray  # uint8 [rows, 32], compiler/store.py row_sha256
     order: np.ndarray | None = None
     name: str = "train"
+    source: mmap.mmap | None = field(default=None, repr=False)  # the map the arrays view, when mapped
 
     def __post_init__(self):
         # per row: -1 until the row was read and matched its row_sha256, then its scored tokens
         self._supervised = np.full(max(self.n_rows, 0), -1, dtype=np.int64)
+        # Rows read apart (measured, benchmarks/README.md § Rank reads): the kernel reads far around
+        # each touched page of a map (2 MiB folios and readahead on this machine), so a rank of 4
+        # read 100% of the file from storage for 25% of its rows, with rows of 8 KiB and of 256 KiB
+        # alike. For large rows the map is put in random mode and each row's two byte ranges are
+        # asked for exactly (MADV_WILLNEED): 28% read for 25% of the rows, faster than the whole
+        # file. Small rows stay with readahead: asked for one by one they took 5-9x longer than
+        # reading everything.
+        self._apart = (self.source is not None and hasattr(mmap, "MADV_WILLNEED") and self.n_rows > 0
+                       and len(self.input_ids) * 8 / self.n_rows >= _ROW_BYTES_READ_APART)
+        if self._apart:
+            self.source.madvise(mmap.MADV_RANDOM)
+            self._base = np.frombuffer(self.source, dtype=np.uint8).ctypes.data
 
     @property
     def epochs(self) -> list[np.ndarray]:
@@ -99,7 +116,9 @@ class TokenFile:
         todo = np.unique(np.asarray(rows, dtype=np.int64).ravel())
         todo = todo[self._supervised[todo] < 0] if len(todo) else todo
         bad = []
-        for r in todo.tolist():
+        for i, r in enumerate(todo.tolist()):
+            if self._apart and i % _ROWS_ASKED_AHEAD == 0:
+                self._ask_for(todo[i : i + _ROWS_ASKED_AHEAD])
             ids, labels, lengths = self._slices(r)
             if row_sha256(ids, labels) != self.row_sha256[r].tobytes():
                 bad.append(r)
@@ -111,6 +130,17 @@ class TokenFile:
                 f"{self.path}: {len(bad)} row(s) of the {self.name} token file differ from their row_sha256 "
                 f"(rows {shown}): the file was changed after compile; restore the bundle (`dvc checkout`) or recompile it"
             )
+
+    def _ask_for(self, rows: np.ndarray) -> None:
+        """Have the kernel read these rows' input_ids and labels, and nothing around them."""
+        page = mmap.PAGESIZE
+        for r in rows.tolist():
+            a, b = int(self.row_offsets[r]), int(self.row_offsets[r + 1])
+            for array in (self.input_ids, self.labels):
+                if b > a:
+                    start = array[a:b].ctypes.data - self._base
+                    aligned = start - start % page
+                    self.source.madvise(mmap.MADV_WILLNEED, aligned, start + (b - a) * 4 - aligned)
 
     def supervised(self, rows) -> int:
         """Supervised tokens the loss scores over `rows` (a row counted each time it is named)."""
@@ -225,7 +255,8 @@ def parse_token_file(data, label: str, name: str, need_order: bool) -> TokenFile
     missing = [k for k in TOKEN_KEYS if k not in arrays] + (["order"] if need_order and "order" not in arrays else [])
     if missing:
         raise BundleError(f"{label}: {name} token file lacks tensor(s) {missing}")
-    tf = TokenFile(path=Path(label), order=arrays.get("order"), name=name, **{k: arrays[k] for k in TOKEN_KEYS})
+    tf = TokenFile(path=Path(label), order=arrays.get("order"), name=name,
+                   source=data if isinstance(data, mmap.mmap) else None, **{k: arrays[k] for k in TOKEN_KEYS})
     tf.validate(name)
     return tf
 

@@ -153,6 +153,7 @@ def test_a_rank_pages_in_only_the_index_and_its_rows(tmp_path):
     bundle = Bundle(dir=tmp_path, lock=SimpleNamespace(token_index={"train.safetensors": index}),
                     contents={"train.safetensors": mapped})
     train = bundle.train
+    assert train._apart  # rows this large are asked for apart (runtime/bundle.py)
     at_load = _mapped_kb(path)
     assert at_load < size_kb * 0.1, (at_load, size_kb)  # the header and the index only
     # datasets fingerprints a table by hashing it, which read every page on every rank; the
