@@ -18,6 +18,7 @@ hashes the token files whole.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
@@ -78,7 +79,8 @@ class TokenFile:
         self._apart = (self.source is not None and hasattr(mmap, "MADV_WILLNEED") and self.n_rows > 0
                        and len(self.input_ids) * 8 / self.n_rows >= _ROW_BYTES_READ_APART)
         if self._apart:
-            self.source.madvise(mmap.MADV_RANDOM)
+            with contextlib.suppress(OSError):  # a hint: refused, the reads are the kernel's default
+                self.source.madvise(mmap.MADV_RANDOM)
             self._base = np.frombuffer(self.source, dtype=np.uint8).ctypes.data
 
     @property
@@ -140,7 +142,8 @@ class TokenFile:
                 if b > a:
                     start = array[a:b].ctypes.data - self._base
                     aligned = start - start % page
-                    self.source.madvise(mmap.MADV_WILLNEED, aligned, start + (b - a) * 4 - aligned)
+                    with contextlib.suppress(OSError):  # a hint, as above
+                        self.source.madvise(mmap.MADV_WILLNEED, aligned, start + (b - a) * 4 - aligned)
 
     def supervised(self, rows) -> int:
         """Supervised tokens the loss scores over `rows` (a row counted each time it is named)."""
@@ -200,6 +203,7 @@ class TokenFile:
 
 
 _DTYPES = {"I32": np.dtype("<i4"), "I64": np.dtype("<i8"), "U8": np.dtype("u1")}
+_MAX_HEADER = 100_000_000  # bytes of a token file's JSON header past which it is refused unread
 
 
 def safetensors_views(data, label: str, name: str) -> dict[str, np.ndarray]:
@@ -217,11 +221,11 @@ def safetensors_views(data, label: str, name: str) -> dict[str, np.ndarray]:
     if size < 8:
         raise bad(f"{size} bytes, shorter than a safetensors header")
     n = int.from_bytes(data[:8], "little")
-    if n > size - 8 or n > 100_000_000:
+    if n > size - 8 or n > _MAX_HEADER:
         raise bad(f"header length {n} past the file's {size} bytes")
     try:
         header = json.loads(bytes(data[8 : 8 + n]))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise bad(f"header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
@@ -270,12 +274,12 @@ def index_sha256(data) -> str | None:
     view = memoryview(data)
     n = int.from_bytes(view[:8], "little")
     try:
-        if len(view) < 8 or n > len(view) - 8:
+        if len(view) < 8 or n > len(view) - 8 or n > _MAX_HEADER:
             return None
         header = json.loads(bytes(view[8 : 8 + n]))
         ranges = sorted((int(entry["data_offsets"][0]), int(entry["data_offsets"][1])) for key, entry in header.items()
                         if key != "__metadata__" and key not in BULK_TENSORS)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
         return None
     digest = hashlib.sha256(view[: 8 + n])
     for begin, end in ranges:

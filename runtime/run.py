@@ -173,8 +173,11 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
     error = None
     try:
         bundle.train.verify_rows(rows_here)
-    except BundleError as exc:
-        error = exc
+        if bundle.eval is not None and (d.fsdp or d.is_main):  # the ranks that evaluate (runtime/checkpoint.py)
+            bundle.eval.verify_rows(range(bundle.eval.n_rows))  # small, read whole at every evaluation
+    except (BundleError, OSError) as exc:
+        error = exc if isinstance(exc, BundleError) else BundleError(
+            f"{bundle.dir}: cannot read the token files ({exc.strerror or exc}); check the disk, then run again")
     dist_.first_error(d, error)
     predicted = dist_.all_sum(d, [bundle.train.supervised(rows_here)])[0]
 

@@ -202,3 +202,33 @@ def test_views_equal_safetensors_own_reader():
     views = safetensors_views(data, "f", "train")
     for name, array in load(data).items():
         assert views[name].dtype == array.dtype and np.array_equal(views[name], array), name
+
+
+def test_a_damaged_eval_row_stops_the_run_before_the_model_loads(project, monkeypatch):
+    # the eval file is no longer hashed whole at load: the ranks that evaluate check its rows at
+    # start, instead of refusing at the first checkpoint's evaluation (and losing its updates)
+    import sftc.runtime.run as run_mod
+    from sftc.runtime.run import run_bundle
+
+    bundle = project.compile()
+    path = bundle / "eval.safetensors"
+    body, header = _data_start(path)
+    at = body + header["input_ids"]["data_offsets"][0]
+    _rewrite(path, at, bytes([path.read_bytes()[at] ^ 1]))
+    loads = []
+    monkeypatch.setattr(run_mod, "load_model", lambda *a, **k: loads.append(1))
+    with pytest.raises(BundleError, match=r"eval\.safetensors: 1 row\(s\) of the eval token file differ .*\(rows 0\)"):
+        run_bundle(bundle)
+    assert not loads
+
+
+def test_a_header_nested_past_the_parser_is_refused_cleanly(project):
+    bundle = project.compile()
+    path = bundle / "train.safetensors"
+    nested = b"[" * 200_000
+    path.write_bytes(struct.pack("<Q", len(nested)) + nested)
+    with pytest.raises(BundleError) as caught:
+        load_bundle(bundle)
+    assert "edited after compile (the sha256 of its index" in "\n".join(caught.value.problems)
+    with pytest.raises(BundleError, match="header is not JSON"):
+        safetensors_views(path.read_bytes(), str(path), "train")
