@@ -446,10 +446,7 @@ class Bundle:
         problems = []
         for name in TOKEN_FILES:
             if name in self.contents:
-                view, digest = memoryview(self.contents[name]), hashlib.sha256()
-                for at in range(0, len(view), 1 << 24):
-                    digest.update(view[at : at + (1 << 24)])
-                if digest.hexdigest() != self.lock.files[name]:
+                if sha256_bytes(self.contents[name]) != self.lock.files[name]:  # the map's pages: file-backed, never copied
                     problems.append(f"{self.dir / name}: edited after compile (sha256 differs from bundle.lock.json "
                                     f"files[{name!r}]); restore the bundle (`dvc checkout`) or recompile it")
         if problems:

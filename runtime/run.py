@@ -166,18 +166,17 @@ def _run_locked(bundle: Bundle, run_dir: Path, report: dict, stop_after_steps: i
     max_steps = bundle.lock.budget.optimizer_steps
     plan = plan_updates(bundle.train.epochs, layout["per_device"], layout["grad_accum"], max_steps,
                         world_size=d.world_size, rank=d.rank)
-    # each rank checks the rows it will train on against their sealed row_sha256, and reads no other
-    # row of the token file (runtime/bundle.py); the ranks' plans split the stream, so the
-    # supervised tokens it predicts are the sum of theirs
+    # each rank checks the rows it will train on against their sealed row_sha256 and hashes no
+    # other row (runtime/bundle.py; the probe below reads a few of epoch 0's); the ranks' plans
+    # split the stream, so the supervised tokens it predicts are the sum of theirs
     rows_here = [r for u in plan for mb in u["microbatches"] for r in mb]
     error = None
     try:
         bundle.train.verify_rows(rows_here)
         if bundle.eval is not None and (d.fsdp or d.is_main):  # the ranks that evaluate (runtime/checkpoint.py)
             bundle.eval.verify_rows(range(bundle.eval.n_rows))  # small, read whole at every evaluation
-    except (BundleError, OSError) as exc:
-        error = exc if isinstance(exc, BundleError) else BundleError(
-            f"{bundle.dir}: cannot read the token files ({exc.strerror or exc}); check the disk, then run again")
+    except BundleError as exc:  # a mapped file read past its end is SIGBUS, not an exception: nothing else to catch
+        error = exc
     dist_.first_error(d, error)
     predicted = dist_.all_sum(d, [bundle.train.supervised(rows_here)])[0]
 
